@@ -1,0 +1,55 @@
+"""Micro-benchmarks of the tracing kernels, compiled vs plain PyTorch.
+
+    .venv/bin/python -m pytest benchmarks/test_kernels_bench.py --benchmark-json benchmarks/results/kernels_cpu.json
+"""
+import pytest
+import torch
+
+from rome_fast import _ext, kernels
+
+B, T, D, F = 256, 16, 1600, 8
+
+
+@pytest.fixture(scope="module")
+def restore_case():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, D, generator=g)
+    clean = torch.randn(F, T, D, generator=g)
+    row_fact = torch.randint(0, F, (B,), generator=g)
+    row_tok = torch.randint(-1, T, (B,), generator=g)
+    return x, clean, row_fact, row_tok
+
+
+@pytest.mark.benchmark(group="restore_rows")
+@pytest.mark.skipif(not _ext.cpu_ext_available(), reason="compiled core not built")
+def test_restore_rows_compiled(benchmark, restore_case):
+    x, clean, row_fact, row_tok = restore_case
+    benchmark(_ext._C.restore_rows_, x, clean, row_fact, row_tok)
+
+
+@pytest.mark.benchmark(group="restore_rows")
+def test_restore_rows_pytorch(benchmark, restore_case):
+    x, clean, row_fact, row_tok = restore_case
+    benchmark(kernels.restore_rows_ref, x, clean, row_fact, row_tok)
+
+
+@pytest.fixture(scope="module")
+def noise_case():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, D, generator=g)
+    noise = torch.randn(B, 4, D, generator=g)
+    rows = torch.arange(B)
+    starts = torch.randint(0, T - 4, (B,), generator=g)
+    lengths = torch.full((B,), 4)
+    return x, noise, rows, starts, lengths
+
+
+@pytest.mark.benchmark(group="add_noise")
+@pytest.mark.skipif(not _ext.cpu_ext_available(), reason="compiled core not built")
+def test_add_noise_compiled(benchmark, noise_case):
+    benchmark(_ext._C.add_noise_, *noise_case, False)
+
+
+@pytest.mark.benchmark(group="add_noise")
+def test_add_noise_pytorch(benchmark, noise_case):
+    benchmark(kernels.add_noise_ref, *noise_case, False)

@@ -1,0 +1,89 @@
+// CUDA kernels for causal tracing: per-row noise and per-row restore of clean states.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+namespace rome_fast::cuda {
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+
+// One block per (noise row, subject token); threads stride over the hidden dimension.
+template <typename T>
+__global__ void add_noise_kernel(T* __restrict__ x, const float* __restrict__ noise,
+                                 const int64_t* __restrict__ rows, const int64_t* __restrict__ starts,
+                                 const int64_t* __restrict__ lengths, int64_t L, int64_t T_len,
+                                 int64_t D, bool replace) {
+  const int64_t i = blockIdx.x, n = i / L, l = i % L;
+  if (l >= lengths[n]) return;
+  T* dst = x + (rows[n] * T_len + starts[n] + l) * D;
+  const float* src = noise + i * D;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    dst[d] = replace ? from_f<T>(src[d]) : from_f<T>(to_f(dst[d]) + src[d]);
+}
+
+// One block per batch row; a row with token < 0 restores nothing. Copies 16-byte words when the
+// row is aligned for them (the common case: D a multiple of 8 halves / 4 floats).
+template <typename T>
+__global__ void restore_rows_kernel(T* __restrict__ x, const T* __restrict__ clean,
+                                    const int64_t* __restrict__ row_fact,
+                                    const int64_t* __restrict__ row_tok, int64_t T_len,
+                                    int64_t Tc, int64_t D) {
+  const int64_t b = blockIdx.x, t = row_tok[b];
+  if (t < 0) return;
+  T* dst = x + (b * T_len + t) * D;
+  const T* src = clean + (row_fact[b] * Tc + t) * D;
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  if (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    auto* d4 = reinterpret_cast<int4*>(dst);
+    const auto* s4 = reinterpret_cast<const int4*>(src);
+    for (int64_t k = threadIdx.x; k < bytes / 16; k += blockDim.x) d4[k] = s4[k];
+  } else {
+    for (int64_t k = threadIdx.x; k < D; k += blockDim.x) dst[k] = src[k];
+  }
+}
+
+template <typename F>
+int dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace
+
+int add_noise(void* x, const float* noise, const int64_t* rows, const int64_t* starts,
+              const int64_t* lengths, int64_t N, int64_t L, int64_t T, int64_t D, bool replace,
+              DType dtype, void* stream) {
+  if (N * L == 0) return 0;
+  return dispatch(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    add_noise_kernel<S><<<static_cast<unsigned>(N * L), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<S*>(x), noise, rows, starts, lengths, L, T, D, replace);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+int restore_rows(void* x, const void* clean, const int64_t* row_fact, const int64_t* row_tok,
+                 int64_t B, int64_t T, int64_t Tc, int64_t D, DType dtype, void* stream) {
+  if (B == 0) return 0;
+  return dispatch(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    restore_rows_kernel<S><<<static_cast<unsigned>(B), 128, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<S*>(x), static_cast<const S*>(clean), row_fact, row_tok, T, Tc, D);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+}  // namespace rome_fast::cuda

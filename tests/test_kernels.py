@@ -1,0 +1,96 @@
+"""Compiled tracing kernels against their plain-PyTorch references, on fresh random inputs."""
+import pytest
+import torch
+
+from rome_fast import _ext, kernels
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+needs_cpu_ext = pytest.mark.skipif(not _ext.cpu_ext_available(), reason="compiled core not built")
+
+
+def _noise_case(device, dtype, replace):
+    B, T, D, N, L = 7, 9, 33, 5, 3
+    x = torch.randn(B, T, D, device=device).to(dtype)
+    noise = torch.randn(N, L, D, device=device)
+    rows = torch.randint(0, B, (N,), device=device)
+    lengths = torch.randint(0, L + 1, (N,), device=device)
+    starts = torch.stack([torch.randint(0, T - int(l) + 1, ()) for l in lengths.cpu()]).to(device)
+    want = kernels.add_noise_ref(x.clone(), noise, rows, starts, lengths, replace)
+    return x, noise, rows, starts, lengths, want
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("replace", [False, True])
+def test_add_noise_matches_reference(device, dtype, replace):
+    # distinct rows so the reference's sequential order cannot matter
+    x, noise, rows, starts, lengths, want = _noise_case(device, dtype, replace)
+    rows = torch.randperm(x.shape[0], device=device)[: noise.shape[0]]
+    want = kernels.add_noise_ref(x.clone(), noise, rows, starts, lengths, replace)
+    got = x.clone()
+    _ext._C.add_noise_(got, noise, rows, starts, lengths, replace)
+    assert (want != x).any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_facts", [1, 3])
+def test_restore_rows_matches_reference(device, dtype, n_facts):
+    B, T, D = 11, 8, 40
+    x = torch.randn(B, T, D, device=device).to(dtype)
+    clean = torch.randn(n_facts, T, D, device=device).to(dtype)
+    row_fact = torch.randint(0, n_facts, (B,), device=device)
+    row_tok = torch.randint(-1, T, (B,), device=device)
+    row_tok[0] = -1
+    row_tok[1] = T - 1
+    want = kernels.restore_rows_ref(x.clone(), clean, row_fact, row_tok)
+    got = x.clone()
+    _ext._C.restore_rows_(got, clean, row_fact, row_tok)
+    assert not torch.equal(want, x)
+    assert torch.equal(got[0], x[0])  # a row with token -1 is untouched
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_wrappers_accept_lists_and_2d_clean():
+    x = torch.randn(3, 4, 5)
+    clean = torch.randn(4, 5)
+    got = kernels.restore_rows_(x.clone(), clean, 0, [2, -1, 0])
+    assert torch.equal(got[0, 2], clean[2]) and torch.equal(got[1], x[1]) and torch.equal(got[2, 0], clean[0])
+    noise = torch.randn(2, 5)
+    got = kernels.add_noise_(x.clone(), noise, rows=[1], starts=[1])
+    torch.testing.assert_close(got[1, 1:3], x[1, 1:3] + noise)
+    assert torch.equal(got[0], x[0])
+
+
+@needs_cpu_ext
+def test_bad_input_is_a_clear_error():
+    x = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="row_tok values must lie in"):
+        _ext._C.restore_rows_(x, torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.long),
+                              torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="clean width"):
+        _ext._C.restore_rows_(x, torch.randn(1, 4, 6), torch.zeros(2, dtype=torch.long),
+                              torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="must be 3-D"):
+        _ext._C.restore_rows_(x[0], torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.long),
+                              torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="runs past the sequence length"):
+        _ext._C.add_noise_(x, torch.randn(1, 3, 5), torch.tensor([0]), torch.tensor([2]),
+                           torch.tensor([3]), False)
+    with pytest.raises(ValueError, match="int64"):
+        _ext._C.restore_rows_(x, torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.int32),
+                              torch.zeros(2, dtype=torch.long))
+
+
+def test_backend_info_reports_build():
+    info = _ext.backend_info()
+    for key in ("cpu_ext", "cuda_ext", "torch", "torch_cuda"):
+        assert key in info
+    assert isinstance(info["cpu_ext"], bool) and isinstance(info["cuda_ext"], bool)
+    if not info["cuda_ext"]:
+        assert info.get("why"), "a missing CUDA core must say why"
