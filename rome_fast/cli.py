@@ -28,13 +28,23 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rome-fast", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_info(sub) -> None:
     info = sub.add_parser("info", help="what is compiled and usable here")
     info.add_argument("--json", action="store_true", help="print the dict as JSON")
     info.add_argument("--model", help="also load a model and describe its adapter (e.g. smollm2-135m)")
     info.set_defaults(func=_cmd_info)
+
+
+# Each feature registers its own subcommands: a function `add_parsers(subparsers)` that sets
+# `func` on every parser it adds (func(args) -> exit code).
+SUBCOMMANDS = [_add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rome-fast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return p
 
 
