@@ -18,6 +18,23 @@ class BlockContext:
     position_ids: torch.Tensor
     extra: dict = field(default_factory=dict)
 
+    def select(self, index: torch.Tensor | slice) -> "BlockContext":
+        """The context of a subset of the batch's rows (index or slice along the batch)."""
+        batch = self.position_ids.shape[0]
+
+        def pick(v):
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+                return v[index]
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch == 1:
+                n = len(range(*index.indices(1))) if isinstance(index, slice) else len(index)
+                return v.expand(n, *v.shape[1:]) if n != 1 else v
+            if isinstance(v, (tuple, list)):
+                return type(v)(pick(x) for x in v)
+            return v  # None, or a tensor broadcast over the batch
+
+        return BlockContext(pick(self.attention_mask), pick(self.position_ids),
+                            {k: pick(v) for k, v in self.extra.items()})
+
 
 class ModelAdapter:
     family: ClassVar[str] = ""

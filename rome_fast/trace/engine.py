@@ -1,0 +1,402 @@
+"""The fast causal-tracing engine: many (token, layer) cells of many facts per forward pass.
+
+What the reference does per fact and kind: 2 + T·N forward passes of batch 1+S. What this does,
+exactly (every saving is exact under causal attention, up to float rounding):
+
+* one clean pass and one corrupted pass per group of facts, recording every block's output;
+* a cell (token t, layer L) starts at the layer where it first differs from the corrupted run:
+  L+1 for hidden states (its input is the corrupted state with position t restored), the window's
+  first layer for MLP / attention windows; the batch grows layer by layer ("prefix reuse");
+* cells of every kind and every fact in one batch; each hooked module applies all rows' restores
+  in one launch of the compiled `restore_rows_` kernel;
+* tokens before the subject are never run: nothing differs there from the corrupted run, so their
+  score is the corrupted score;
+* logits at the last position only.
+
+`mode="grid"` runs every cell from the embeddings through the whole model with hooks instead (no
+block-by-block run), the path for a model the adapters cannot run block by block.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from ..kernels import add_noise_, restore_rows_
+from ..models import first_tensor
+
+KINDS = ("hidden", "mlp", "attn")
+
+
+@dataclass
+class FactInput:
+    """One fact to trace: token ids, subject range [b, e), noise [S, e-b, D] for its corrupted rows,
+    the tokens whose rows are wanted (None: all), and the answer token (None: the clean top-1)."""
+    input_ids: Sequence[int]
+    subject_range: tuple[int, int]
+    noise: torch.Tensor
+    tokens: Sequence[int] | None = None
+    answer: int | None = None
+
+
+@dataclass
+class FactTrace:
+    answer: int
+    high_score: float
+    low_score: float
+    scores: dict = field(default_factory=dict)  # kind -> [len(tokens), N] float32 CPU tensor
+    tokens: list = field(default_factory=list)
+
+
+def window_bounds(layer: int, window: int, num_layers: int) -> tuple[int, int]:
+    """The reference's restore window around `layer`: [L - w//2, L + w - w//2) clipped."""
+    return max(0, layer - window // 2), min(num_layers, layer - (-window // 2))
+
+
+# --------------------------------------------------------------------------------------------
+# batching of facts
+
+
+@dataclass
+class _Batch:
+    facts: list
+    input_ids: torch.Tensor      # [F, T] left-padded
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    pad: list                    # left padding of each fact
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def _pad_facts(facts: list, device) -> _Batch:
+    width = max(len(f.input_ids) for f in facts)
+    ids = torch.zeros(len(facts), width, dtype=torch.long)
+    mask = torch.zeros(len(facts), width, dtype=torch.long)
+    pad = []
+    for i, f in enumerate(facts):
+        p = width - len(f.input_ids)
+        ids[i, p:] = torch.as_tensor(list(f.input_ids))
+        mask[i, p:] = 1
+        pad.append(p)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return _Batch(facts, ids.to(device), mask.to(device), pos.to(device), pad)
+
+
+class _RestoreHooks:
+    """Forward hooks on MLP / attention modules that overwrite the planned rows' outputs with clean
+    states, one kernel launch per module per pass. The plan is set per layer before each block."""
+
+    def __init__(self, adapter, kinds: Iterable[str]):
+        self.plan: dict = {}
+        self.handles = []
+        self.kinds = list(kinds)
+        for kind in self.kinds:
+            for layer in range(adapter.num_layers):
+                module = adapter.module(adapter.module_name(kind, layer))
+                self.handles.append(module.register_forward_hook(self._hook((kind, layer))))
+
+    def _hook(self, key):
+        def hook(module, inputs, output):
+            job = self.plan.get(key)
+            if job is not None:
+                clean, row_fact, row_tok = job
+                restore_rows_(first_tensor(output), clean, row_fact, row_tok)
+            return output
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class _Recorder:
+    """Forward hooks recording the outputs of MLP / attention modules in a full pass."""
+
+    def __init__(self, adapter, kinds: Iterable[str]):
+        self.out: dict = {}
+        self.handles = []
+        for kind in kinds:
+            for layer in range(adapter.num_layers):
+                module = adapter.module(adapter.module_name(kind, layer))
+                self.handles.append(module.register_forward_hook(self._hook((kind, layer))))
+
+    def _hook(self, key):
+        def hook(module, inputs, output):
+            self.out[key] = first_tensor(output).detach().clone()
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _last_probs(adapter, h_last: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(adapter.head(h_last).float(), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+
+
+class TraceEngine:
+    """Batched causal tracing on one model. `max_batch_tokens` bounds a pass's rows × width;
+    None sizes it from free memory (CUDA) or a CPU default."""
+
+    def __init__(self, mt, mode: str = "prefix", max_batch_tokens: int | None = None):
+        if mode not in ("prefix", "grid"):
+            raise ValueError(f"unknown engine mode {mode!r}: 'prefix' or 'grid'")
+        self.mt = mt
+        self.adapter = mt.adapter
+        self.model = mt.model
+        self.mode = mode
+        self.max_batch_tokens = max_batch_tokens
+        self.splits = 0  # how often an out-of-memory split a batch (reported by benchmarks)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def _token_budget(self) -> int:
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            a = self.adapter
+            # activations per token and row at the widest point of a block, with headroom
+            per_token = (a.hidden_size * 8 + a.key_size * 3) * self.dtype.itemsize
+            return int(max(2048, min(1 << 20, 0.35 * free / per_token)))
+        return 6144
+
+    # ---- public ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def trace(self, facts: Sequence[FactInput], kinds: Sequence[str] = KINDS, window: int = 10,
+              replace: bool = False) -> list[FactTrace]:
+        kinds = tuple("hidden" if k in (None, "", "hidden") else k for k in kinds)
+        for k in kinds:
+            if k not in KINDS:
+                raise ValueError(f"unknown kind {k!r}: expected one of None/'hidden', 'mlp', 'attn'")
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        samples = {f.noise.shape[0] for f in facts}
+        if len(samples) != 1:
+            raise ValueError("every fact of one call must use the same number of noise samples")
+        for f in facts:
+            b, e = f.subject_range
+            if not 0 <= b < e <= len(f.input_ids):
+                raise ValueError(f"subject range {f.subject_range} outside a {len(f.input_ids)}-token prompt")
+            if f.noise.shape[1] != e - b or f.noise.shape[2] != self.adapter.hidden_size:
+                raise ValueError(f"noise shape {tuple(f.noise.shape)} != (S, {e - b}, {self.adapter.hidden_size})")
+        batch = _pad_facts(list(facts), self.device)
+        return self._trace_batch(batch, kinds, window, replace)
+
+    # ---- passes ---------------------------------------------------------------------------
+    def _run_blocks(self, h, ctx, record: bool):
+        states = [h] if record else None
+        for layer in range(self.adapter.num_layers):
+            h = self.adapter.run_block(layer, h, ctx)
+            if record:
+                states.append(h)
+        return h, states
+
+    def _trace_batch(self, batch: _Batch, kinds, window: int, replace: bool) -> list[FactTrace]:
+        a, dev = self.adapter, self.device
+        F, T, N = len(batch.facts), batch.width, a.num_layers
+        S = batch.facts[0].noise.shape[0]
+        module_kinds = [k for k in kinds if k != "hidden"]
+
+        # clean pass: answers, high scores, every state to restore from
+        emb = a.embed(batch.input_ids)
+        h0, ctx = a.prepare(emb, batch.attention_mask, batch.position_ids)
+        rec = _Recorder(a, module_kinds)
+        try:
+            h, clean_states = self._run_blocks(h0, ctx, record=True)
+        finally:
+            rec.remove()
+        clean_probs = _last_probs(a, h[:, -1])
+        answers = torch.tensor([f.answer if f.answer is not None else int(clean_probs[i].argmax())
+                                for i, f in enumerate(batch.facts)], device=dev)
+        high = clean_probs.gather(1, answers[:, None])[:, 0]
+        clean_module = rec.out
+
+        # corrupted pass: S rows per fact, noise on the subject's word embeddings
+        row_fact = torch.arange(F, device=dev).repeat_interleave(S)
+        cemb = emb[row_fact].contiguous()
+        n_tok = max(f.subject_range[1] - f.subject_range[0] for f in batch.facts)
+        noise = torch.zeros(F * S, n_tok, a.hidden_size, dtype=torch.float32)
+        starts, lengths = [], []
+        for i, f in enumerate(batch.facts):
+            b, e = f.subject_range
+            noise[i * S:(i + 1) * S, :e - b] = f.noise.to(torch.float32)
+            starts += [batch.pad[i] + b] * S
+            lengths += [e - b] * S
+        add_noise_(cemb, noise.to(dev), torch.arange(F * S), starts, lengths, replace)
+        ch0, cctx = a.prepare(cemb, batch.attention_mask[row_fact], batch.position_ids[row_fact])
+        if self.mode == "prefix":
+            h, corrupt_states = self._run_blocks(ch0, cctx, record=True)
+        else:
+            h, corrupt_states = self._run_blocks(ch0, cctx, record=False)
+        low_rows = _last_probs(a, h[:, -1]).gather(1, answers[row_fact][:, None])[:, 0]
+        low = low_rows.view(F, S).mean(1)
+
+        # the cells
+        cells = self._plan_cells(batch, kinds, window, N)
+        totals = torch.zeros(len(cells), dtype=torch.float64)
+        if cells:
+            runner = self._run_cells_prefix if self.mode == "prefix" else self._run_cells_grid
+            ctx_state = dict(ctx=ctx, cemb=cemb, clean_states=clean_states, clean_module=clean_module,
+                             corrupt_states=corrupt_states, answers=answers, S=S, batch=batch)
+            self._run_split(runner, cells, list(range(len(cells))), totals, ctx_state, T)
+
+        # assemble per-fact results
+        out = []
+        for i, f in enumerate(batch.facts):
+            tokens = list(f.tokens) if f.tokens is not None else list(range(len(f.input_ids)))
+            res = FactTrace(int(answers[i]), float(high[i]), float(low[i]), tokens=tokens)
+            for k in kinds:
+                res.scores[k] = torch.full((len(tokens), N), float(low[i]), dtype=torch.float32)
+            out.append(res)
+        for c, cell in enumerate(cells):
+            fi, kind, row, layer = cell[0], cell[1], cell[2], cell[3]
+            out[fi].scores[kind][row, layer] = float(totals[c] / S)
+        return out
+
+    def _plan_cells(self, batch: _Batch, kinds, window: int, N: int) -> list:
+        """Cells as tuples (fact, kind, output row, layer, padded token, start layer, lo, hi).
+        Tokens before the subject are left out: their score is the corrupted score."""
+        cells = []
+        for fi, f in enumerate(batch.facts):
+            b = f.subject_range[0]
+            tokens = list(f.tokens) if f.tokens is not None else list(range(len(f.input_ids)))
+            for row, t in enumerate(tokens):
+                if not 0 <= t < len(f.input_ids):
+                    raise ValueError(f"token {t} outside a {len(f.input_ids)}-token prompt")
+                if t < b:
+                    continue
+                tp = batch.pad[fi] + t
+                for kind in kinds:
+                    for layer in range(N):
+                        if kind == "hidden":
+                            cells.append((fi, kind, row, layer, tp, layer + 1, layer, layer + 1))
+                        else:
+                            lo, hi = window_bounds(layer, window, N)
+                            cells.append((fi, kind, row, layer, tp, lo, lo, hi))
+        return cells
+
+    def _run_split(self, runner, cells, idx: list, totals, st, width: int):
+        """Run cells in chunks of at most the token budget; an out-of-memory halves the chunk and
+        goes on instead of failing a long run."""
+        S = st["S"]
+        per_chunk = max(1, self._token_budget() // (width * S))
+        # ascending start layer, so a chunk's active rows at any layer are a prefix of it
+        idx = sorted(idx, key=lambda c: (cells[c][5], cells[c][0]))
+        pos = 0
+        while pos < len(idx):
+            chunk = idx[pos:pos + per_chunk]
+            try:
+                sums = runner([cells[c] for c in chunk], st)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                per_chunk = max(1, len(chunk) // 2)
+                self.splits += 1
+                continue
+            totals[torch.tensor(chunk)] += sums.double().cpu()
+            pos += len(chunk)
+
+    # ---- prefix reuse: cells join the batch at their start layer ------------------------------
+    def _run_cells_prefix(self, cells: list, st) -> torch.Tensor:
+        a, dev, S = self.adapter, self.device, st["S"]
+        N = a.num_layers
+        n_cells = len(cells)
+        cell_fact = torch.tensor([c[0] for c in cells], device=dev)
+        row_cell = torch.arange(n_cells, device=dev).repeat_interleave(S)
+        row_sample = torch.arange(S, device=dev).repeat(n_cells)
+        row_fact = cell_fact[row_cell]
+        row_corrupt = row_fact * S + row_sample  # the row of the corrupted pass it continues
+        start = torch.tensor([c[5] for c in cells]).repeat_interleave(S)
+        tok = torch.tensor([c[4] for c in cells], device=dev).repeat_interleave(S)
+        lo = torch.tensor([c[6] for c in cells], device=dev).repeat_interleave(S)
+        hi = torch.tensor([c[7] for c in cells], device=dev).repeat_interleave(S)
+        is_hidden = torch.tensor([c[1] == "hidden" for c in cells], device=dev).repeat_interleave(S)
+        kind_of = [c[1] for c in cells]
+        ctx = st["ctx"].select(row_fact)
+        R = row_fact.shape[0]
+        # rows active from layer l on: start <= l; rows are sorted by start
+        n_active = [int((start <= l).sum()) for l in range(N + 1)]
+
+        hooks = _RestoreHooks(a, sorted({k for k in kind_of if k != "hidden"}))
+        mod_kind = torch.tensor([KINDS.index(k) for k in kind_of], device=dev).repeat_interleave(S)
+        try:
+            h = None
+            for layer in range(N + 1):
+                n_prev = 0 if h is None else h.shape[0]
+                n = n_active[layer]
+                if n > n_prev:  # rows joining here continue the corrupted run's state
+                    new = st["corrupt_states"][layer][row_corrupt[n_prev:n]]
+                    hid = is_hidden[n_prev:n]
+                    restore_rows_(new, st["clean_states"][layer], row_fact[n_prev:n],
+                                  torch.where(hid, tok[n_prev:n], -1))
+                    h = new if h is None else torch.cat([h, new])
+                if layer == N or h is None:
+                    continue
+                for kind in hooks.kinds:
+                    k = KINDS.index(kind)
+                    sel = (mod_kind[:n] == k) & (lo[:n] <= layer) & (hi[:n] > layer)
+                    hooks.plan[(kind, layer)] = (st["clean_module"][(kind, layer)], row_fact[:n],
+                                                 torch.where(sel, tok[:n], -1))
+                h = a.run_block(layer, h, ctx.select(slice(0, n)))
+                hooks.plan.clear()
+        finally:
+            hooks.remove()
+        probs = _last_probs(a, h[:, -1])
+        p = probs.gather(1, st["answers"][row_fact][:, None])[:, 0]
+        return torch.zeros(n_cells, device=dev, dtype=torch.float64).index_add_(0, row_cell, p.double())
+
+    # ---- grid: every cell's rows run the whole model from the embeddings ---------------------
+    def _run_cells_grid(self, cells: list, st) -> torch.Tensor:
+        a, dev, S = self.adapter, self.device, st["S"]
+        N = a.num_layers
+        n_cells = len(cells)
+        cell_fact = torch.tensor([c[0] for c in cells], device=dev)
+        row_cell = torch.arange(n_cells, device=dev).repeat_interleave(S)
+        row_sample = torch.arange(S, device=dev).repeat(n_cells)
+        row_fact = cell_fact[row_cell]
+        tok = torch.tensor([c[4] for c in cells], device=dev).repeat_interleave(S)
+        lo = torch.tensor([c[6] for c in cells], device=dev).repeat_interleave(S)
+        hi = torch.tensor([c[7] for c in cells], device=dev).repeat_interleave(S)
+        kind_of = [c[1] for c in cells]
+        mod_kind = torch.tensor([KINDS.index(k) for k in kind_of], device=dev).repeat_interleave(S)
+        batch = st["batch"]
+        emb = st["cemb"][row_fact * S + row_sample]
+        h, ctx = a.prepare(emb, batch.attention_mask[row_fact], batch.position_ids[row_fact])
+        hooks = _RestoreHooks(a, sorted({k for k in kind_of if k != "hidden"}))
+        try:
+            for layer in range(N):
+                for kind in hooks.kinds:
+                    k = KINDS.index(kind)
+                    sel = (mod_kind == k) & (lo <= layer) & (hi > layer)
+                    hooks.plan[(kind, layer)] = (st["clean_module"][(kind, layer)], row_fact,
+                                                 torch.where(sel, tok, -1))
+                h = a.run_block(layer, h, ctx)
+                hooks.plan.clear()
+                sel = (mod_kind == 0) & (lo == layer)
+                if bool(sel.any()):
+                    h = h.contiguous()
+                    restore_rows_(h, st["clean_states"][layer + 1], row_fact, torch.where(sel, tok, -1))
+        finally:
+            hooks.remove()
+        probs = _last_probs(a, h[:, -1])
+        p = probs.gather(1, st["answers"][row_fact][:, None])[:, 0]
+        return torch.zeros(n_cells, device=dev, dtype=torch.float64).index_add_(0, row_cell, p.double())
+
