@@ -113,6 +113,162 @@ void restore_rows_(torch::Tensor x, torch::Tensor clean, torch::Tensor row_fact,
 #endif
 }
 
+// ---- Solve + rank-k weight update (rank_one.cpp, rank_one_kernels.cu) ----
+
+// "in_out": W is [d_k, d_v] (GPT-2 Conv1D), "out_in": W is [d_v, d_k] (nn.Linear).
+bool parse_layout_in_out(const std::string& layout) {
+  RF_CHECK(layout == "in_out" || layout == "out_in",
+           "layout must be 'in_out' (W is [d_k, d_v], GPT-2 Conv1D) or 'out_in' (W is [d_v, d_k], "
+           "nn.Linear), got '", layout, "'");
+  return layout == "in_out";
+}
+
+void check_weight(const torch::Tensor& W) {
+  RF_CHECK(W.dim() == 2, "W must be 2-D, got shape ", W.sizes());
+  RF_CHECK(W.is_contiguous(), "W must be contiguous (it is updated in place)");
+  const auto st = W.scalar_type();
+  RF_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+           "W must be float32, float16 or bfloat16, got ", st);
+}
+
+void check_factor_matrix(const torch::Tensor& x, const char* name, int64_t rows, int64_t n,
+                         const char* rows_name, const torch::Tensor& W, const std::string& layout) {
+  RF_CHECK(x.dim() == 2, name, " must be 2-D [", rows_name, ", n], got shape ", x.sizes());
+  RF_CHECK(x.size(0) == rows, name, " has ", x.size(0), " rows but W ", W.sizes(), " in layout '",
+           layout, "' has ", rows_name, " = ", rows);
+  RF_CHECK(x.size(1) == n, name, " has ", x.size(1), " columns, expected n = ", n);
+  RF_CHECK(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
+  RF_CHECK(x.is_contiguous(), name, " must be contiguous");
+  RF_CHECK(x.device() == W.device(), name, " is on ", x.device(), " but W is on ", W.device());
+}
+
+// W += U Rᵀ (in_out) or W += R Uᵀ (out_in): both are W[r, c] += Σ_k A[r, k] B[c, k].
+void rank_k_update_unchecked(torch::Tensor W, const torch::Tensor& U, const torch::Tensor& R,
+                             bool in_out) {
+  const torch::Tensor& A = in_out ? U : R;
+  const torch::Tensor& B = in_out ? R : U;
+  if (W.is_cpu()) return rome_fast::cpu::rank_k_update_(W, A, B);
+#ifdef ROME_FAST_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(W.device());
+  check_launch(rome_fast::cuda::rank_k_update(W.data_ptr(), A.data_ptr<float>(), B.data_ptr<float>(),
+                                              W.size(0), W.size(1), A.size(1),
+                                              cuda_dtype(W.scalar_type()),
+                                              at::cuda::getCurrentCUDAStream().stream()),
+               "rank_k_update");
+#else
+  TORCH_CHECK(false, "rome_fast: W is on ", W.device(), " but the extension was built without CUDA");
+#endif
+}
+
+void rank_k_update_(torch::Tensor W, torch::Tensor U, torch::Tensor R, const std::string& layout) {
+  check_weight(W);
+  const bool in_out = parse_layout_in_out(layout);
+  const int64_t d_k = in_out ? W.size(0) : W.size(1), d_v = in_out ? W.size(1) : W.size(0);
+  RF_CHECK(U.dim() == 2, "U must be 2-D [d_k, n], got shape ", U.sizes());
+  const int64_t n = U.size(1);
+  check_factor_matrix(U, "U", d_k, n, "d_k", W, layout);
+  check_factor_matrix(R, "R", d_v, n, "d_v", W, layout);
+  rank_k_update_unchecked(W, U, R, in_out);
+}
+
+// Columns whose ⟨k*, u⟩ is below this fraction of ‖k*‖ would scale the residual by > 10⁶.
+constexpr double kMinCosine = 1e-6;
+
+std::tuple<torch::Tensor, torch::Tensor> rome_update_(torch::Tensor W, torch::Tensor factor,
+                                                      torch::Tensor kbar, torch::Tensor kstar,
+                                                      torch::Tensor resid, const std::string& layout,
+                                                      const std::string& factor_kind,
+                                                      c10::optional<torch::Tensor> pivots) {
+  check_weight(W);
+  const bool in_out = parse_layout_in_out(layout);
+  const int64_t d_k = in_out ? W.size(0) : W.size(1), d_v = in_out ? W.size(1) : W.size(0);
+  RF_CHECK(factor_kind == "cholesky" || factor_kind == "lu",
+           "factor_kind must be 'cholesky' or 'lu', got '", factor_kind, "'");
+  RF_CHECK(factor.dim() == 2 && factor.size(0) == factor.size(1),
+           "factor must be a square matrix, got shape ", factor.sizes());
+  RF_CHECK(factor.size(0) == d_k, "factor is ", factor.sizes(), " but W ", W.sizes(), " in layout '",
+           layout, "' has d_k = ", d_k, " (is the layout right?)");
+  RF_CHECK(factor.scalar_type() == at::kFloat || factor.scalar_type() == at::kDouble,
+           "factor must be float32 or float64, got ", factor.scalar_type());
+  RF_CHECK(factor.device() == W.device(), "factor is on ", factor.device(), " but W is on ",
+           W.device());
+  if (factor_kind == "lu") {
+    RF_CHECK(pivots.has_value(), "factor_kind 'lu' needs the pivots of the LU factorisation");
+    RF_CHECK(pivots->dim() == 1 && pivots->size(0) == d_k && pivots->scalar_type() == at::kInt,
+             "pivots must be int32 of shape [", d_k, "], got ", pivots->scalar_type(), " ",
+             pivots->sizes());
+    RF_CHECK(pivots->device() == W.device(), "pivots are on ", pivots->device(), " but W is on ",
+             W.device());
+  }
+  const bool vec = kbar.dim() == 1;
+  RF_CHECK(kbar.dim() == 1 || kbar.dim() == 2, "kbar must be [d_k] or [d_k, n], got shape ",
+           kbar.sizes());
+  RF_CHECK(kstar.sizes() == kbar.sizes(), "kstar shape ", kstar.sizes(), " != kbar shape ",
+           kbar.sizes());
+  RF_CHECK(kbar.size(0) == d_k, "kbar has ", kbar.size(0), " entries but W ", W.sizes(),
+           " in layout '", layout, "' has d_k = ", d_k, " (is the layout right?)");
+  const int64_t n = vec ? 1 : kbar.size(1);
+  RF_CHECK(resid.dim() == kbar.dim() && resid.size(0) == d_v && (vec || resid.size(1) == n),
+           "resid must be ", vec ? "[d_v]" : "[d_v, n]", " with d_v = ", d_v, " (W ", W.sizes(),
+           " in layout '", layout, "') and n = ", n, ", got shape ", resid.sizes());
+  for (const auto* t : {&kbar, &kstar, &resid}) {
+    RF_CHECK(at::isFloatingType(t->scalar_type()), "kbar, kstar and resid must be floating point, got ",
+             t->scalar_type());
+    RF_CHECK(t->device() == W.device(), "kbar, kstar and resid must be on W's device ", W.device(),
+             ", got ", t->device());
+  }
+  RF_CHECK(n > 0, "no edits: kbar has 0 columns");
+  // One host sync for all three; finding the culprit only on failure.
+  if (!(at::isfinite(kbar).all() & at::isfinite(kstar).all() & at::isfinite(resid).all())
+           .item<bool>()) {
+    const char* bad = !at::isfinite(kbar).all().item<bool>()    ? "kbar"
+                      : !at::isfinite(kstar).all().item<bool>() ? "kstar"
+                                                                : "resid";
+    RF_CHECK(false, bad, " contains NaN or Inf");
+  }
+
+  const torch::Tensor kb = (vec ? kbar.unsqueeze(1) : kbar).to(factor.scalar_type()).contiguous();
+  const torch::Tensor ks = (vec ? kstar.unsqueeze(1) : kstar).to(at::kFloat).contiguous();
+  const torch::Tensor rs = (vec ? resid.unsqueeze(1) : resid).to(at::kDouble);
+  // u ∝ C⁻¹ k̄, from the cached factor (two triangular solves, or the LU solve).
+  const torch::Tensor Y = (factor_kind == "cholesky")
+                              ? at::cholesky_solve(kb, factor, /*upper=*/false)
+                              : at::linalg_lu_solve(factor, *pivots, kb);
+  torch::Tensor U = at::empty({d_k, n}, ks.options());
+  torch::Tensor stats = at::empty({3, n}, ks.options().dtype(at::kDouble));
+  if (W.is_cpu()) {
+    rome_fast::cpu::normalize_dot(Y, ks, U, stats);
+  } else {
+#ifdef ROME_FAST_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(W.device());
+    check_launch(rome_fast::cuda::normalize_dot(Y.data_ptr(), Y.scalar_type() == at::kDouble,
+                                                ks.data_ptr<float>(), U.data_ptr<float>(),
+                                                stats.data_ptr<double>(), d_k, n,
+                                                at::cuda::getCurrentCUDAStream().stream()),
+                 "normalize_dot");
+#else
+    TORCH_CHECK(false, "rome_fast: W is on ", W.device(), " but the extension was built without CUDA");
+#endif
+  }
+  const torch::Tensor st = stats.cpu();
+  const double* s = st.data_ptr<double>();
+  for (int64_t j = 0; j < n; ++j) {
+    const double norm = s[j], dot = s[n + j], knorm = s[2 * n + j];
+    RF_CHECK(std::isfinite(norm) && norm > 0, "C^-1 kbar is ",
+             std::isfinite(norm) ? "zero" : "not finite", " for edit ", j,
+             std::isfinite(norm) ? " (is kbar zero?)" : " (is C singular or the factor invalid?)");
+    const double cosine = dot / (norm * knorm);
+    RF_CHECK(std::isfinite(cosine) && std::abs(cosine) > kMinCosine,
+             "the denominator <kstar, u> is ~0 for edit ", j, " (<kstar, u> = ", dot / norm,
+             ", cosine ", cosine, "): kstar is orthogonal to C^-1 kbar, the update would blow up");
+  }
+  // right = resid / <k*, u>, divided in fp64 and rounded once.
+  const torch::Tensor R = (rs / (stats[1] / stats[0])).to(at::kFloat).contiguous();
+  rank_k_update_unchecked(W, U, R, in_out);
+  if (vec) return {U.squeeze(1), R.squeeze(1)};
+  return {U, R};
+}
+
 bool has_cuda() {
 #ifdef ROME_FAST_WITH_CUDA
   return true;
@@ -132,4 +288,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("restore_rows_", &restore_rows_,
         "x[b, row_tok[b]] = clean[row_fact[b], row_tok[b]] for every row with row_tok[b] >= 0",
         py::arg("x"), py::arg("clean"), py::arg("row_fact"), py::arg("row_tok"));
+  m.def("rank_k_update_", &rank_k_update_,
+        "W += U R^T ('in_out', W [d_k, d_v]) or W += R U^T ('out_in', W [d_v, d_k]) in place; U "
+        "[d_k, n], R [d_v, n] float32; fp32 sums, one rounding per W element",
+        py::arg("W"), py::arg("U"), py::arg("R"), py::arg("layout"));
+  m.def("rome_update_", &rome_update_,
+        "Fused ROME update: u = C^-1 kbar / ||C^-1 kbar|| from the cached factor of C, right = "
+        "resid / <kstar, u>, W += u (x) right in place; batched over columns. Returns (u, right)",
+        py::arg("W"), py::arg("factor"), py::arg("kbar"), py::arg("kstar"), py::arg("resid"),
+        py::arg("layout"), py::arg("factor_kind") = "cholesky", py::arg("pivots") = py::none());
 }

@@ -13,3 +13,17 @@ void restore_rows_(torch::Tensor x, const torch::Tensor& clean, const torch::Ten
                    const torch::Tensor& row_tok);
 
 }  // namespace rome_fast::cpu
+
+// ---- Solve + rank-k weight update (rank_one.cpp) ----
+namespace rome_fast::cpu {
+
+// W[r, c] += sum_k A[r, k] * B[c, k], in place. W [rows, cols] (fp32/fp16/bf16, contiguous),
+// A [rows, n] and B [cols, n] fp32 contiguous. Sums in fp32, rounds each W element once.
+void rank_k_update_(torch::Tensor W, const torch::Tensor& A, const torch::Tensor& B);
+
+// Per column j of Y [d, n] (fp32 or fp64): U[:, j] = Y[:, j] / ||Y[:, j]|| (fp32 out), and
+// stats [3, n] fp64 = (||Y[:, j]||, <kstar[:, j], Y[:, j]>, ||kstar[:, j]||), summed in fp64.
+void normalize_dot(const torch::Tensor& Y, const torch::Tensor& kstar, torch::Tensor U,
+                   torch::Tensor stats);
+
+}  // namespace rome_fast::cpu

@@ -16,3 +16,18 @@ int restore_rows(void* x, const void* clean, const int64_t* row_fact, const int6
                  int64_t B, int64_t T, int64_t Tc, int64_t D, DType dtype, void* stream);
 
 }  // namespace rome_fast::cuda
+
+// ---- Solve + rank-k weight update (rank_one_kernels.cu) ----
+namespace rome_fast::cuda {
+
+// W[r, c] += sum_k A[r, k] * B[c, k] in place; W [rows, cols] row-major of `dtype`, A [rows, n]
+// and B [cols, n] fp32 row-major. fp32 sums, one rounding per W element.
+int rank_k_update(void* W, const float* A, const float* B, int64_t rows, int64_t cols, int64_t n,
+                  DType dtype, void* stream);
+
+// Per column j of Y [d, n] (fp64 when y_is_double, else fp32): U[:, j] = Y[:, j] / ||Y[:, j]||
+// (fp32), stats [3, n] fp64 = (||Y[:, j]||, <kstar[:, j], Y[:, j]>, ||kstar[:, j]||).
+int normalize_dot(const void* Y, bool y_is_double, const float* kstar, float* U, double* stats,
+                  int64_t d, int64_t n, void* stream);
+
+}  // namespace rome_fast::cuda
