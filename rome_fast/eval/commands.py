@@ -1,0 +1,80 @@
+"""`rome-fast eval`: run the CounterFact / zsRE evaluation of ROME edits from the shell."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# The shared data folder beside the repository (development checkouts and CI have it).
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DEFAULT_FILES = {"counterfact": "counterfact-edit.json", "zsre": "zsre_mend_train-1k.json"}
+
+
+def default_data_file(dataset: str) -> Path | None:
+    path = SHARED_DATA / DEFAULT_FILES[dataset]
+    return path if path.is_file() else None
+
+
+def _cmd_eval(args) -> int:
+    from .datasets import load_dataset
+    from .generation import TfIdf, load_attribute_snippets
+    from .runner import evaluate
+
+    data = Path(args.data) if args.data else default_data_file(args.dataset)
+    if data is None:
+        raise ValueError(f"no default {args.dataset} file here ({SHARED_DATA / DEFAULT_FILES[args.dataset]} "
+                         "is absent); pass --data FILE (official files: rome_fast.eval.DATA_URLS)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    records = load_dataset(args.dataset, data, args.limit)
+    tfidf = snippets = None
+    if args.tfidf_dir:
+        d = Path(args.tfidf_dir)
+        tfidf = TfIdf.from_files(d / "idf.npy", d / "tfidf_vocab.json")
+        snippets = load_attribute_snippets(d / "attribute_snippets.json")
+
+    try:
+        from ..edit import ROMEHyperParams, apply_rome_to_model  # noqa: F401 (fail before loading)
+    except ImportError as exc:
+        raise ValueError(f"the ROME editor is not available in this build: {exc}") from None
+    hparams = (ROMEHyperParams.from_json(args.hparams) if args.hparams
+               else ROMEHyperParams.from_name(args.model))
+    editor_kwargs = {"stats_dir": args.stats_dir} if args.stats_dir else {}
+    from ..models import load_model
+    mt = load_model(args.model)
+    print(f"evaluating {len(records)} {args.dataset} cases from {data} on {mt!r} -> {args.out}")
+    evaluate(mt, args.dataset, records, hparams, args.out, skip_generation=args.skip_generation,
+             progress=not args.quiet, seed=args.seed, tfidf=tfidf, snippets=snippets,
+             backend=args.backend, editor_kwargs=editor_kwargs)
+    return 0
+
+
+def _cmd_summarize(args) -> int:
+    from .runner import format_summary, summarize
+    for d in args.dirs:
+        print(format_summary(summarize(d, print_table=False)))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate ROME edits on CounterFact or zsRE",
+                       description="Edit, measure post-edit metrics, restore, measure pre-edit "
+                                   "metrics, per record; one JSON file per case in --out "
+                                   "(rerun the same command to resume), then a summary table.")
+    p.add_argument("--dataset", choices=["counterfact", "zsre"], default="counterfact")
+    p.add_argument("--data", help="data file (CounterFact full or compact JSON, zsRE JSON); default: "
+                                  "the shared data folder beside the repository when present")
+    p.add_argument("--limit", type=int, help="first N records")
+    p.add_argument("--out", required=True, help="output folder for case_*.json and summary.json")
+    p.add_argument("--model", default="smollm2-135m", help="model name or path (default: the embedded model)")
+    p.add_argument("--hparams", help="ROME hyperparameters JSON (default: the model's bundled preset)")
+    p.add_argument("--skip-generation", action="store_true", help="skip the generation metrics (GE, RS)")
+    p.add_argument("--backend", choices=["reference", "fast"], help="ROME implementation")
+    p.add_argument("--stats-dir", help="folder of second-moment statistics for ROME")
+    p.add_argument("--tfidf-dir", help="folder with idf.npy, tfidf_vocab.json and "
+                                       "attribute_snippets.json: enables RS (full CounterFact records)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed (per case: seed + case_id)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    p.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("eval-summary", help="print the summary of evaluation folders")
+    s.add_argument("dirs", nargs="+")
+    s.set_defaults(func=_cmd_summarize)
