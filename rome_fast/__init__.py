@@ -10,10 +10,17 @@ from .models import (ModelAdapter, ModelAndTokenizer, UnsupportedArchitectureErr
                      load_model)
 from .tokens import (decode_tokens, find_token_range, get_words_idxs_in_templates, make_inputs,
                      subject_key_index)
+from .trace import (TraceResult, calculate_hidden_flow, collect_embedding_std, layername,
+                    plot_hidden_flow, plot_trace_heatmap, predict_from_input, predict_token,
+                    trace_important_states, trace_important_window, trace_with_patch)
 
 __version__ = "0.1.0"
 
 __all__ = ["ModelAdapter", "ModelAndTokenizer", "UnsupportedArchitectureError", "add_noise_",
            "adapter_for", "backend_info", "decode_tokens", "find_token_range",
            "get_words_idxs_in_templates", "load_model", "make_inputs", "restore_rows_",
-           "subject_key_index"]
+           "subject_key_index",
+           # causal tracing (the reference's names)
+           "TraceResult", "calculate_hidden_flow", "collect_embedding_std", "layername",
+           "plot_hidden_flow", "plot_trace_heatmap", "predict_from_input", "predict_token",
+           "trace_important_states", "trace_important_window", "trace_with_patch"]

@@ -37,7 +37,9 @@ def _add_info(sub) -> None:
 
 # Each feature registers its own subcommands: a function `add_parsers(subparsers)` that sets
 # `func` on every parser it adds (func(args) -> exit code).
-SUBCOMMANDS = [_add_info]
+from .trace.commands import add_parsers as _add_trace  # noqa: E402  (trace, demo)
+
+SUBCOMMANDS = [_add_info, _add_trace]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,167 @@
+"""`rome-fast demo`: causal tracing of one well-known fact on the embedded model, with a short
+explanation of what the heat maps say."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+DEMO_PROMPT = "The Eiffel Tower is located in the city of"
+DEMO_SUBJECT = "Eiffel Tower"
+DEFAULT_OUT = "rome_fast_out/demo"
+
+# Used for σ when the known-facts file is not found: subjects of the same kind as known_1000's.
+BUILTIN_SUBJECTS = (
+    "Vinson Massif", "Beats Music", "Audible.com", "Catalonia", "Michael Jordan", "Danielle Darrieux",
+    "Toyota", "Apple", "Miles Davis", "Lionel Messi", "Mount Everest", "The Louvre", "Colosseum",
+    "Space Needle", "Nile", "Brazil", "Berlin", "Madrid", "Steve Jobs", "Google", "Microsoft",
+    "Nintendo", "BBC", "Pablo Picasso", "Albert Einstein", "Amazon River", "Kenya", "Honda Civic",
+    "Windows 10", "Sydney Opera House", "Volkswagen", "Mozart",
+)
+KIND_NAMES = {"hidden": "Hidden states (one layer restored)", "mlp": "MLP outputs (10-layer window)",
+              "attn": "Attention outputs (10-layer window)"}
+
+
+def find_known_facts() -> Path | None:
+    """known_1000.json from $ROME_FAST_DATA, the project's shared data folder, or ./data."""
+    candidates = []
+    if os.environ.get("ROME_FAST_DATA"):
+        candidates.append(Path(os.environ["ROME_FAST_DATA"]))
+    root = Path(__file__).resolve().parents[1]
+    candidates += [root.parent / "shared" / "data", root / "data", Path.cwd() / "data"]
+    for folder in candidates:
+        path = folder / "known_1000.json" if folder.suffix != ".json" else folder
+        if path.is_file():
+            return path
+    return None
+
+
+def noise_subjects(data: str | None = None) -> tuple[list[str], str]:
+    """(subjects for σ, a sentence saying where they came from)."""
+    path = Path(data) if data else find_known_facts()
+    if path is not None:
+        from .trace.runner import load_facts
+        facts = load_facts(path)
+        return [f["subject"] for f in facts], f"the {len(facts)} subjects of {path}"
+    return list(BUILTIN_SUBJECTS), (f"a built-in list of {len(BUILTIN_SUBJECTS)} subjects "
+                                    "(known_1000.json not found; set ROME_FAST_DATA to its folder)")
+
+
+def _band(layer: int, n_layers: int) -> str:
+    third = layer * 3 // max(1, n_layers)
+    return ("early", "middle", "late")[min(third, 2)]
+
+
+def summarize_trace(result, kind: str, n_layers: int | None = None) -> list[str]:
+    """Readable lines about one trace: its peak, the last subject token and the last token."""
+    from .trace.results import TraceResult
+
+    r = result if isinstance(result, TraceResult) else TraceResult.from_dict(result)
+    if not r.correct_prediction:
+        return [f"{KIND_NAMES[kind]}: skipped, the model predicted {r.answer!r}, not the expected answer"]
+    n_layers = n_layers or r.scores.shape[1]
+    gap = r.high_score - r.low_score
+    t, layer, score = r.peak()
+    where = "subject token" if t in r.subject_tokens else ("last token" if t == len(r.scores) - 1 else "token")
+    frac = (score - r.low_score) / gap if gap > 0 else float("nan")
+    lines = [f"{KIND_NAMES[kind]}: strongest at {where} {r.input_tokens[t]!r} (#{t}), layer {layer} "
+             f"({_band(layer, n_layers)}): p = {score:.3f}, {frac:.0%} of the drop restored"]
+    last_subj = r.subject_range[1] - 1
+    for label, row in (("last subject token", last_subj), ("last token", len(r.scores) - 1)):
+        best = int(r.scores[row].argmax())
+        lines.append(f"    at the {label} {r.input_tokens[row]!r}: best layer {best}, p = {float(r.scores[row, best]):.3f}")
+    return lines
+
+
+def interpret(peaks: dict, n_layers: int) -> list[str]:
+    """What the peaks suggest, in the paper's terms (only claims the numbers support)."""
+    out = []
+    for kind, (where, layer) in peaks.items():
+        band = _band(layer, n_layers)
+        if kind == "hidden" and where == "subject token":
+            out.append(f"- The residual stream at a subject token in {band} layers carries the fact: "
+                       "restoring that one vector brings back much of the answer.")
+        elif kind == "hidden":
+            out.append(f"- Hidden states matter most at the {where} in {band} layers.")
+        if kind == "mlp":
+            out.append(f"- MLPs matter most at the {where} in {band} layers"
+                       + (": the paper's 'decisive MLP' site, where ROME edits." if where == "subject token"
+                          else "."))
+        if kind == "attn":
+            out.append(f"- Attention matters most at the {where} in {band} layers"
+                       + (": it moves the recalled fact to the position that predicts." if where == "last token"
+                          else "."))
+    return out
+
+
+def run_demo(args) -> int:
+    import torch
+
+    from .trace.api import calculate_hidden_flow
+    from .trace.commands import load_model_spec
+    from .trace.noise import collect_embedding_std
+    from .trace.plots import plot_trace_heatmap
+    from .trace.results import TraceResult
+    from .trace.runner import _kinds
+
+    kinds = _kinds(args.kind)
+    out = Path(args.out)
+    t0 = time.time()
+    mt = load_model_spec(args.model)
+    print(f"model: {mt.name} ({mt.num_layers} layers), loaded in {time.time() - t0:.1f} s; "
+          f"{torch.get_num_threads()} CPU threads, backend {args.backend}")
+    subjects, source = noise_subjects(args.data)
+    sigma = collect_embedding_std(mt, subjects)
+    noise = 3 * sigma
+    print(f"noise: Gaussian, std 3σ = {noise:.4f}, σ = {sigma:.4f} from {source}")
+    print(f"prompt: {DEMO_PROMPT!r}, subject {DEMO_SUBJECT!r}")
+    peaks, results = {}, {}
+    for kind in kinds:
+        t1 = time.time()
+        res = calculate_hidden_flow(mt, DEMO_PROMPT, DEMO_SUBJECT, samples=args.samples, noise=noise,
+                                    kind=None if kind == "hidden" else kind, backend=args.backend)
+        r = TraceResult.from_dict(res)
+        stem = out / f"eiffel_tower{'' if kind == 'hidden' else '_' + kind}"
+        r.save(stem.with_suffix(".npz"))
+        plot_trace_heatmap(r, savepdf=stem.with_suffix(".pdf"), modelname=mt.name)
+        results[kind] = r
+        print(f"traced {kind}: {r.scores.shape[0]} tokens × {r.scores.shape[1]} layers in {time.time() - t1:.1f} s")
+    first = next(iter(results.values()))
+    print()
+    print(f"Clean run: the model predicts {first.answer!r} with p = {first.high_score:.3f}.")
+    print(f"Corrupted run (noise on the subject's embeddings): p({first.answer.strip()}) = {first.low_score:.3f}.")
+    print("Restoring one clean state into the corrupted run (p of the clean answer; "
+          "'drop' = clean − corrupted):")
+    for kind, r in results.items():
+        for line in summarize_trace(r, kind, mt.num_layers):
+            print("  " + line)
+        t, layer, _ = r.peak()
+        peaks[kind] = ("subject token" if t in r.subject_tokens else
+                       "last token" if t == len(r.scores) - 1 else f"token {r.input_tokens[t]!r}", layer)
+    print("\nWhat this suggests:")
+    for line in interpret(peaks, mt.num_layers):
+        print(line)
+    summary = {k: dict(answer=r.answer, high_score=r.high_score, low_score=r.low_score,
+                       peak=dict(zip(("token", "layer", "score"), r.peak())))
+               for k, r in results.items()}
+    summary["noise"] = dict(std=noise, sigma=sigma, sigma_source=source)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nheat maps and results in {out}/ (eiffel_tower*.png / .pdf / .npz); total {time.time() - t0:.0f} s")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from .trace.api import DEFAULT_BACKEND
+
+    p = sub.add_parser("demo", help="trace 'The Eiffel Tower is located in the city of' on the embedded model",
+                       description=__doc__)
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--kind", default="all", choices=["all", "hidden", "mlp", "attn"],
+                   help="which states to restore (default all three; one kind is ~3x faster)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=["reference", "fast"])
+    p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
+    p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: found automatically)")
+    p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
+    p.set_defaults(func=run_demo)

@@ -1,0 +1,137 @@
+"""`rome-fast trace`: causal tracing of one fact (--prompt/--subject) or a facts file (--facts)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .api import BACKENDS, DEFAULT_BACKEND
+
+
+def load_model_spec(spec: str | None):
+    """A ModelAndTokenizer from a model spec: the embedded default, a hub id / path / .gguf, or
+    "tiny:<family>" (a seeded tiny random model, for tests and quick checks)."""
+    from ..models import ModelAndTokenizer, load_model
+
+    if spec and spec.startswith("tiny:"):
+        from ..models.random_init import RANDOM_FAMILIES, random_model
+        family = spec.split(":", 1)[1]
+        if family not in RANDOM_FAMILIES:
+            raise ValueError(f"unknown tiny model family {family!r}: one of {', '.join(RANDOM_FAMILIES)}")
+        model, tok = random_model(family, seed=1)
+        mt = ModelAndTokenizer(model=model, tokenizer=tok)
+        mt.name = spec
+        return mt
+    return load_model(spec or "smollm2-135m")
+
+
+def _read_subjects(path) -> list[str]:
+    """Subjects from a JSON list (of strings or of records with 'subject') or a text file, one a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"noise subjects file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(data, list):
+        return [d["subject"] if isinstance(d, dict) else str(d) for d in data]
+    raise ValueError(f"{path}: expected a list of subjects or of fact records")
+
+
+def _read_corpus(path) -> list[str] | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"noise corpus not found: {path}")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cmd_trace(args) -> int:
+    from ..demo import summarize_trace
+    from .noise import resolve_noise
+    from .runner import _kinds, load_facts, trace_facts
+
+    if (args.facts is None) == (args.prompt is None):
+        raise ValueError("give either --facts FILE or --prompt TEXT with --subject WORDS")
+    if args.samples < 1 or args.window < 1:
+        raise ValueError("--samples and --window must be >= 1")
+    corpus = _read_corpus(args.noise_corpus)
+    if args.facts is not None:
+        facts = load_facts(args.facts)
+        mt = load_model_spec(args.model)
+        summary = trace_facts(mt, facts, args.out, kinds=args.kind, noise=args.noise, samples=args.samples,
+                              window=args.window, limit=args.limit, backend=args.backend,
+                              progress=not args.no_progress, replace=args.replace, noise_texts=corpus,
+                              case_plots=args.case_plots)
+        for kind, s in summary.items():
+            print(f"{kind:>6}: {s['n_correct']}/{s['n_facts']} correct, ATE {s['ate']:.4f}, "
+                  f"best AIE last subject token {s['best_aie_last_subject_token']:.4f} "
+                  f"(layer {s['best_aie_last_subject_token_layer']}), last token "
+                  f"{s['best_aie_last_token']:.4f} (layer {s['best_aie_last_token_layer']})")
+        if not summary:
+            print("no correctly predicted facts: nothing to average")
+        print(f"results in {args.out}/ (cases/, summary.json, aie_heatmap.*, aie_lines.*)")
+        return 0
+
+    if not args.subject:
+        raise ValueError("--prompt needs --subject (the words of the prompt to corrupt)")
+    from .api import calculate_hidden_flow
+    from .plots import plot_trace_heatmap
+    from .results import TraceResult
+
+    mt = load_model_spec(args.model)
+    subjects = _read_subjects(args.noise_subjects) if args.noise_subjects else [args.subject]
+    noise, uniform = resolve_noise(args.noise, mt, subjects, texts=corpus)
+    out = Path(args.out)
+    for kind in _kinds(args.kind):
+        t0 = time.time()
+        res = calculate_hidden_flow(mt, args.prompt, args.subject, samples=args.samples, noise=noise,
+                                    uniform_noise=uniform, replace=args.replace, window=args.window,
+                                    kind=None if kind == "hidden" else kind, backend=args.backend)
+        r = TraceResult.from_dict(res)
+        stem = out / f"trace{'' if kind == 'hidden' else '_' + kind}"
+        r.save(stem.with_suffix(".npz"))
+        plot_trace_heatmap(r, savepdf=stem.with_suffix(".pdf"), modelname=mt.name)
+        print(f"{kind}: answer {r.answer!r}, clean p = {r.high_score:.4f}, corrupted p = {r.low_score:.4f} "
+              f"({time.time() - t0:.1f} s)")
+        for line in summarize_trace(r, kind, mt.num_layers):
+            print("  " + line)
+    print(f"results in {out}/ (trace*.npz, trace*.png, trace*.pdf)")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register `trace` and `demo` on the `rome-fast` subparsers."""
+    p = sub.add_parser("trace", help="causal tracing of one fact or of a known-facts file",
+                       description="Causal tracing (Meng et al. 2022): corrupt the subject's embeddings "
+                                   "with noise, restore one state at a time, measure p(answer).")
+    src = p.add_argument_group("what to trace")
+    src.add_argument("--prompt", help="the prompt (text up to the answer)")
+    src.add_argument("--subject", help="the words of the prompt to corrupt")
+    src.add_argument("--facts", help="known-facts JSON (known_1000 format) to trace instead")
+    src.add_argument("--limit", type=int, help="trace only the first N facts")
+    p.add_argument("--kind", default="all", choices=["all", "hidden", "mlp", "attn"],
+                   help="states to restore: hidden states, MLP or attention outputs (default all)")
+    p.add_argument("--noise", default="s3",
+                   help="noise rule: sK (K·σ of the subjects' embeddings, default s3), a number (std), "
+                        "uX (uniform ±X), tD (Student-t), m (fitted Gaussian, needs --noise-corpus)")
+    p.add_argument("--noise-subjects", help="for one fact: file of subjects σ is measured on "
+                                            "(default: the fact's own subject)")
+    p.add_argument("--noise-corpus", help="text file (one text a line) for the 'm' rule")
+    p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--replace", action="store_true", help="replace the subject embeddings with noise instead of adding it")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model: smollm2-135m (embedded default), a hub id, a local path or a .gguf")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
+                   help=f"reference (one forward per cell) or fast (default {DEFAULT_BACKEND})")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--case-plots", action="store_true", help="with --facts: a heat map per fact (ids <= 200)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_trace)
+
+    from ..demo import add_parsers as add_demo
+    add_demo(sub)
