@@ -38,8 +38,9 @@ def _add_info(sub) -> None:
 # Each feature registers its own subcommands: a function `add_parsers(subparsers)` that sets
 # `func` on every parser it adds (func(args) -> exit code).
 from .trace.commands import add_parsers as _add_trace  # noqa: E402  (trace, demo)
+from .eval.commands import add_parsers as _add_eval  # noqa: E402  (eval, eval-summary)
 
-SUBCOMMANDS = [_add_info, _add_trace]
+SUBCOMMANDS = [_add_info, _add_trace, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
