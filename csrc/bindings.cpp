@@ -231,9 +231,11 @@ std::tuple<torch::Tensor, torch::Tensor> rome_update_(torch::Tensor W, torch::Te
   const torch::Tensor ks = (vec ? kstar.unsqueeze(1) : kstar).to(at::kFloat).contiguous();
   const torch::Tensor rs = (vec ? resid.unsqueeze(1) : resid).to(at::kDouble);
   // u ∝ C⁻¹ k̄, from the cached factor (two triangular solves, or the LU solve).
-  const torch::Tensor Y = (factor_kind == "cholesky")
-                              ? at::cholesky_solve(kb, factor, /*upper=*/false)
-                              : at::linalg_lu_solve(factor, *pivots, kb);
+  // (LAPACK returns column-major results: make Y row-major for the kernels.)
+  const torch::Tensor Y = ((factor_kind == "cholesky")
+                               ? at::cholesky_solve(kb, factor, /*upper=*/false)
+                               : at::linalg_lu_solve(factor, *pivots, kb))
+                              .contiguous();
   torch::Tensor U = at::empty({d_k, n}, ks.options());
   torch::Tensor stats = at::empty({3, n}, ks.options().dtype(at::kDouble));
   if (W.is_cpu()) {
