@@ -10,6 +10,7 @@ from .models import (ModelAdapter, ModelAndTokenizer, UnsupportedArchitectureErr
                      load_model)
 from .tokens import (decode_tokens, find_token_range, get_words_idxs_in_templates, make_inputs,
                      subject_key_index)
+from .eval import evaluate, load_counterfact, load_zsre, summarize
 from .trace import (TraceResult, calculate_hidden_flow, collect_embedding_std, layername,
                     plot_hidden_flow, plot_trace_heatmap, predict_from_input, predict_token,
                     trace_important_states, trace_important_window, trace_with_patch)
@@ -23,4 +24,6 @@ __all__ = ["ModelAdapter", "ModelAndTokenizer", "UnsupportedArchitectureError", 
            # causal tracing (the reference's names)
            "TraceResult", "calculate_hidden_flow", "collect_embedding_std", "layername",
            "plot_hidden_flow", "plot_trace_heatmap", "predict_from_input", "predict_token",
-           "trace_important_states", "trace_important_window", "trace_with_patch"]
+           "trace_important_states", "trace_important_window", "trace_with_patch",
+           # evaluation of edits
+           "evaluate", "load_counterfact", "load_zsre", "summarize"]

@@ -6,6 +6,8 @@ from pathlib import Path
 # The shared data folder beside the repository (development checkouts and CI have it).
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 DEFAULT_FILES = {"counterfact": "counterfact-edit.json", "zsre": "zsre_mend_train-1k.json"}
+# Offline stand-in for Wikipedia for the second-moment statistics, when no corpus is named.
+SHARED_CORPUS = SHARED_DATA / "wikitext-2-raw-test.txt"
 
 
 def default_data_file(dataset: str) -> Path | None:
@@ -37,7 +39,13 @@ def _cmd_eval(args) -> int:
         raise ValueError(f"the ROME editor is not available in this build: {exc}") from None
     hparams = (ROMEHyperParams.from_json(args.hparams) if args.hparams
                else ROMEHyperParams.from_name(args.model))
-    editor_kwargs = {"stats_dir": args.stats_dir} if args.stats_dir else {}
+    from ..models.loading import cache_root
+    stats_dir = args.stats_dir or str(cache_root() / "stats")
+    editor_kwargs = {"stats_dir": stats_dir}
+    corpus = args.corpus or (str(SHARED_CORPUS) if SHARED_CORPUS.is_file() else None)
+    if corpus:
+        editor_kwargs["corpus"] = corpus
+    print(f"ROME statistics: {stats_dir} (corpus: {corpus or hparams.mom2_dataset})")
     from ..models import load_model
     mt = load_model(args.model)
     print(f"evaluating {len(records)} {args.dataset} cases from {data} on {mt!r} -> {args.out}")
@@ -68,7 +76,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--hparams", help="ROME hyperparameters JSON (default: the model's bundled preset)")
     p.add_argument("--skip-generation", action="store_true", help="skip the generation metrics (GE, RS)")
     p.add_argument("--backend", choices=["reference", "fast"], help="ROME implementation")
-    p.add_argument("--stats-dir", help="folder of second-moment statistics for ROME")
+    p.add_argument("--stats-dir", help="folder of second-moment statistics for ROME "
+                                       "(default: $ROME_FAST_CACHE/stats)")
+    p.add_argument("--corpus", help="text file for the statistics when they are not cached (default: "
+                                    "the shared WikiText-2 file when present, else hparams.mom2_dataset)")
     p.add_argument("--tfidf-dir", help="folder with idf.npy, tfidf_vocab.json and "
                                        "attribute_snippets.json: enables RS (full CounterFact records)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (per case: seed + case_id)")
