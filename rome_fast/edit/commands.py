@@ -1,0 +1,149 @@
+"""`rome-fast stats` and `rome-fast edit`.
+
+Statistics are cached under --stats-dir (default $ROME_FAST_CACHE/stats, i.e.
+~/.cache/rome_fast/stats) in the reference's layout, so reference .npz files placed there load.
+Without --corpus the embedded model uses WikiText-2 from the project's shared data folder when
+it is there ($ROME_FAST_CORPUS overrides); other models need --corpus unless their statistics
+are already cached."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+
+def _stats_dir(args) -> Path:
+    from ..models.loading import cache_root
+    return Path(args.stats_dir) if args.stats_dir else cache_root() / "stats"
+
+
+def _corpus(args, mt, hp, stats_dir):
+    """(corpus, hparams) for the statistics: --corpus, else the cached reference dataset, else
+    the default WikiText file."""
+    from .corpus import default_corpus
+    from .stats import stats_model_name, stats_path
+
+    if args.corpus:
+        return args.corpus, dataclasses.replace(hp, mom2_n_samples=args.samples)
+    if hp.mom2_adjustment:
+        cached = stats_path(stats_dir, stats_model_name(mt.model), hp.mom2_dataset,
+                            hp.rewrite_module_tmp.format(hp.layers[0]), hp.mom2_dtype, ("mom2",),
+                            args.samples or hp.mom2_n_samples)
+        if cached.is_file():
+            return None, dataclasses.replace(hp, mom2_n_samples=args.samples or hp.mom2_n_samples)
+    default = default_corpus()
+    if default is None:
+        raise ValueError("no statistics cached for this model and layer: give --corpus FILE "
+                         "(a text file, or a Hugging Face dataset name with `datasets` installed)")
+    print(f"corpus: {default}")
+    return str(default), dataclasses.replace(hp, mom2_n_samples=args.samples)
+
+
+def cmd_stats(args) -> int:
+    from ..models import load_model
+    from .corpus import default_corpus
+    from .stats import corpus_ds_name, layer_stats
+
+    corpus = args.corpus or default_corpus()
+    if corpus is None:
+        raise ValueError("give --corpus FILE (or a Hugging Face dataset name with `datasets` installed)")
+    mt = load_model(args.model, device=args.device)
+    stats_dir = _stats_dir(args)
+    for layer in args.layer:
+        if not 0 <= layer < mt.num_layers:
+            raise ValueError(f"layer {layer} out of range for a {mt.num_layers}-layer model")
+        name = mt.adapter.rewrite_name(layer)
+        t0 = time.time()
+        st = layer_stats(mt.model, mt.tokenizer, name, stats_dir, corpus_ds_name(corpus),
+                         sample_size=args.samples, precision=args.precision,
+                         batch_tokens=args.batch_tokens, corpus=corpus)
+        dt = time.time() - t0
+        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} in {dt:.1f} s "
+              f"({st.mom2.count / dt:.0f} tokens/s incl. loading) -> {st.path}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from ..models import load_model
+    from .demo import greedy_completion, hparams_for, target_probability
+    from .hparams import ROMEHyperParams
+    from .rome import apply_rome_to_model, normalize_request
+    from .templates import get_context_templates
+
+    request = normalize_request({"prompt": args.prompt, "subject": args.subject,
+                                 "target_new": {"str": args.target}})
+    mt = load_model(args.model, device=args.device)
+    model, tok = mt.model, mt.tokenizer
+    if args.hparams:
+        hp = ROMEHyperParams.from_json(args.hparams)
+        if args.layer is not None:
+            hp.layers = [args.layer]
+    else:
+        hp = hparams_for(mt, args.layer)
+    stats_dir = _stats_dir(args)
+    corpus, hp = _corpus(args, mt, hp, stats_dir)
+    text = request["prompt"].format(request["subject"])
+    target = request["target_new"]["str"]
+    probes = [text] + list(args.probe or [])
+
+    def show(title):
+        print(title)
+        for p in probes:
+            print(f"  {p!r} -> {greedy_completion(model, tok, p, args.max_new_tokens)!r}   "
+                  f"p({target!r}) = {target_probability(model, tok, p, target):.4f}")
+
+    show("before:")
+    templates = get_context_templates(model, tok, hp.context_template_length_params, args.seed)
+    t0 = time.time()
+    model, orig = apply_rome_to_model(model, tok, [request], hp, return_orig_weights=True,
+                                      context_templates=templates, stats_dir=stats_dir, corpus=corpus,
+                                      key_mode=args.key_mode, seed=args.seed)
+    print(f"edited {', '.join(orig)} in {time.time() - t0:.1f} s")
+    show("after:")
+    if args.save_weights or args.save_delta:
+        from safetensors.torch import save_file
+        meta = {"request": json.dumps(request), "hparams": json.dumps(hp.to_dict()), "model": mt.name}
+        if args.save_weights:  # only the tensors the edit changed
+            save_file({n: model.get_parameter(n).detach().cpu().contiguous() for n in orig},
+                      args.save_weights, metadata=meta)
+            print(f"edited weights -> {args.save_weights} (load with load_state_dict(strict=False))")
+        else:  # Ŵ = W + ΔW with ΔW = (W_edited − W) stored in the weight's own layout
+            save_file({n: (model.get_parameter(n).detach() - w).cpu().contiguous() for n, w in orig.items()},
+                      args.save_delta, metadata=meta)
+            print(f"weight deltas -> {args.save_delta} (add each to its weight)")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("stats", help="second-moment statistics of a layer's MLP keys (cached)")
+    s.add_argument("--model", default="smollm2-135m", help="hub id, local path, .gguf, or smollm2-135m")
+    s.add_argument("--layer", type=int, nargs="+", required=True, help="layer number(s)")
+    s.add_argument("--corpus", help="text file (or HF dataset name); default: WikiText-2 when found")
+    s.add_argument("--samples", type=int, default=None, help="number of texts (default: all)")
+    s.add_argument("--stats-dir", help="cache folder (default $ROME_FAST_CACHE/stats)")
+    s.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    s.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward (default 3x context)")
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    s.set_defaults(func=cmd_stats)
+
+    e = sub.add_parser("edit", help="rewrite one fact with ROME and show before/after")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--prompt", required=True, help="with {} for the subject, e.g. '{} is located in'")
+    e.add_argument("--subject", required=True)
+    e.add_argument("--target", required=True, help="the new object, e.g. ' Rome'")
+    e.add_argument("--layer", type=int, default=None, help="edit layer (default: the preset's)")
+    e.add_argument("--hparams", help="a ROME hyperparameter JSON file (reference format)")
+    e.add_argument("--corpus", help="text file for the statistics (default: WikiText-2 when found)")
+    e.add_argument("--samples", type=int, default=None,
+                   help="texts for the statistics (default: all of --corpus, else the preset's)")
+    e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
+    e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
+    e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")
+    e.add_argument("--probe", action="append", help="another prompt to complete before/after (repeatable)")
+    e.add_argument("--max-new-tokens", type=int, default=8)
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--save-weights", help="write the edited weight tensors here (safetensors)")
+    g.add_argument("--save-delta", help="write the weight changes here (safetensors)")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_edit)

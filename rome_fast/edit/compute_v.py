@@ -1,0 +1,149 @@
+"""The value / right vector (REFERENCE.md §2.5): optimise δ added to the edit layer's MLP output
+at the subject's key token so the model predicts the new target after every context template,
+then turn v* = v_init + δ into the right vector (v* − y*) / ⟨k*, u⟩."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .compute_u import key_indices, module_io_at, right_padded
+from .nethook import TraceDict
+
+KL_PROMPT = "{} is a"
+
+
+@dataclass
+class ValueInfo:
+    """The pieces of one value optimisation (for tests of the fast path and for debugging)."""
+    k_star: torch.Tensor          # rewrite-module input at the subject token of the bare prompt
+    y_star: torch.Tensor          # its output there (bias included)
+    v_init: torch.Tensor          # MLP output of row 0 at its subject token, before any δ
+    delta: torch.Tensor           # the optimised δ (after the norm clamp)
+    v_star: torch.Tensor          # v_init + δ
+    right: torch.Tensor           # (v* − y*) / ⟨k, u⟩
+    denom: float                  # ⟨k, u⟩ with the key used (k* or, in r-ROME mode, k̄)
+    losses: list = field(default_factory=list)  # (nll, kl, wd) per evaluated step
+    steps: int = 0                # Adam steps taken
+    lookup_idxs: list = field(default_factory=list)
+    u: torch.Tensor | None = None      # the left vector (filled in by execute_rome)
+    k_bar: torch.Tensor | None = None  # the template-averaged key u was built from
+
+
+def target_token_ids(tok, target: str) -> list[int]:
+    ids = tok(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
+              context_templates, key_mode: str = "reference", k_bar: torch.Tensor | None = None,
+              return_info: bool = False):
+    """The right vector of the rank-one update (and a `ValueInfo` with return_info=True).
+
+    key_mode "reference": k*, y* from the bare prompt (the reference). "r-rome": k̄ and ȳ, the
+    key and rewrite-module output averaged over the context templates (the keys u was built
+    from), so the update maps k̄ (not k*) to v*; pass `k_bar` to skip recomputing it."""
+    if key_mode not in ("reference", "r-rome"):
+        raise ValueError(f"unknown key_mode {key_mode!r}: 'reference' or 'r-rome'")
+    device = next(model.parameters()).device
+    mlp_name = hparams.mlp_module_tmp.format(layer)
+    target_ids = target_token_ids(tok, request["target_new"]["str"])
+    n_t = len(target_ids)
+
+    # rewriting prompts teacher-force the target's first n-1 tokens; one KL prompt
+    forced = _escape(tok.decode(target_ids[:-1]))
+    rewriting = [c.format(request["prompt"]) + forced for c in context_templates]
+    all_prompts = rewriting + [KL_PROMPT]
+    ids, mask = right_padded(tok, [p.format(request["subject"]) for p in all_prompts], device)
+    n_rw = len(rewriting)
+
+    targets = torch.full((n_rw, ids.shape[1]), -100, dtype=torch.long, device=device)
+    lengths = mask.sum(1).tolist()
+    for i in range(n_rw):
+        targets[i, lengths[i] - n_t:lengths[i]] = torch.tensor(target_ids, device=device)
+    lookup = key_indices(tok, all_prompts, request["subject"], hparams.fact_token)
+    rows = torch.arange(len(all_prompts), device=device)
+    at = torch.tensor(lookup, device=device)
+
+    hidden = _output_width(model, hparams, layer)
+    delta = torch.zeros(hidden, dtype=torch.float32, device=device, requires_grad=True)
+    state = {"v_init": None}
+
+    def add_delta(out, name):
+        if name != mlp_name:
+            return out
+        if state["v_init"] is None:
+            state["v_init"] = out[0, lookup[0]].detach().float().clone()
+        out = out.clone()
+        out[rows, at] = out[rows, at] + delta.to(out.dtype)
+        return out
+
+    # hparams.v_loss_layer is not read: as at the reference's HEAD, the loss uses the final logits
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    was_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kl_init, losses, steps = None, [], 0
+    tmask = (targets != -100).float()
+    try:
+        for it in range(hparams.v_num_grad_steps):
+            opt.zero_grad()
+            with torch.enable_grad(), TraceDict(model, [mlp_name], edit_output=add_delta):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            kl_logp = torch.log_softmax(logits[n_rw + torch.arange(len(all_prompts) - n_rw, device=device),
+                                               at[n_rw:]], dim=-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            logp = torch.log_softmax(logits[:n_rw], dim=-1)
+            tok_logp = logp.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+            nll = (-(tok_logp * tmask).sum(1) / n_t).mean()
+            kl = hparams.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            wd = hparams.v_weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
+            loss = nll + kl + wd
+            losses.append((nll.item(), kl.item(), wd.item()))
+            if loss.item() < 5e-2:
+                break
+            if it == hparams.v_num_grad_steps - 1:
+                break  # the last iteration only evaluates (at most v_num_grad_steps-1 steps)
+            loss.backward()
+            opt.step()
+            steps += 1
+            max_norm = hparams.clamp_norm_factor * state["v_init"].norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        for p, g in zip(model.parameters(), was_grad):
+            p.requires_grad_(g)
+
+    delta = delta.detach()
+    v_star = state["v_init"] + delta
+    rewrite = hparams.rewrite_module_tmp.format(layer)
+    if key_mode == "reference":
+        k, y = module_io_at(model, tok, rewrite, [request["prompt"]], request["subject"], hparams.fact_token)
+        k, y = k[0], y[0]
+    else:
+        templates = [c.format(request["prompt"]) for c in context_templates]
+        ks, ys = module_io_at(model, tok, rewrite, templates, request["subject"], hparams.fact_token)
+        k, y = (ks.mean(0) if k_bar is None else k_bar), ys.mean(0)  # the module is affine: ȳ = W k̄ + b
+    k, y = k.float(), y.float()
+    denom = torch.dot(k, left_vector.to(k.device).float())
+    right = (v_star - y) / denom
+    if not return_info:
+        return right
+    return right, ValueInfo(k, y, state["v_init"], delta, v_star, right, denom.item(), losses, steps, lookup)
+
+
+def _output_width(model, hparams, layer: int) -> int:
+    m = model.get_submodule(hparams.rewrite_module_tmp.format(layer))
+    for attr in ("out_features", "nf"):
+        if isinstance(getattr(m, attr, None), int):
+            return getattr(m, attr)
+    return model.config.hidden_size

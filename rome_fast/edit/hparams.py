@@ -1,0 +1,137 @@
+"""ROME hyperparameters with the reference's JSON field names (REFERENCE.md §2.1).
+
+`ROMEHyperParams.from_name("gpt2-xl")` loads a bundled preset; `from_json(path)` reads any
+reference-format file (unknown keys are an error, so a typo cannot silently fall back to a
+default); `to_json(path)` writes one back."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).resolve().parent / "hparams"
+
+
+@dataclass
+class ROMEHyperParams:
+    layers: list[int]
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_loss_layer: int = -1
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    mom2_adjustment: bool = True
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    rewrite_module_tmp: str = "transformer.h.{}.mlp.c_proj"
+    layer_module_tmp: str = "transformer.h.{}"
+    mlp_module_tmp: str = "transformer.h.{}.mlp"
+    attn_module_tmp: str = "transformer.h.{}.attn"
+    ln_f_module: str = "transformer.ln_f"
+    lm_head_module: str = "transformer.wte"
+    mom2_dataset: str = "wikipedia"
+    mom2_n_samples: int | None = 100000  # None: every text of the corpus
+    mom2_dtype: str = "float32"
+
+    def __post_init__(self):
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        self.layers = [int(x) for x in self.layers]
+        if not self.layers:
+            raise ValueError("hparams.layers must name at least one layer")
+        if self.fact_token not in ("subject_last", "subject_first", "subject_first_after_last", "last"):
+            raise ValueError(f"unknown fact_token {self.fact_token!r}")
+        if self.mom2_dtype not in ("float32", "float64"):
+            raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
+            if "{}" not in getattr(self, name):
+                raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=4) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ROMEHyperParams":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ROME hyperparameter(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path) -> "ROMEHyperParams":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ROMEHyperParams":
+        """A bundled preset by model name: 'gpt2-xl', 'EleutherAI/gpt-j-6B' (or with '_'),
+        'smollm2-135m', ... (case-insensitive)."""
+        path = _preset_path(name)
+        if path is None:
+            raise ValueError(f"no ROME preset for {name!r}; bundled presets: {', '.join(list_presets())}")
+        return cls.from_json(path)
+
+    @classmethod
+    def for_model(cls, model, name: str | None = None, layer: int | None = None) -> "ROMEHyperParams":
+        """The preset matching `name` (or the model's config name) if there is one, otherwise the
+        shared reference values with module names from the model's adapter (then `layer` is
+        required). `layer` overrides the preset's layer; v_loss_layer is the last layer."""
+        from ..models import adapter_for
+
+        adapter = adapter_for(model)
+        for candidate in (name, getattr(model.config, "_name_or_path", None)):
+            if candidate and _preset_path(candidate) is not None:
+                hp = cls.from_name(candidate)
+                break
+        else:
+            if layer is None:
+                raise ValueError(f"no ROME preset for {name or model.config._name_or_path!r}: "
+                                 "give the layer to edit")
+            hp = cls(layers=[layer], rewrite_module_tmp=adapter.rewrite_template,
+                     layer_module_tmp=adapter.layer_template, mlp_module_tmp=adapter.mlp_template,
+                     attn_module_tmp=adapter.attn_template, ln_f_module=adapter.final_norm_name,
+                     lm_head_module=adapter.lm_head_name)
+        if layer is not None:
+            hp.layers = [int(layer)]
+        if not 0 <= min(hp.layers) <= max(hp.layers) < adapter.num_layers:
+            raise ValueError(f"edit layer(s) {hp.layers} out of range for a {adapter.num_layers}-layer model")
+        hp.v_loss_layer = adapter.num_layers - 1
+        return hp
+
+
+def _norm(name: str) -> str:
+    return name.replace("/", "_").lower()
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _preset_path(name: str) -> Path | None:
+    """Match a preset by name, case-insensitively, with or without the hub owner, allowing a
+    suffix after '-': 'openai-community/gpt2-xl' -> gpt2-xl, 'EleutherAI/gpt-j-6B' ->
+    EleutherAI_gpt-j-6B, 'HuggingFaceTB/SmolLM2-135M-Instruct' and the embedded model's cache
+    directory 'smollm2-135m-fp32-<size>' -> SmolLM2-135M."""
+    if not name:
+        return None
+    key = _norm(str(name).rstrip("/"))
+    key = {"smollm2": "smollm2-135m", "default": "smollm2-135m"}.get(key, key)
+    short = key.rsplit("_", 1)[-1]
+    for stem in list_presets():
+        s = _norm(stem)
+        for cand in (s, s.rsplit("_", 1)[-1]):
+            for k in (key, short):
+                if k == cand or k.startswith(cand + "-"):
+                    return PRESET_DIR / f"{stem}.json"
+    return None
