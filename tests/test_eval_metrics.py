@@ -347,3 +347,15 @@ def test_shared_data_files(data_dir):
     assert len(z) == 1000 and all("{}" in r.requested_rewrite["prompt"] for r in z)
     assert z[0].target_new == "uniform"
     assert len(D.load_known_facts(data_dir / "known_1000.json")) == 1209
+
+
+@pytest.mark.cuda
+def test_metrics_and_generation_on_cuda(tiny):
+    """Device-agnostic: the same numbers on the GPU as on the CPU (greedy text identical)."""
+    import copy
+    model, tok = tiny
+    gpu = copy.deepcopy(model).cuda()
+    assert M.target_nll(gpu, tok, PAIRS) == pytest.approx(M.target_nll(model, tok, PAIRS), rel=1e-4)
+    assert M.token_accuracy(gpu, tok, PAIRS) == M.token_accuracy(model, tok, PAIRS)
+    prompts = ["The Nile", "Apple was founded by"]
+    assert G.generate(gpu, tok, prompts, max_out_len=12, top_k=1) == G.generate(model, tok, prompts, max_out_len=12, top_k=1)

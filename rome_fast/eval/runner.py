@@ -128,7 +128,7 @@ def _check_run_config(out_dir: Path, config: dict) -> None:
     path = out_dir / "run.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("dataset", "model", "skip_generation"):
+        for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams"):
             if key in old and old[key] != config[key]:
                 raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config[key]!r}; "
                                  "use another --out folder (or delete this one) to start afresh")
