@@ -39,8 +39,9 @@ def _add_info(sub) -> None:
 # `func` on every parser it adds (func(args) -> exit code).
 from .trace.commands import add_parsers as _add_trace  # noqa: E402  (trace, demo)
 from .eval.commands import add_parsers as _add_eval  # noqa: E402  (eval, eval-summary)
+from .edit.commands import add_parsers as _add_edit  # noqa: E402  (stats, edit)
 
-SUBCOMMANDS = [_add_info, _add_trace, _add_eval]
+SUBCOMMANDS = [_add_info, _add_trace, _add_eval, _add_edit]
 
 
 def build_parser() -> argparse.ArgumentParser:
