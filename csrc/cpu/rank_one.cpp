@@ -3,7 +3,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_ops.h"
 
@@ -15,47 +20,138 @@ constexpr int64_t kTile = 256;
 // Rows updated together, so each B element loaded from cache feeds RB multiply-adds.
 constexpr int64_t kRB = 4;
 
+#define RF_INLINE inline __attribute__((always_inline))
+
+// acc[rr][c] = Σ_k A[r0 + rr, k] · Bt[k, c0 + c]. The first k writes, the rest add: for n = 1 this
+// is the single fp32 product the reference's `W += u ⊗ r` rounds. Plain loops, vectorised by the
+// compiler for whatever target the caller is compiled for.
+RF_INLINE void accumulate(float (*__restrict__ acc)[kTile], const float* __restrict__ A,
+                          const float* __restrict__ Bt, int64_t r0, int64_t nr, int64_t c0,
+                          int64_t tc, int64_t cols, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float* __restrict__ b = Bt + k * cols + c0;
+    if (nr == kRB) {
+      const float a0 = A[(r0 + 0) * n + k], a1 = A[(r0 + 1) * n + k];
+      const float a2 = A[(r0 + 2) * n + k], a3 = A[(r0 + 3) * n + k];
+      float* __restrict__ p0 = acc[0];
+      float* __restrict__ p1 = acc[1];
+      float* __restrict__ p2 = acc[2];
+      float* __restrict__ p3 = acc[3];
+      if (k == 0) {
+        for (int64_t c = 0; c < tc; ++c) {
+          const float bc = b[c];
+          p0[c] = a0 * bc, p1[c] = a1 * bc, p2[c] = a2 * bc, p3[c] = a3 * bc;
+        }
+      } else {
+        for (int64_t c = 0; c < tc; ++c) {
+          const float bc = b[c];
+          p0[c] += a0 * bc, p1[c] += a1 * bc, p2[c] += a2 * bc, p3[c] += a3 * bc;
+        }
+      }
+    } else {
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const float a = A[(r0 + rr) * n + k];
+        float* __restrict__ p = acc[rr];
+        if (k == 0)
+          for (int64_t c = 0; c < tc; ++c) p[c] = a * b[c];
+        else
+          for (int64_t c = 0; c < tc; ++c) p[c] += a * b[c];
+      }
+    }
+  }
+}
+
+// The update is summed first and added to W last, rounding once per element.
+template <typename scalar_t>
+RF_INLINE void add_round_scalar(scalar_t* __restrict__ w, const float* __restrict__ p, int64_t tc) {
+  for (int64_t c = 0; c < tc; ++c) w[c] = static_cast<scalar_t>(static_cast<float>(w[c]) + p[c]);
+}
+
 template <typename scalar_t>
 void update_rows(scalar_t* __restrict__ W, const float* __restrict__ A,
                  const float* __restrict__ Bt, int64_t r0, int64_t nr, int64_t cols, int64_t n) {
   float acc[kRB][kTile];
   for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
     const int64_t tc = std::min(kTile, cols - c0);
-    for (int64_t rr = 0; rr < nr; ++rr) std::fill(acc[rr], acc[rr] + tc, 0.0f);
-    // Sum the n products first and add W last: for n = 1 this rounds exactly like the
-    // reference's `W += u ⊗ r` (one fp32 product, one add, one cast).
-    for (int64_t k = 0; k < n; ++k) {
-      const float* __restrict__ b = Bt + k * cols + c0;
-      if (nr == kRB) {
-        const float a0 = A[(r0 + 0) * n + k], a1 = A[(r0 + 1) * n + k];
-        const float a2 = A[(r0 + 2) * n + k], a3 = A[(r0 + 3) * n + k];
-        float* __restrict__ p0 = acc[0];
-        float* __restrict__ p1 = acc[1];
-        float* __restrict__ p2 = acc[2];
-        float* __restrict__ p3 = acc[3];
-        for (int64_t c = 0; c < tc; ++c) {
-          const float bc = b[c];
-          p0[c] += a0 * bc;
-          p1[c] += a1 * bc;
-          p2[c] += a2 * bc;
-          p3[c] += a3 * bc;
-        }
-      } else {
-        for (int64_t rr = 0; rr < nr; ++rr) {
-          const float a = A[(r0 + rr) * n + k];
-          float* __restrict__ p = acc[rr];
-          for (int64_t c = 0; c < tc; ++c) p[c] += a * b[c];
-        }
-      }
-    }
-    for (int64_t rr = 0; rr < nr; ++rr) {
-      scalar_t* __restrict__ w = W + (r0 + rr) * cols + c0;
-      const float* __restrict__ p = acc[rr];
-      for (int64_t c = 0; c < tc; ++c)
-        w[c] = static_cast<scalar_t>(static_cast<float>(w[c]) + p[c]);
-    }
+    accumulate(acc, A, Bt, r0, nr, c0, tc, cols, n);
+    for (int64_t rr = 0; rr < nr; ++rr) add_round_scalar(W + (r0 + rr) * cols + c0, acc[rr], tc);
   }
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The extension is built for baseline x86-64 (SSE2), where half/bfloat16 convert one element at a
+// time in software. This copy is compiled for AVX2+FMA+F16C and chosen at run time.
+#define RF_HAVE_AVX2_PATH 1
+#define RF_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// w[0..8) = round(w[0..8) + v): the one rounding per element, 8 at a time.
+RF_AVX2 inline void add8(float* w, __m256 v) { _mm256_storeu_ps(w, _mm256_add_ps(_mm256_loadu_ps(w), v)); }
+
+RF_AVX2 inline void add8(c10::Half* w, __m256 v) {
+  auto* q = reinterpret_cast<__m128i*>(w);
+  const __m256 f = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(q)), v);
+  _mm_storeu_si128(q, _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+RF_AVX2 inline void add8(c10::BFloat16* w, __m256 v) {
+  auto* q = reinterpret_cast<__m128i*>(w);
+  const __m256 x =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q)), 16));
+  const __m256 f = _mm256_add_ps(x, v);
+  // Round to nearest even on the upper 16 bits and keep c10's quiet NaN, as c10::BFloat16 does.
+  const __m256i bits = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(q, _mm256_castsi256_si128(packed));
+}
+
+// Register-blocked: 4 rows × 16 columns of fp32 sums live in 8 ymm registers across all k, so W is
+// touched exactly once (load, add, round, store) and B/A come from L1.
+template <typename scalar_t>
+RF_AVX2 void update_rows_avx2(scalar_t* __restrict__ W, const float* __restrict__ A,
+                              const float* __restrict__ Bt, int64_t r0, int64_t nr, int64_t cols,
+                              int64_t n) {
+  int64_t c = 0;
+  if (nr == kRB) {
+    const float* a0 = A + r0 * n;
+    for (; c + 16 <= cols; c += 16) {
+      __m256 acc[kRB][2];
+      for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < n; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(Bt + k * cols + c);
+        const __m256 b1 = _mm256_loadu_ps(Bt + k * cols + c + 8);
+        for (int rr = 0; rr < kRB; ++rr) {
+          const __m256 a = _mm256_broadcast_ss(a0 + rr * n + k);
+          acc[rr][0] = _mm256_fmadd_ps(a, b0, acc[rr][0]);  // fma(a, b, 0) = the rounded product
+          acc[rr][1] = _mm256_fmadd_ps(a, b1, acc[rr][1]);
+        }
+      }
+      for (int rr = 0; rr < kRB; ++rr) {
+        scalar_t* w = W + (r0 + rr) * cols + c;
+        add8(w, acc[rr][0]);
+        add8(w + 8, acc[rr][1]);
+      }
+    }
+  }
+  // column tail (< 16) and the last rows (< 4): the tiled path
+  float acc[kRB][kTile];
+  for (int64_t c0 = c; c0 < cols; c0 += kTile) {
+    const int64_t tc = std::min(kTile, cols - c0);
+    accumulate(acc, A, Bt, r0, nr, c0, tc, cols, n);
+    for (int64_t rr = 0; rr < nr; ++rr) add_round_scalar(W + (r0 + rr) * cols + c0, acc[rr], tc);
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
 
 template <typename Y_t>
 void normalize_dot_impl(const Y_t* Y, const float* ks, float* U, double* stats, int64_t d,
@@ -94,10 +190,22 @@ void rank_k_update_(torch::Tensor W, const torch::Tensor& A, const torch::Tensor
   const int64_t grain = std::max<int64_t>(1, 65536 / (kRB * cols));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "rank_k_update_", [&] {
     scalar_t* w = W.data_ptr<scalar_t>();
+    bool avx2 = false;
+#ifdef RF_HAVE_AVX2_PATH
+    avx2 = !std::is_same_v<scalar_t, double> && cpu_has_avx2();
+#endif
     at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t blk = lo; blk < hi; ++blk) {
-        const int64_t r0 = blk * kRB;
-        update_rows(w, a, bt, r0, std::min(kRB, rows - r0), cols, n);
+        const int64_t r0 = blk * kRB, nr = std::min(kRB, rows - r0);
+#ifdef RF_HAVE_AVX2_PATH
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          if (avx2) {
+            update_rows_avx2(w, a, bt, r0, nr, cols, n);
+            continue;
+          }
+        }
+#endif
+        update_rows(w, a, bt, r0, nr, cols, n);
       }
     });
   });
