@@ -79,7 +79,10 @@ def set_requires_grad(requires_grad: bool, *models: nn.Module) -> None:
 
 def module_input_size(model: nn.Module, name: str) -> int:
     """Input width of a linear-like module: nn.Linear (out, in) or GPT-2 Conv1D (in, out)."""
-    m = model.get_submodule(name)
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"no module named {name!r} in the model") from None
     for attr in ("in_features", "nx"):
         if isinstance(getattr(m, attr, None), int):
             return getattr(m, attr)
