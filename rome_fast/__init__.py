@@ -11,6 +11,7 @@ from .models import (ModelAdapter, ModelAndTokenizer, UnsupportedArchitectureErr
 from .tokens import (decode_tokens, find_token_range, get_words_idxs_in_templates, make_inputs,
                      subject_key_index)
 from .eval import evaluate, load_counterfact, load_zsre, summarize
+from .edit import ROMEHyperParams, apply_rome_to_model, execute_rome, layer_stats, restore_weights
 from .trace import (TraceResult, calculate_hidden_flow, collect_embedding_std, layername,
                     plot_hidden_flow, plot_trace_heatmap, predict_from_input, predict_token,
                     trace_important_states, trace_important_window, trace_with_patch)
@@ -25,5 +26,7 @@ __all__ = ["ModelAdapter", "ModelAndTokenizer", "UnsupportedArchitectureError", 
            "TraceResult", "calculate_hidden_flow", "collect_embedding_std", "layername",
            "plot_hidden_flow", "plot_trace_heatmap", "predict_from_input", "predict_token",
            "trace_important_states", "trace_important_window", "trace_with_patch",
+           # ROME editing, reference path
+           "ROMEHyperParams", "apply_rome_to_model", "execute_rome", "layer_stats", "restore_weights",
            # evaluation of edits
            "evaluate", "load_counterfact", "load_zsre", "summarize"]
