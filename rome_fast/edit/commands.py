@@ -19,25 +19,29 @@ def _stats_dir(args) -> Path:
 
 
 def _corpus(args, mt, hp, stats_dir):
-    """(corpus, hparams) for the statistics: --corpus, else the cached reference dataset, else
-    the default WikiText file."""
+    """(corpus, hparams) for the statistics: --corpus; else the hparams' dataset when its
+    statistics are cached; else, for the embedded model, the default WikiText file. --samples
+    replaces hparams.mom2_n_samples (the presets' 100000 takes every text of a smaller corpus,
+    so the cache file is the one `rome-fast eval` and the demo use)."""
+    from ..models.loading import EMBEDDED_ALIASES
     from .corpus import default_corpus
     from .stats import stats_model_name, stats_path
 
-    if args.corpus:
-        return args.corpus, dataclasses.replace(hp, mom2_n_samples=args.samples)
-    if hp.mom2_adjustment:
-        cached = stats_path(stats_dir, stats_model_name(mt.model), hp.mom2_dataset,
-                            hp.rewrite_module_tmp.format(hp.layers[0]), hp.mom2_dtype, ("mom2",),
-                            args.samples or hp.mom2_n_samples)
-        if cached.is_file():
-            return None, dataclasses.replace(hp, mom2_n_samples=args.samples or hp.mom2_n_samples)
-    default = default_corpus()
+    if args.samples is not None:
+        hp = dataclasses.replace(hp, mom2_n_samples=args.samples)
+    if args.corpus or not hp.mom2_adjustment:
+        return args.corpus, hp
+    cached = stats_path(stats_dir, stats_model_name(mt.model), hp.mom2_dataset,
+                        hp.rewrite_module_tmp.format(hp.layers[0]), hp.mom2_dtype, ("mom2",),
+                        hp.mom2_n_samples)
+    if cached.is_file():
+        return None, hp
+    default = default_corpus() if str(args.model).lower() in EMBEDDED_ALIASES else None
     if default is None:
-        raise ValueError("no statistics cached for this model and layer: give --corpus FILE "
-                         "(a text file, or a Hugging Face dataset name with `datasets` installed)")
+        raise ValueError(f"no statistics cached at {cached}: give --corpus FILE (a text file, or a "
+                         "Hugging Face dataset name with `datasets` installed)")
     print(f"corpus: {default}")
-    return str(default), dataclasses.replace(hp, mom2_n_samples=args.samples)
+    return str(default), hp
 
 
 def cmd_stats(args) -> int:
@@ -120,7 +124,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--model", default="smollm2-135m", help="hub id, local path, .gguf, or smollm2-135m")
     s.add_argument("--layer", type=int, nargs="+", required=True, help="layer number(s)")
     s.add_argument("--corpus", help="text file (or HF dataset name); default: WikiText-2 when found")
-    s.add_argument("--samples", type=int, default=None, help="number of texts (default: all)")
+    s.add_argument("--samples", type=int, default=100000,
+                   help="number of texts (default 100000 as the reference; a smaller corpus is used whole)")
     s.add_argument("--stats-dir", help="cache folder (default $ROME_FAST_CACHE/stats)")
     s.add_argument("--precision", default="float32", choices=["float32", "float64"])
     s.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward (default 3x context)")
@@ -136,7 +141,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--hparams", help="a ROME hyperparameter JSON file (reference format)")
     e.add_argument("--corpus", help="text file for the statistics (default: WikiText-2 when found)")
     e.add_argument("--samples", type=int, default=None,
-                   help="texts for the statistics (default: all of --corpus, else the preset's)")
+                   help="texts for the statistics (default: the preset's mom2_n_samples, 100000)")
     e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
     e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
     e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")

@@ -89,7 +89,8 @@ def run_edit_demo(mt, stats_dir=None, out=None, corpus=None, hparams=None, sampl
         raise FileNotFoundError("the demo needs a text corpus for the key statistics: pass corpus=FILE "
                                 "(e.g. WikiText) or set ROME_FAST_CORPUS")
     hp = hparams or hparams_for(mt)
-    hp = dataclasses.replace(hp, mom2_n_samples=sample_size)  # None: every text of the corpus
+    if sample_size is not None:  # default: the preset's 100000, i.e. every article of WikiText-2
+        hp = dataclasses.replace(hp, mom2_n_samples=sample_size)
     model, tok = mt.model, mt.tokenizer
     target = DEMO_REQUEST["target_new"]["str"]
     orig_target = " Paris"
