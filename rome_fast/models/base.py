@@ -17,6 +17,25 @@ class BlockContext:
     attention_mask: Any
     position_ids: torch.Tensor
     extra: dict = field(default_factory=dict)
+    past: Any = None  # a key/value cache object handed to every block's attention
+
+    def suffix(self, start: int) -> "BlockContext":
+        """The context of the query positions [start, T) of every row, for a run whose keys and
+        values before `start` come from a cache (needs a materialised 4-D mask)."""
+        if start == 0:
+            return self
+        if not isinstance(self.attention_mask, torch.Tensor) or self.attention_mask.dim() != 4:
+            raise ValueError("suffix runs need a materialised 4-D attention mask")
+
+        def cut(v):
+            if isinstance(v, torch.Tensor) and v.dim() >= 2:
+                return v[:, start:]
+            if isinstance(v, (tuple, list)):
+                return type(v)(cut(x) for x in v)
+            return v
+
+        return BlockContext(self.attention_mask[:, :, start:, :], self.position_ids[:, start:],
+                            {k: cut(v) for k, v in self.extra.items()}, self.past)
 
     def select(self, index: torch.Tensor | slice) -> "BlockContext":
         """The context of a subset of the batch's rows (index or slice along the batch)."""
@@ -33,7 +52,7 @@ class BlockContext:
             return v  # None, or a tensor broadcast over the batch
 
         return BlockContext(pick(self.attention_mask), pick(self.position_ids),
-                            {k: pick(v) for k, v in self.extra.items()})
+                            {k: pick(v) for k, v in self.extra.items()}, self.past)
 
 
 class ModelAdapter:
@@ -129,8 +148,11 @@ class ModelAdapter:
         return self.embedding(input_ids)
 
     def prepare(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockContext]:
-        """From word embeddings to block 0's input, and the per-batch context of every block."""
+                position_ids: torch.Tensor | None = None,
+                full_mask: bool = False) -> tuple[torch.Tensor, BlockContext]:
+        """From word embeddings to block 0's input, and the per-batch context of every block.
+        `full_mask` always materialises the 4-D mask (in the attention implementation's format)
+        instead of letting an unpadded batch rely on `is_causal`."""
         from transformers.masking_utils import create_causal_mask
 
         b, t = inputs_embeds.shape[:2]
@@ -140,15 +162,24 @@ class ModelAdapter:
             attention_mask = torch.ones(b, t, dtype=torch.long, device=inputs_embeds.device)
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
                                   attention_mask=attention_mask, past_key_values=None,
-                                  position_ids=position_ids)
+                                  position_ids=position_ids, allow_is_causal_skip=not full_mask)
         ctx = BlockContext(mask, position_ids)
         return self._block_input(inputs_embeds, ctx), ctx
 
     def _block_input(self, inputs_embeds: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         return inputs_embeds
 
+    cache_kwarg: ClassVar[str] = "past_key_values"  # how the family's blocks take a KV cache
+
+    def block_kwargs(self, ctx: BlockContext) -> dict:
+        """Keyword arguments of one block call besides the hidden states."""
+        return dict(attention_mask=ctx.attention_mask)
+
     def run_block(self, layer: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        raise NotImplementedError
+        kwargs = self.block_kwargs(ctx)
+        if ctx.past is not None:
+            kwargs[self.cache_kwarg] = ctx.past
+        return first_tensor(self.blocks[layer](hidden, **kwargs))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding: logits for the given positions."""

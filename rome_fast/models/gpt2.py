@@ -1,7 +1,7 @@
 """GPT-2 family (gpt2 … gpt2-xl): Conv1D weights stored (in, out), learned position embeddings."""
 from __future__ import annotations
 
-from .base import BlockContext, ModelAdapter, first_tensor
+from .base import BlockContext, ModelAdapter
 
 
 class GPT2Adapter(ModelAdapter):
@@ -19,6 +19,3 @@ class GPT2Adapter(ModelAdapter):
     def _block_input(self, inputs_embeds, ctx: BlockContext):
         tr = self.model.transformer
         return tr.drop(inputs_embeds + tr.wpe(ctx.position_ids))
-
-    def run_block(self, layer, hidden, ctx):
-        return first_tensor(self.blocks[layer](hidden, attention_mask=ctx.attention_mask))

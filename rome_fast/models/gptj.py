@@ -1,7 +1,7 @@
 """GPT-J: parallel attention + MLP, rotary positions computed inside attention from position_ids."""
 from __future__ import annotations
 
-from .base import ModelAdapter, first_tensor
+from .base import ModelAdapter
 
 
 class GPTJAdapter(ModelAdapter):
@@ -18,6 +18,7 @@ class GPTJAdapter(ModelAdapter):
     def _block_input(self, inputs_embeds, ctx):
         return self.model.transformer.drop(inputs_embeds)
 
-    def run_block(self, layer, hidden, ctx):
-        return first_tensor(self.blocks[layer](hidden, attention_mask=ctx.attention_mask,
-                                               position_ids=ctx.position_ids))
+    cache_kwarg = "layer_past"
+
+    def block_kwargs(self, ctx):
+        return dict(attention_mask=ctx.attention_mask, position_ids=ctx.position_ids)

@@ -1,7 +1,7 @@
 """Shared by the families whose model computes the rotary (cos, sin) tables once for all blocks."""
 from __future__ import annotations
 
-from .base import BlockContext, ModelAdapter, first_tensor
+from .base import BlockContext, ModelAdapter
 
 
 class RotaryModelAdapter(ModelAdapter):
@@ -12,7 +12,6 @@ class RotaryModelAdapter(ModelAdapter):
         ctx.extra["position_embeddings"] = rotary(inputs_embeds, position_ids=ctx.position_ids)
         return inputs_embeds
 
-    def run_block(self, layer, hidden, ctx):
-        return first_tensor(self.blocks[layer](
-            hidden, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
-            position_embeddings=ctx.extra["position_embeddings"]))
+    def block_kwargs(self, ctx):
+        return dict(attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
+                    position_embeddings=ctx.extra["position_embeddings"])

@@ -135,6 +135,43 @@ class _Recorder:
             h.remove()
 
 
+class _KVRecorder:
+    """Stands in for a transformers KV cache in the corrupted pass: keeps every layer's keys and
+    values (after rotary) and hands them back unchanged."""
+
+    def __init__(self):
+        self.keys: dict = {}
+        self.values: dict = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _KVReplay:
+    """Stands in for a KV cache in a suffix run: prepends, for every row, the corrupted run's keys
+    and values of the positions before the suffix (identical by causality)."""
+
+    def __init__(self, recorded: _KVRecorder, rows: torch.Tensor, start: int):
+        self.recorded, self.rows, self.start = recorded, rows, start
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        n = key.shape[0]
+        past_k = self.recorded.keys[layer_idx][self.rows[:n], :, :self.start]
+        past_v = self.recorded.values[layer_idx][self.rows[:n], :, :self.start]
+        return torch.cat([past_k, key], dim=-2), torch.cat([past_v, value], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+
+def _from(states: torch.Tensor, start: int) -> torch.Tensor:
+    return states if start == 0 else states[:, start:].contiguous()
+
+
 def _last_probs(adapter, h_last: torch.Tensor) -> torch.Tensor:
     return torch.softmax(adapter.head(h_last).float(), dim=-1)
 
@@ -147,9 +184,13 @@ class TraceEngine:
     """Batched causal tracing on one model. `max_batch_tokens` bounds a pass's rows × width;
     None sizes it from free memory (CUDA) or a CPU default."""
 
-    def __init__(self, mt, mode: str = "prefix", max_batch_tokens: int | None = None):
+    def __init__(self, mt, mode: str = "prefix", max_batch_tokens: int | None = None,
+                 reuse_kv: bool = True):
         if mode not in ("prefix", "grid"):
             raise ValueError(f"unknown engine mode {mode!r}: 'prefix' or 'grid'")
+        # suffix runs: a restored token's rows recompute only the positions from it on, the
+        # keys/values before it coming from the corrupted run
+        self.reuse_kv = reuse_kv and mode == "prefix"
         self.mt = mt
         self.adapter = mt.adapter
         self.model = mt.model
@@ -215,7 +256,7 @@ class TraceEngine:
 
         # clean pass: answers, high scores, every state to restore from
         emb = a.embed(batch.input_ids)
-        h0, ctx = a.prepare(emb, batch.attention_mask, batch.position_ids)
+        h0, ctx = a.prepare(emb, batch.attention_mask, batch.position_ids, full_mask=self.reuse_kv)
         rec = _Recorder(a, module_kinds)
         try:
             h, clean_states = self._run_blocks(h0, ctx, record=True)
@@ -239,13 +280,29 @@ class TraceEngine:
             starts += [batch.pad[i] + b] * S
             lengths += [e - b] * S
         add_noise_(cemb, noise.to(dev), torch.arange(F * S), starts, lengths, replace)
-        ch0, cctx = a.prepare(cemb, batch.attention_mask[row_fact], batch.position_ids[row_fact])
+        ch0, cctx = a.prepare(cemb, batch.attention_mask[row_fact], batch.position_ids[row_fact],
+                              full_mask=self.reuse_kv)
+        kv = None
+        if self.reuse_kv:
+            kv = cctx.past = _KVRecorder()
         if self.mode == "prefix":
             h, corrupt_states = self._run_blocks(ch0, cctx, record=True)
         else:
             h, corrupt_states = self._run_blocks(ch0, cctx, record=False)
-        low_rows = _last_probs(a, h[:, -1]).gather(1, answers[row_fact][:, None])[:, 0]
-        low = low_rows.view(F, S).mean(1)
+        if replace:  # as the reference, the corrupted baseline adds the noise even then
+            lemb = emb[row_fact].contiguous()
+            add_noise_(lemb, noise.to(dev), torch.arange(F * S), starts, lengths, False)
+            lh0, lctx = a.prepare(lemb, batch.attention_mask[row_fact], batch.position_ids[row_fact])
+            h_low = self._run_blocks(lh0, lctx, record=False)[0]
+        else:
+            h_low = h
+
+        def mean_p(h_last):
+            return _last_probs(a, h_last).gather(1, answers[row_fact][:, None])[:, 0].view(F, S).mean(1)
+
+        low = mean_p(h_low[:, -1])
+        # a cell that restores nothing that differs (a token before the subject) scores this
+        untouched = low if h_low is h else mean_p(h[:, -1])
 
         # the cells
         cells = self._plan_cells(batch, kinds, window, N)
@@ -253,7 +310,7 @@ class TraceEngine:
         if cells:
             runner = self._run_cells_prefix if self.mode == "prefix" else self._run_cells_grid
             ctx_state = dict(ctx=ctx, cemb=cemb, clean_states=clean_states, clean_module=clean_module,
-                             corrupt_states=corrupt_states, answers=answers, S=S, batch=batch)
+                             corrupt_states=corrupt_states, answers=answers, S=S, batch=batch, kv=kv)
             self._run_split(runner, cells, list(range(len(cells))), totals, ctx_state, T)
 
         # assemble per-fact results
@@ -262,7 +319,7 @@ class TraceEngine:
             tokens = list(f.tokens) if f.tokens is not None else list(range(len(f.input_ids)))
             res = FactTrace(int(answers[i]), float(high[i]), float(low[i]), tokens=tokens)
             for k in kinds:
-                res.scores[k] = torch.full((len(tokens), N), float(low[i]), dtype=torch.float32)
+                res.scores[k] = torch.full((len(tokens), N), float(untouched[i]), dtype=torch.float32)
             out.append(res)
         for c, cell in enumerate(cells):
             fi, kind, row, layer = cell[0], cell[1], cell[2], cell[3]
@@ -293,7 +350,17 @@ class TraceEngine:
 
     def _run_split(self, runner, cells, idx: list, totals, st, width: int):
         """Run cells in chunks of at most the token budget; an out-of-memory halves the chunk and
-        goes on instead of failing a long run."""
+        goes on instead of failing a long run. Suffix runs need one restored position per chunk."""
+        if st["kv"] is not None:
+            groups: dict = {}
+            for c in idx:
+                groups.setdefault(cells[c][4], []).append(c)
+            for tp, group in sorted(groups.items()):
+                self._run_chunks(runner, cells, group, totals, st, width - tp)
+        else:
+            self._run_chunks(runner, cells, idx, totals, st, width)
+
+    def _run_chunks(self, runner, cells, idx: list, totals, st, width: int):
         S = st["S"]
         per_chunk = max(1, self._token_budget() // (width * S))
         # ascending start layer, so a chunk's active rows at any layer are a prefix of it
@@ -331,7 +398,12 @@ class TraceEngine:
         is_hidden = torch.tensor([c[1] == "hidden" for c in cells], device=dev).repeat_interleave(S)
         kind_of = [c[1] for c in cells]
         ctx = st["ctx"].select(row_fact)
-        R = row_fact.shape[0]
+        tp = 0
+        if st["kv"] is not None:  # every row restores the same padded position: run from it on
+            tp = cells[0][4]
+            ctx = ctx.suffix(tp)
+            ctx.past = _KVReplay(st["kv"], row_corrupt, tp)
+            tok = torch.zeros_like(tok)
         # rows active from layer l on: start <= l; rows are sorted by start
         n_active = [int((start <= l).sum()) for l in range(N + 1)]
 
@@ -343,9 +415,9 @@ class TraceEngine:
                 n_prev = 0 if h is None else h.shape[0]
                 n = n_active[layer]
                 if n > n_prev:  # rows joining here continue the corrupted run's state
-                    new = st["corrupt_states"][layer][row_corrupt[n_prev:n]]
+                    new = st["corrupt_states"][layer][row_corrupt[n_prev:n], tp:].contiguous()
                     hid = is_hidden[n_prev:n]
-                    restore_rows_(new, st["clean_states"][layer], row_fact[n_prev:n],
+                    restore_rows_(new, _from(st["clean_states"][layer], tp), row_fact[n_prev:n],
                                   torch.where(hid, tok[n_prev:n], -1))
                     h = new if h is None else torch.cat([h, new])
                 if layer == N or h is None:
@@ -353,8 +425,8 @@ class TraceEngine:
                 for kind in hooks.kinds:
                     k = KINDS.index(kind)
                     sel = (mod_kind[:n] == k) & (lo[:n] <= layer) & (hi[:n] > layer)
-                    hooks.plan[(kind, layer)] = (st["clean_module"][(kind, layer)], row_fact[:n],
-                                                 torch.where(sel, tok[:n], -1))
+                    hooks.plan[(kind, layer)] = (_from(st["clean_module"][(kind, layer)], tp),
+                                                 row_fact[:n], torch.where(sel, tok[:n], -1))
                 h = a.run_block(layer, h, ctx.select(slice(0, n)))
                 hooks.plan.clear()
         finally:
@@ -400,3 +472,53 @@ class TraceEngine:
         p = probs.gather(1, st["answers"][row_fact][:, None])[:, 0]
         return torch.zeros(n_cells, device=dev, dtype=torch.float64).index_add_(0, row_cell, p.double())
 
+
+
+# --------------------------------------------------------------------------------------------
+# the drop-in API on the engine
+
+
+def _noise_std_and_tokens(mt, prompt: str, subject: str, token_range):
+    from ..tokens import find_token_range
+    ids = mt.tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("empty prompt: give the text whose next token is traced")
+    b, e = find_token_range(mt.tokenizer, ids, subject)
+    if token_range == "subject_last":
+        tokens = [e - 1]
+    elif token_range is None:
+        tokens = None
+    else:
+        tokens = [int(t) for t in token_range]
+        if any(not 0 <= t < len(ids) for t in tokens):
+            raise ValueError(f"token_range {tokens} is outside the prompt's {len(ids)} tokens")
+    return ids, (b, e), tokens
+
+
+def calculate_hidden_flow_fast(mt, prompt: str, subject: str, samples: int = 10, noise=0.1,
+                               token_range=None, uniform_noise: bool = False, replace: bool = False,
+                               window: int = 10, kind=None, expect=None, engine: TraceEngine | None = None
+                               ) -> dict:
+    """`calculate_hidden_flow` on the fast engine: the same arguments and the same dict."""
+    from ..tokens import decode_tokens
+    from .noise import draw_noise
+
+    ids, (b, e), tokens = _noise_std_and_tokens(mt, prompt, subject, token_range)
+    kind_name = "hidden" if kind in (None, "", "hidden") else kind
+    engine = engine or TraceEngine(mt)
+    fact = FactInput(ids, (b, e), draw_noise(samples, e - b, mt.adapter.hidden_size, noise, uniform_noise),
+                     tokens=tokens)
+    input_ids = torch.tensor(ids)
+    input_tokens = decode_tokens(mt.tokenizer, ids)
+    if expect is not None:  # the reference checks the prediction before tracing anything
+        res = engine.trace([fact], kinds=(), window=window)[0]
+        answer = mt.tokenizer.decode([res.answer])
+        if answer.strip() != expect:
+            return dict(correct_prediction=False, answer=answer, high_score=res.high_score,
+                        input_ids=input_ids, input_tokens=input_tokens, window=window,
+                        kind="" if kind_name == "hidden" else kind_name)
+    res = engine.trace([fact], kinds=(kind_name,), window=window, replace=replace)[0]
+    return dict(scores=res.scores[kind_name], low_score=res.low_score, high_score=res.high_score,
+                input_ids=input_ids, input_tokens=input_tokens, subject_range=(b, e),
+                answer=mt.tokenizer.decode([res.answer]), window=window, correct_prediction=True,
+                kind="" if kind_name == "hidden" else kind_name)
