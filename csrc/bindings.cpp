@@ -230,12 +230,17 @@ std::tuple<torch::Tensor, torch::Tensor> rome_update_(torch::Tensor W, torch::Te
   const torch::Tensor kb = (vec ? kbar.unsqueeze(1) : kbar).to(factor.scalar_type()).contiguous();
   const torch::Tensor ks = (vec ? kstar.unsqueeze(1) : kstar).to(at::kFloat).contiguous();
   const torch::Tensor rs = (vec ? resid.unsqueeze(1) : resid).to(at::kDouble);
-  // u ∝ C⁻¹ k̄, from the cached factor (two triangular solves, or the LU solve).
-  // (LAPACK returns column-major results: make Y row-major for the kernels.)
-  const torch::Tensor Y = ((factor_kind == "cholesky")
-                               ? at::cholesky_solve(kb, factor, /*upper=*/false)
-                               : at::linalg_lu_solve(factor, *pivots, kb))
-                              .contiguous();
+  // u ∝ C⁻¹ k̄ from the cached factor: L then Lᵀ triangular solves (not at::cholesky_solve, which
+  // copies the whole d×d factor to column-major on every call: ~10× the cost of the two solves),
+  // or the LU solve. Results may come back column-major: make Y row-major for the kernels.
+  torch::Tensor Y;
+  if (factor_kind == "cholesky") {
+    Y = at::linalg_solve_triangular(factor, kb, /*upper=*/false);
+    Y = at::linalg_solve_triangular(factor.mT(), Y, /*upper=*/true);
+  } else {
+    Y = at::linalg_lu_solve(factor, *pivots, kb);
+  }
+  Y = Y.contiguous();
   torch::Tensor U = at::empty({d_k, n}, ks.options());
   torch::Tensor stats = at::empty({3, n}, ks.options().dtype(at::kDouble));
   if (W.is_cpu()) {

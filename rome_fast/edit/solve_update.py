@@ -87,7 +87,9 @@ class CovarianceFactor:
         vec = k.dim() == 1
         b = (k.unsqueeze(1) if vec else k).to(device=self.device, dtype=self.dtype)
         if self.kind == "cholesky":
-            y = torch.cholesky_solve(b, self.factor, upper=False)
+            # two triangular solves: torch.cholesky_solve copies the factor on every call
+            y = torch.linalg.solve_triangular(self.factor, b, upper=False)
+            y = torch.linalg.solve_triangular(self.factor.mT, y, upper=True)
         else:
             y = torch.linalg.lu_solve(self.factor, self.pivots, b)
         return y.squeeze(1) if vec else y
