@@ -54,45 +54,67 @@ def _band(layer: int, n_layers: int) -> str:
     return ("early", "middle", "late")[min(third, 2)]
 
 
+def _cells(r) -> dict:
+    """Best cell at the subject tokens and at the last token, with the share of the drop restored."""
+    gap = r.high_score - r.low_score
+    share = (lambda p: (p - r.low_score) / gap if gap > 0 else float("nan"))
+    subj = r.scores[r.subject_range[0]:r.subject_range[1]]
+    flat = int(subj.argmax())
+    st, sl = divmod(flat, subj.shape[1])
+    st += r.subject_range[0]
+    last = r.scores[-1]
+    ll = int(last.argmax())
+    # the first layer from which restoring the last token alone brings back half of the drop
+    half = [L for L in range(len(last)) if share(float(last[L])) >= 0.5]
+    return dict(subject=(st, sl, float(r.scores[st, sl]), share(float(r.scores[st, sl]))),
+                last=(len(r.scores) - 1, ll, float(last[ll]), share(float(last[ll]))),
+                last_half_from=half[0] if half else None)
+
+
 def summarize_trace(result, kind: str, n_layers: int | None = None) -> list[str]:
-    """Readable lines about one trace: its peak, the last subject token and the last token."""
+    """Readable lines about one trace: its peak, the best subject cell and the last token."""
     from .trace.results import TraceResult
 
     r = result if isinstance(result, TraceResult) else TraceResult.from_dict(result)
     if not r.correct_prediction:
         return [f"{KIND_NAMES[kind]}: skipped, the model predicted {r.answer!r}, not the expected answer"]
     n_layers = n_layers or r.scores.shape[1]
-    gap = r.high_score - r.low_score
+    c = _cells(r)
     t, layer, score = r.peak()
-    where = "subject token" if t in r.subject_tokens else ("last token" if t == len(r.scores) - 1 else "token")
-    frac = (score - r.low_score) / gap if gap > 0 else float("nan")
-    lines = [f"{KIND_NAMES[kind]}: strongest at {where} {r.input_tokens[t]!r} (#{t}), layer {layer} "
-             f"({_band(layer, n_layers)}): p = {score:.3f}, {frac:.0%} of the drop restored"]
-    last_subj = r.subject_range[1] - 1
-    for label, row in (("last subject token", last_subj), ("last token", len(r.scores) - 1)):
-        best = int(r.scores[row].argmax())
-        lines.append(f"    at the {label} {r.input_tokens[row]!r}: best layer {best}, p = {float(r.scores[row, best]):.3f}")
+    lines = [f"{KIND_NAMES[kind]}: strongest at {r.input_tokens[t]!r} (token {t}), layer {layer}, p = {score:.3f}"]
+    for label, (tok, lay, p, frac) in (("subject", c["subject"]), ("last token", c["last"])):
+        lines.append(f"    best at the {label}: {r.input_tokens[tok]!r} layer {lay} ({_band(lay, n_layers)}), "
+                     f"p = {p:.3f}, {frac:.0%} of the drop restored")
     return lines
 
 
-def interpret(peaks: dict, n_layers: int) -> list[str]:
-    """What the peaks suggest, in the paper's terms (only claims the numbers support)."""
+def interpret(results: dict, n_layers: int) -> list[str]:
+    """What the traces suggest, in the paper's terms (only claims the numbers support)."""
     out = []
-    for kind, (where, layer) in peaks.items():
-        band = _band(layer, n_layers)
-        if kind == "hidden" and where == "subject token":
-            out.append(f"- The residual stream at a subject token in {band} layers carries the fact: "
-                       "restoring that one vector brings back much of the answer.")
-        elif kind == "hidden":
-            out.append(f"- Hidden states matter most at the {where} in {band} layers.")
-        if kind == "mlp":
-            out.append(f"- MLPs matter most at the {where} in {band} layers"
-                       + (": the paper's 'decisive MLP' site, where ROME edits." if where == "subject token"
-                          else "."))
-        if kind == "attn":
-            out.append(f"- Attention matters most at the {where} in {band} layers"
-                       + (": it moves the recalled fact to the position that predicts." if where == "last token"
-                          else "."))
+    for kind, r in results.items():
+        if not r.correct_prediction:
+            continue
+        c = _cells(r)
+        st, sl, _, sfrac = c["subject"]
+        lt, ll, _, lfrac = c["last"]
+        tok = r.input_tokens[st]
+        if kind == "hidden":
+            out.append(f"- Hidden states: restoring one vector, at the subject token {tok!r} in {_band(sl, n_layers)} "
+                       f"layers, brings back {sfrac:.0%} of the drop: the fact is recalled while the subject "
+                       "is read.")
+            if c["last_half_from"] is not None:
+                out.append(f"  At the last token, restoring works from layer {c['last_half_from']} on: by then "
+                           "the answer has been moved there.")
+        elif kind == "mlp":
+            verdict = ("the paper's 'decisive MLP' site, where ROME writes its edit" if sfrac >= lfrac
+                       else "here the MLPs matter more at the last token than at the subject")
+            out.append(f"- MLPs: a window centred at layer {sl} at {tok!r} brings back {sfrac:.0%} "
+                       f"(last token: {lfrac:.0%}): {verdict}.")
+        elif kind == "attn":
+            verdict = ("attention carries the recalled fact from the subject to the position that predicts"
+                       if lfrac >= sfrac else "here attention matters more at the subject")
+            out.append(f"- Attention: a window centred at layer {ll} at the last token brings back {lfrac:.0%} "
+                       f"(subject: {sfrac:.0%}): {verdict}.")
     return out
 
 
@@ -108,6 +130,8 @@ def run_demo(args) -> int:
 
     kinds = _kinds(args.kind)
     out = Path(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     mt = load_model_spec(args.model)
     print(f"model: {mt.name} ({mt.num_layers} layers), loaded in {time.time() - t0:.1f} s; "
@@ -117,7 +141,7 @@ def run_demo(args) -> int:
     noise = 3 * sigma
     print(f"noise: Gaussian, std 3σ = {noise:.4f}, σ = {sigma:.4f} from {source}")
     print(f"prompt: {DEMO_PROMPT!r}, subject {DEMO_SUBJECT!r}")
-    peaks, results = {}, {}
+    results = {}
     for kind in kinds:
         t1 = time.time()
         res = calculate_hidden_flow(mt, DEMO_PROMPT, DEMO_SUBJECT, samples=args.samples, noise=noise,
@@ -137,11 +161,8 @@ def run_demo(args) -> int:
     for kind, r in results.items():
         for line in summarize_trace(r, kind, mt.num_layers):
             print("  " + line)
-        t, layer, _ = r.peak()
-        peaks[kind] = ("subject token" if t in r.subject_tokens else
-                       "last token" if t == len(r.scores) - 1 else f"token {r.input_tokens[t]!r}", layer)
     print("\nWhat this suggests:")
-    for line in interpret(peaks, mt.num_layers):
+    for line in interpret(results, mt.num_layers):
         print(line)
     summary = {k: dict(answer=r.answer, high_score=r.high_score, low_score=r.low_score,
                        peak=dict(zip(("token", "layer", "score"), r.peak())))
@@ -162,6 +183,7 @@ def add_parsers(sub) -> None:
                    help="which states to restore (default all three; one kind is ~3x faster)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=["reference", "fast"])
     p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: found automatically)")
     p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
     p.set_defaults(func=run_demo)

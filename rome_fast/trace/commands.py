@@ -59,6 +59,9 @@ def _cmd_trace(args) -> int:
     if args.samples < 1 or args.window < 1:
         raise ValueError("--samples and --window must be >= 1")
     corpus = _read_corpus(args.noise_corpus)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     if args.facts is not None:
         facts = load_facts(args.facts)
         mt = load_model_spec(args.model)
@@ -130,6 +133,7 @@ def add_parsers(sub) -> None:
                    help=f"reference (one forward per cell) or fast (default {DEFAULT_BACKEND})")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--case-plots", action="store_true", help="with --facts: a heat map per fact (ids <= 200)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_trace)
 

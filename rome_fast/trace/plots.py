@@ -178,7 +178,9 @@ def plot_aie_lines(aggs: Mapping, path, modelname=None) -> list[Path]:
                 ax.fill_between(layers, agg.aie[j] - ci, agg.aie[j] + ci, color=line.get_color(), alpha=0.15)
             ax.set_title(f"AIE of {name}{' (' + modelname + ')' if modelname else ''}", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel("AIE (p)", fontsize=8)
+            if i == 0:
+                ax.set_ylabel("AIE (p)", fontsize=8)
             if i == len(aggs) - 1:
                 ax.legend(fontsize=6, loc="best")
+        fig.subplots_adjust(wspace=0.25)
         return save_figure(fig, path)
