@@ -232,9 +232,13 @@ std::tuple<torch::Tensor, torch::Tensor> rome_update_(torch::Tensor W, torch::Te
   const torch::Tensor rs = (vec ? resid.unsqueeze(1) : resid).to(at::kDouble);
   // u ∝ C⁻¹ k̄ from the cached factor: L then Lᵀ triangular solves (not at::cholesky_solve, which
   // copies the whole d×d factor to column-major on every call: ~10× the cost of the two solves),
-  // or the LU solve. Results may come back column-major: make Y row-major for the kernels.
+  // or the LU solve. ATen's results may come back column-major: Y is made row-major for the kernels.
   torch::Tensor Y;
-  if (factor_kind == "cholesky") {
+  if (factor_kind == "cholesky" && W.is_cpu()) {
+    // own blocked solves: fp64 sums, no copy, few parallel regions (see rank_one.cpp)
+    Y = kb.to(at::kDouble).contiguous().clone();
+    rome_fast::cpu::cholesky_solve_(factor.contiguous(), Y);  // a copy only if not row-major
+  } else if (factor_kind == "cholesky") {
     Y = at::linalg_solve_triangular(factor, kb, /*upper=*/false);
     Y = at::linalg_solve_triangular(factor.mT(), Y, /*upper=*/true);
   } else {

@@ -163,6 +163,31 @@ def test_batched_equals_one_by_one(native, device, layout):
     assert _rel(W_batch - W, W_ref - W) <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def big_C():
+    G = torch.randn(1100, 40, dtype=torch.float64)
+    C = torch.eye(1100, dtype=torch.float64) + G @ G.T / 40
+    return C, {dt: su.CovarianceFactor(C, dtype=dt) for dt in (torch.float64, torch.float32)}
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("n", [None, 3])
+@pytest.mark.parametrize("factor_dtype", [torch.float64, torch.float32])
+def test_solve_spanning_several_blocks(big_C, n, factor_dtype):
+    """d_k = 1100 spans three of the compiled solve's 512-row blocks (the last one ragged)."""
+    d_k, d_v, native = 1100, 16, True
+    C, facs = big_C
+    fac = facs[factor_dtype]
+    kbar, kstar, resid = _edit_inputs(d_k, d_v, n, "cpu")
+    W = torch.randn(d_k, d_v)
+    u, r = su.rome_update_(W.clone(), fac, kbar, kstar, resid, "in_out", use_native=native)
+    y = torch.linalg.solve(C, kbar.double())
+    u_true = y / y.norm(dim=0)
+    tol = 1e-6 if factor_dtype == torch.float64 else 1e-4
+    assert _rel(u, u_true) <= tol
+    assert _rel(fac.solve(kbar), y) <= tol
+
+
 @pytest.mark.parametrize("native", PATHS)
 def test_ill_conditioned(native, record_property):
     """cond(C) = 1e7: the float64 factor keeps u accurate where the reference's fp32 inverse does

@@ -21,6 +21,10 @@ namespace rome_fast::cpu {
 // A [rows, n] and B [cols, n] fp32 contiguous. Sums in fp32, rounds each W element once.
 void rank_k_update_(torch::Tensor W, const torch::Tensor& A, const torch::Tensor& B);
 
+// Solves C Y = B in place for C = L Lᵀ: Y [d, n] fp64 row-major holds B on entry; L [d, d] is the
+// lower Cholesky factor, row-major, fp32 or fp64. Sums in fp64; reads the triangle twice, no copy.
+void cholesky_solve_(const torch::Tensor& L, torch::Tensor Y);
+
 // Per column j of Y [d, n] (fp32 or fp64): U[:, j] = Y[:, j] / ||Y[:, j]|| (fp32 out), and
 // stats [3, n] fp64 = (||Y[:, j]||, <kstar[:, j], Y[:, j]>, ||kstar[:, j]||), summed in fp64.
 void normalize_dot(const torch::Tensor& Y, const torch::Tensor& kstar, torch::Tensor U,

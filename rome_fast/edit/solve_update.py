@@ -65,7 +65,7 @@ class CovarianceFactor:
             self.kind = "cholesky"
             diag = L.diagonal()
             self.cond_estimate = float((diag.max() / diag.min()) ** 2)
-            self.factor = L.to(dtype)
+            self.factor = L.to(dtype).contiguous()  # row-major, as the compiled solve reads it
         else:
             self.note = (f"C is not symmetric (max |C - Cᵀ| / max |C| = {asym:.1e})" if asym > 1e-6
                          else f"C is not positive definite (Cholesky failed at column {int(info)})")
