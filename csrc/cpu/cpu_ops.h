@@ -22,7 +22,7 @@ namespace rome_fast::cpu {
 void rank_k_update_(torch::Tensor W, const torch::Tensor& A, const torch::Tensor& B);
 
 // Solves C Y = B in place for C = L Lᵀ: Y [d, n] fp64 row-major holds B on entry; L [d, d] is the
-// lower Cholesky factor, row-major, fp32 or fp64. Sums in fp64; reads the triangle twice, no copy.
+// lower Cholesky factor, row-major, fp32 or fp64. Sums in fp64; streams the triangle twice, no copy.
 void cholesky_solve_(const torch::Tensor& L, torch::Tensor Y);
 
 // Per column j of Y [d, n] (fp32 or fp64): U[:, j] = Y[:, j] / ||Y[:, j]|| (fp32 out), and

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
-#include <mutex>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -178,106 +177,73 @@ void normalize_dot_impl(const Y_t* Y, const float* ks, float* U, double* stats, 
   });
 }
 
-// Blocked triangular solves with the row-major lower factor. Each block of kNB rows does one
-// parallel panel product (rows of L read contiguously, once) and a short sequential triangular
-// solve, so a d = 6400 solve is ~13 parallel regions per pass: the two passes together read L
-// once per direction, like a matvec, where LAPACK's potrs via at::cholesky_solve first copies L.
-constexpr int64_t kNB = 512;
+// Work per task of the update's parallel region, in W elements: below this a region's wake-up costs
+// more than it saves (and on a shared machine a woken thread may wait a whole scheduler tick).
+constexpr int64_t kTaskWork = 1 << 18;
 
-// dot(row[0..m), y[0..m)) with y of stride 1, four independent fp64 chains.
+// The two memory-bound inner loops of the solves, vectorised (fp64 sums; `omp simd` allows the
+// reassociation of the dot product without -ffast-math). A copy for AVX2 is chosen at run time.
 template <typename F>
-inline double dot1(const F* __restrict__ row, const double* __restrict__ y, int64_t m) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t j = 0;
-  for (; j + 4 <= m; j += 4) {
-    s0 += static_cast<double>(row[j]) * y[j];
-    s1 += static_cast<double>(row[j + 1]) * y[j + 1];
-    s2 += static_cast<double>(row[j + 2]) * y[j + 2];
-    s3 += static_cast<double>(row[j + 3]) * y[j + 3];
-  }
-  for (; j < m; ++j) s0 += static_cast<double>(row[j]) * y[j];
-  return (s0 + s1) + (s2 + s3);
+RF_INLINE double dot_body(const F* __restrict__ row, const double* __restrict__ y, int64_t m) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < m; ++j) s += static_cast<double>(row[j]) * y[j];
+  return s;
 }
-
-// Forward: L Z = B.
 template <typename F>
-void forward_solve(const F* L, double* y, int64_t d, int64_t n) {
-  for (int64_t i0 = 0; i0 < d; i0 += kNB) {
-    const int64_t i1 = std::min(d, i0 + kNB);
-    if (i0 > 0) {  // y[I] -= L[I, :i0] y[:i0]
-      at::parallel_for(i0, i1, 16, [&](int64_t lo, int64_t hi) {
-        std::vector<double> acc(n);
-        for (int64_t i = lo; i < hi; ++i) {
-          const F* row = L + i * d;
-          if (n == 1) {
-            y[i] -= dot1(row, y, i0);
-            continue;
-          }
-          std::fill(acc.begin(), acc.end(), 0.0);
-          for (int64_t j = 0; j < i0; ++j) {
-            const double l = row[j];
-            for (int64_t k = 0; k < n; ++k) acc[k] += l * y[j * n + k];
-          }
-          for (int64_t k = 0; k < n; ++k) y[i * n + k] -= acc[k];
-        }
-      });
-    }
-    for (int64_t i = i0; i < i1; ++i) {  // the diagonal block, in order
-      const F* row = L + i * d;
-      for (int64_t j = i0; j < i; ++j) {
-        const double l = row[j];
-        for (int64_t k = 0; k < n; ++k) y[i * n + k] -= l * y[j * n + k];
-      }
-      const double inv = 1.0 / static_cast<double>(row[i]);
-      for (int64_t k = 0; k < n; ++k) y[i * n + k] *= inv;
-    }
-  }
+RF_INLINE void axpy_body(const F* __restrict__ seg, double a, double* __restrict__ p, int64_t m) {
+#pragma omp simd
+  for (int64_t c = 0; c < m; ++c) p[c] += static_cast<double>(seg[c]) * a;
 }
-
-// Backward: Lᵀ X = Z, last block first. Lᵀ's rows are L's columns, so the panel
-// x[I] -= L[i1:, I]ᵀ x[i1:] walks rows of L (contiguous segments of the block's columns) and
-// each task sums into its own buffer.
 template <typename F>
-void backward_solve(const F* L, double* x, int64_t d, int64_t n) {
-  const int64_t last = ((d - 1) / kNB) * kNB;
-  std::mutex mu;
-  for (int64_t i0 = last; i0 >= 0; i0 -= kNB) {
-    const int64_t i1 = std::min(d, i0 + kNB), nb = i1 - i0;
-    if (i1 < d) {
-      at::parallel_for(i1, d, 64, [&](int64_t lo, int64_t hi) {
-        std::vector<double> part(nb * n, 0.0);
-        for (int64_t r = lo; r < hi; ++r) {
-          const F* __restrict__ seg = L + r * d + i0;
-          for (int64_t k = 0; k < n; ++k) {
-            const double xr = x[r * n + k];
-            if (n == 1) {
-              double* __restrict__ p = part.data();
-              for (int64_t c = 0; c < nb; ++c) p[c] += static_cast<double>(seg[c]) * xr;
-            } else {
-              for (int64_t c = 0; c < nb; ++c) part[c * n + k] += static_cast<double>(seg[c]) * xr;
-            }
-          }
-        }
-        const std::lock_guard<std::mutex> lock(mu);
-        for (int64_t c = 0; c < nb * n; ++c) x[i0 * n + c] -= part[c];
-      });
-    }
-    for (int64_t i = i1 - 1; i >= i0; --i) {  // the diagonal block, in reverse
-      const F* row = L + i * d;
-      const double inv = 1.0 / static_cast<double>(row[i]);
-      for (int64_t k = 0; k < n; ++k) x[i * n + k] *= inv;
-      for (int64_t j = i0; j < i; ++j) {
-        const double l = row[j];
-        for (int64_t k = 0; k < n; ++k) x[j * n + k] -= l * x[i * n + k];
-      }
+double dot_row(const F* row, const double* y, int64_t m) { return dot_body(row, y, m); }
+template <typename F>
+void axpy_row(const F* seg, double a, double* p, int64_t m) { axpy_body(seg, a, p, m); }
+#ifdef RF_HAVE_AVX2_PATH
+template <typename F>
+RF_AVX2 double dot_row_avx2(const F* row, const double* y, int64_t m) { return dot_body(row, y, m); }
+template <typename F>
+RF_AVX2 void axpy_row_avx2(const F* seg, double a, double* p, int64_t m) { axpy_body(seg, a, p, m); }
+#endif
+
+template <typename F>
+struct RowOps {
+  double (*dot)(const F*, const double*, int64_t) = dot_row<F>;
+  void (*axpy)(const F*, double, double*, int64_t) = axpy_row<F>;
+  RowOps() {
+#ifdef RF_HAVE_AVX2_PATH
+    if (cpu_has_avx2()) dot = dot_row_avx2<F>, axpy = axpy_row_avx2<F>;
+#endif
+  }
+};
+
+// Triangular solves with the row-major lower factor, one right-hand side y (contiguous) at a time:
+// forward L z = b takes one dot product per row, backward Lᵀ x = z one axpy per row (row i of L is
+// column i of Lᵀ), so both passes stream the rows of L front to back / back to front, reading the
+// triangle once each, like a matvec and without copying L (at::cholesky_solve copies it to
+// column-major on every call). Sequential on purpose: a solve is a chain of d dependent steps, and
+// the memory-bound pass gains little from the per-row synchronisation threads would need.
+template <typename F>
+void cholesky_solve_impl(const F* L, double* yt, int64_t d, int64_t n) {
+  const RowOps<F> ops;
+  // Right-hand sides inner: a row of L comes from memory once and from cache for the other n-1.
+  for (int64_t i = 0; i < d; ++i) {
+    const F* row = L + i * d;
+    const double diag = row[i];
+    for (int64_t k = 0; k < n; ++k) {
+      double* y = yt + k * d;
+      y[i] = (y[i] - ops.dot(row, y, i)) / diag;
     }
   }
-}
-
-template <typename F>
-void cholesky_solve_impl(const F* L, double* y, int64_t d, int64_t n) {
-  forward_solve(L, y, d, n);
-  backward_solve(L, y, d, n);
+  for (int64_t i = d - 1; i >= 0; --i) {
+    const F* row = L + i * d;
+    const double diag = row[i];
+    for (int64_t k = 0; k < n; ++k) {
+      double* y = yt + k * d;
+      y[i] /= diag;
+      ops.axpy(row, -y[i], y, i);
+    }
+  }
 }
 
 }  // namespace
@@ -291,7 +257,7 @@ void rank_k_update_(torch::Tensor W, const torch::Tensor& A, const torch::Tensor
   const float* bt = Bt.data_ptr<float>();
   const int64_t blocks = (rows + kRB - 1) / kRB;
   // ~64K W elements per task: enough to hide the threading overhead on small layers.
-  const int64_t grain = std::max<int64_t>(1, 65536 / (kRB * cols));
+  const int64_t grain = std::max<int64_t>(1, kTaskWork / (kRB * cols));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "rank_k_update_", [&] {
     scalar_t* w = W.data_ptr<scalar_t>();
     bool avx2 = false;
@@ -330,11 +296,14 @@ void normalize_dot(const torch::Tensor& Y, const torch::Tensor& kstar, torch::Te
 void cholesky_solve_(const torch::Tensor& L, torch::Tensor Y) {
   const int64_t d = Y.size(0), n = Y.size(1);
   if (d == 0 || n == 0) return;
-  double* y = Y.data_ptr<double>();
+  // one contiguous right-hand side per row of Yt, so the dot / axpy loops are unit-stride
+  torch::Tensor Yt = n == 1 ? Y : Y.t().contiguous();
+  double* y = Yt.data_ptr<double>();
   if (L.scalar_type() == at::kDouble)
     cholesky_solve_impl(L.data_ptr<double>(), y, d, n);
   else
     cholesky_solve_impl(L.data_ptr<float>(), y, d, n);
+  if (n > 1) Y.copy_(Yt.t());
 }
 
 }  // namespace rome_fast::cpu
