@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def _stats_dir(args) -> Path:
-    from ..models.loading import cache_root
-    return Path(args.stats_dir) if args.stats_dir else cache_root() / "stats"
+    from .stats import default_stats_dir
+    return Path(args.stats_dir) if args.stats_dir else default_stats_dir()
 
 
 def _corpus(args, mt, hp, stats_dir):

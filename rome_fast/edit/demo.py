@@ -74,16 +74,16 @@ def run_edit_demo(mt, stats_dir=None, out=None, corpus=None, hparams=None, sampl
     stats_dir: statistics cache (default $ROME_FAST_CACHE/stats). corpus: text file for the
     statistics (default: WikiText-2 in the shared data folder, when present). out: a text stream
     (default stdout) or a path, where the result dict is also written as JSON."""
-    from ..models.loading import cache_root
     from .corpus import default_corpus
     from .rome import apply_rome_to_model, restore_weights
+    from .stats import default_stats_dir
     from .templates import get_context_templates
 
     json_path = None
     if isinstance(out, (str, Path)):
         json_path, out = Path(out), None
     out = out or sys.stdout
-    stats_dir = Path(stats_dir) if stats_dir else cache_root() / "stats"
+    stats_dir = Path(stats_dir) if stats_dir else default_stats_dir()
     corpus = corpus or default_corpus()
     if corpus is None:
         raise FileNotFoundError("the demo needs a text corpus for the key statistics: pass corpus=FILE "

@@ -16,6 +16,7 @@ from torch import nn
 
 from .compute_u import compute_u
 from .compute_v import compute_v
+from .stats import default_stats_dir
 from .templates import get_context_templates
 
 KEY_MODES = ("reference", "r-rome")
@@ -101,12 +102,15 @@ def execute_rome(model, tok, request: dict, hparams, context_templates=None, sta
                  return_info: bool = False, progress: bool = True):
     """{weight_name: (u, right)} for one request; the model is left as it was. Layers are edited
     in ascending order, each computed on the model with the lower layers' updates applied.
-    inv_cov: C⁻¹ (a tensor, or {layer: tensor}) instead of loading statistics."""
+    inv_cov: C⁻¹ (a tensor, or {layer: tensor}) instead of loading statistics. stats_dir: the
+    statistics cache, default $ROME_FAST_CACHE/stats (none for an in-memory list corpus)."""
     if key_mode not in KEY_MODES:
         raise ValueError(f"unknown key_mode {key_mode!r}: one of {KEY_MODES}")
     request = normalize_request(request)
     if context_templates is None:
         context_templates = get_context_templates(model, tok, hparams.context_template_length_params, seed)
+    if stats_dir is None and not isinstance(corpus, (list, tuple)):
+        stats_dir = default_stats_dir()
     targets = {layer: _rewrite(model, hparams, layer) for layer in sorted(set(hparams.layers))}
     saved = {name: model.get_parameter(name).detach().clone() for name, _ in targets.values()}
     deltas, infos = {}, {}

@@ -50,6 +50,13 @@ class LayerStats:
         self.mom2, self.path, self.sample_size = mom2, path, sample_size
 
 
+def default_stats_dir() -> Path:
+    """$ROME_FAST_CACHE/stats (default ~/.cache/rome_fast/stats): where editing caches statistics
+    unless told otherwise (the reference's STATS_DIR)."""
+    from ..models.loading import cache_root
+    return cache_root() / "stats"
+
+
 def stats_model_name(model) -> str:
     """The reference's `config._name_or_path` with '/' -> '_'; a local path gives its last
     component (an absolute path would otherwise become a long, machine-specific name)."""
