@@ -124,8 +124,8 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
 def _check_run_settings(path: Path, settings: dict) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(settings)):
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if not _same_setting(old.get(k), v)}
+        if diff:
             raise ValueError(f"{path.parent} holds a run with other settings {diff} (was, now): "
                              "use another output folder")
         return
@@ -133,6 +133,13 @@ def _check_run_settings(path: Path, settings: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(settings, f, indent=2)
     os.replace(tmp, path)
+
+
+def _same_setting(a, b) -> bool:
+    # σ measured on another device may differ in the last bits; that is the same run
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+    return a == b
 
 
 def _case_plots(out_dir: Path, known_id, kinds, modelname) -> None:
