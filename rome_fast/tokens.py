@@ -24,9 +24,11 @@ def make_inputs(tokenizer, prompts: Sequence[str], device="cpu") -> dict:
 
 def decode_tokens(tokenizer, token_array) -> list:
     """Each token decoded on its own; nested batches give nested lists."""
-    if hasattr(token_array, "shape") and len(token_array.shape) > 1:
-        return [decode_tokens(tokenizer, row) for row in token_array]
-    if token_array and isinstance(token_array, (list, tuple)) and isinstance(token_array[0], (list, tuple)):
+    if hasattr(token_array, "tolist"):  # tensors and arrays, of one prompt or a batch
+        token_array = token_array.tolist()
+    if isinstance(token_array, int):
+        raise ValueError("decode_tokens takes a sequence of token ids, not a single id")
+    if len(token_array) and isinstance(token_array[0], (list, tuple)):
         return [decode_tokens(tokenizer, row) for row in token_array]
     return [tokenizer.decode([int(t)]) for t in token_array]
 

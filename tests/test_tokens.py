@@ -73,3 +73,12 @@ def test_make_inputs_left_pads():
     assert inp["attention_mask"][0, 0] == 0 and inp["attention_mask"][1].all()
     with pytest.raises(ValueError, match="empty prompt"):
         rf.make_inputs(tok, [""])
+
+
+def test_tensor_inputs_as_reference_scripts_pass_them(tok):
+    import torch
+    ids = tok.encode("The Eiffel Tower is tall")
+    want = rf.find_token_range(tok, ids, "Eiffel Tower")
+    assert rf.find_token_range(tok, torch.tensor(ids), "Eiffel Tower") == want
+    assert rf.find_token_range(tok, torch.tensor([ids])[0], "Eiffel Tower") == want
+    assert rf.decode_tokens(tok, torch.tensor([ids, ids]))[1] == rf.decode_tokens(tok, ids)
