@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..models import ModelAndTokenizer
-from ..tokens import decode_tokens as _decode_tokens
-from ..tokens import find_token_range as _find_token_range
+from ..tokens import decode_tokens, find_token_range
 from ..tokens import make_inputs as _make_inputs
 from ..trace.api import calculate_hidden_flow
 from ..trace.noise import collect_embedding_std
@@ -24,20 +23,6 @@ def make_inputs(tokenizer, prompts, device=None) -> dict:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return _make_inputs(tokenizer, prompts, device=device)
-
-
-def decode_tokens(tokenizer, token_array):
-    """Each token decoded on its own; accepts tensors (as reference scripts pass `inp["input_ids"][0]`)."""
-    if torch.is_tensor(token_array):
-        token_array = token_array.tolist()
-    return _decode_tokens(tokenizer, token_array)
-
-
-def find_token_range(tokenizer, token_array, substring):
-    """[start, end) of the first occurrence of `substring`; accepts a tensor of ids."""
-    if torch.is_tensor(token_array):
-        token_array = token_array.tolist()
-    return _find_token_range(tokenizer, token_array, substring)
 
 
 __all__ = ["ModelAndTokenizer", "make_inputs", "decode_tokens", "find_token_range", "predict_token",
