@@ -14,7 +14,7 @@ PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
            ("Miles Davis plays the", "Miles Davis"),
            ("The Louvre is a museum in", "The Louvre"),
            ("Toyota is headquartered in", "Toyota")]
-ARGS = ["--model", "tiny:gpt2", "--samples", "2", "--no-progress"]
+ARGS = ["--model", "tiny:gpt2", "--samples", "2", "--no-progress", "--backend", "reference"]
 
 
 @pytest.fixture(scope="module", autouse=True)

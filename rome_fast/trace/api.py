@@ -15,7 +15,7 @@ from .noise import NoiseSpec
 from .reference import predict_from_input, trace_important_states, trace_important_window, trace_with_patch
 
 # The backend used when none is named (the CLI and the demo read it too).
-DEFAULT_BACKEND = "reference"
+DEFAULT_BACKEND = "fast"
 BACKENDS = ("reference", "fast")
 KINDS = (None, "mlp", "attn")
 

@@ -267,6 +267,8 @@ class TraceEngine:
                                 for i, f in enumerate(batch.facts)], device=dev)
         high = clean_probs.gather(1, answers[:, None])[:, 0]
         clean_module = rec.out
+        if not kinds:  # a prediction check: the clean pass is all that is needed
+            return [FactTrace(int(answers[i]), float(high[i]), math.nan) for i in range(F)]
 
         # corrupted pass: S rows per fact, noise on the subject's word embeddings
         row_fact = torch.arange(F, device=dev).repeat_interleave(S)
@@ -495,30 +497,45 @@ def _noise_std_and_tokens(mt, prompt: str, subject: str, token_range):
     return ids, (b, e), tokens
 
 
+def result_dict(mt, fact: FactInput, res: FactTrace, kind: str, window: int) -> dict:
+    """The reference's result dict of one fact and kind (`calculate_hidden_flow`'s return)."""
+    from ..tokens import decode_tokens
+    return dict(scores=res.scores[kind], low_score=res.low_score, high_score=res.high_score,
+                input_ids=torch.tensor(list(fact.input_ids)),
+                input_tokens=decode_tokens(mt.tokenizer, list(fact.input_ids)),
+                subject_range=tuple(fact.subject_range), answer=mt.tokenizer.decode([res.answer]),
+                window=window, correct_prediction=True, kind="" if kind == "hidden" else kind)
+
+
+def mispredicted_dict(mt, fact: FactInput, res: FactTrace, kind: str, window: int) -> dict:
+    """What the reference returns for a fact whose top-1 token is not the expected one."""
+    from ..tokens import decode_tokens
+    return dict(correct_prediction=False, answer=mt.tokenizer.decode([res.answer]),
+                high_score=res.high_score, input_ids=torch.tensor(list(fact.input_ids)),
+                input_tokens=decode_tokens(mt.tokenizer, list(fact.input_ids)), window=window,
+                kind="" if kind == "hidden" else kind)
+
+
+def make_fact_input(mt, prompt: str, subject: str, samples: int, noise, uniform_noise: bool = False,
+                    token_range=None) -> FactInput:
+    """Tokens, subject range and the reference's noise draw for one fact."""
+    from .noise import draw_noise
+    ids, (b, e), tokens = _noise_std_and_tokens(mt, prompt, subject, token_range)
+    return FactInput(ids, (b, e), draw_noise(samples, e - b, mt.adapter.hidden_size, noise, uniform_noise),
+                     tokens=tokens)
+
+
 def calculate_hidden_flow_fast(mt, prompt: str, subject: str, samples: int = 10, noise=0.1,
                                token_range=None, uniform_noise: bool = False, replace: bool = False,
                                window: int = 10, kind=None, expect=None, engine: TraceEngine | None = None
                                ) -> dict:
     """`calculate_hidden_flow` on the fast engine: the same arguments and the same dict."""
-    from ..tokens import decode_tokens
-    from .noise import draw_noise
-
-    ids, (b, e), tokens = _noise_std_and_tokens(mt, prompt, subject, token_range)
     kind_name = "hidden" if kind in (None, "", "hidden") else kind
     engine = engine or TraceEngine(mt)
-    fact = FactInput(ids, (b, e), draw_noise(samples, e - b, mt.adapter.hidden_size, noise, uniform_noise),
-                     tokens=tokens)
-    input_ids = torch.tensor(ids)
-    input_tokens = decode_tokens(mt.tokenizer, ids)
+    fact = make_fact_input(mt, prompt, subject, samples, noise, uniform_noise, token_range)
     if expect is not None:  # the reference checks the prediction before tracing anything
         res = engine.trace([fact], kinds=(), window=window)[0]
-        answer = mt.tokenizer.decode([res.answer])
-        if answer.strip() != expect:
-            return dict(correct_prediction=False, answer=answer, high_score=res.high_score,
-                        input_ids=input_ids, input_tokens=input_tokens, window=window,
-                        kind="" if kind_name == "hidden" else kind_name)
+        if mt.tokenizer.decode([res.answer]).strip() != expect:
+            return mispredicted_dict(mt, fact, res, kind_name, window)
     res = engine.trace([fact], kinds=(kind_name,), window=window, replace=replace)[0]
-    return dict(scores=res.scores[kind_name], low_score=res.low_score, high_score=res.high_score,
-                input_ids=input_ids, input_tokens=input_tokens, subject_range=(b, e),
-                answer=mt.tokenizer.decode([res.answer]), window=window, correct_prediction=True,
-                kind="" if kind_name == "hidden" else kind_name)
+    return result_dict(mt, fact, res, kind_name, window)
