@@ -37,6 +37,8 @@ def _cmd_eval(args) -> int:
         from ..edit import ROMEHyperParams, apply_rome_to_model  # noqa: F401 (fail before loading)
     except ImportError as exc:
         raise ValueError(f"the ROME editor is not available in this build: {exc}") from None
+    if not args.hparams and args.model.startswith("tiny:"):
+        raise ValueError("a tiny model needs --hparams FILE (there is no preset for it)")
     hparams = (ROMEHyperParams.from_json(args.hparams) if args.hparams
                else ROMEHyperParams.from_name(args.model))
     from ..models.loading import cache_root
@@ -45,13 +47,21 @@ def _cmd_eval(args) -> int:
     corpus = args.corpus or (str(SHARED_CORPUS) if SHARED_CORPUS.is_file() else None)
     if corpus:
         editor_kwargs["corpus"] = corpus
-    print(f"ROME statistics: {stats_dir} (corpus: {corpus or hparams.mom2_dataset})")
-    from ..models import load_model
-    mt = load_model(args.model)
-    print(f"evaluating {len(records)} {args.dataset} cases from {data} on {mt!r} -> {args.out}")
-    evaluate(mt, args.dataset, records, hparams, args.out, skip_generation=args.skip_generation,
-             progress=not args.quiet, seed=args.seed, tfidf=tfidf, snippets=snippets,
-             backend=args.backend, editor_kwargs=editor_kwargs)
+    from .. import distributed
+    from ..trace.commands import load_model_spec
+    info = distributed.init()  # a no-op unless torchrun started several processes
+    try:
+        # under torchrun each rank on its own GPU; alone, the usual default
+        mt = load_model_spec(args.model, device=info.device if info.distributed else None)
+        if info.is_main:
+            print(f"ROME statistics: {stats_dir} (corpus: {corpus or hparams.mom2_dataset})")
+            print(f"evaluating {len(records)} {args.dataset} cases from {data} on {mt!r} -> {args.out}"
+                  + (f" ({info.world} processes)" if info.distributed else ""))
+        evaluate(mt, args.dataset, records, hparams, args.out, skip_generation=args.skip_generation,
+                 progress=not args.quiet and info.is_main, seed=args.seed, tfidf=tfidf,
+                 snippets=snippets, backend=args.backend, editor_kwargs=editor_kwargs)
+    finally:
+        distributed.finalize()
     return 0
 
 
@@ -72,7 +82,8 @@ def add_parsers(sub) -> None:
                                   "the shared data folder beside the repository when present")
     p.add_argument("--limit", type=int, help="first N records")
     p.add_argument("--out", required=True, help="output folder for case_*.json and summary.json")
-    p.add_argument("--model", default="smollm2-135m", help="model name or path (default: the embedded model)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model name or path (default: the embedded model); tiny:<family> for tests")
     p.add_argument("--hparams", help="ROME hyperparameters JSON (default: the model's bundled preset)")
     p.add_argument("--skip-generation", action="store_true", help="skip the generation metrics (GE, RS)")
     p.add_argument("--backend", choices=["reference", "fast"], help="ROME implementation")

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import distributed
 from . import generation as G
 from . import metrics as M
 from .datasets import EvalRecord, load_dataset
@@ -123,16 +124,43 @@ def case_path(out_dir, case_id: int) -> Path:
     return Path(out_dir) / f"case_{case_id}.json"
 
 
-def _check_run_config(out_dir: Path, config: dict) -> None:
+def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
     """Refuse to mix cases of different runs (another model or dataset) in one folder."""
     path = out_dir / "run.json"
+    if not write and not path.is_file():
+        raise RuntimeError(f"{path} is missing")
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams"):
             if key in old and old[key] != config[key]:
                 raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config[key]!r}; "
                                  "use another --out folder (or delete this one) to start afresh")
-    _write_json_atomic(path, config)
+    if write:
+        _write_json_atomic(path, config)
+
+
+def _agree_run_config(out_dir: Path, config: dict, info) -> None:
+    """Rank 0 checks and writes run.json, then the other ranks check it (which also catches an
+    output folder that is not shared by all ranks)."""
+    error = None
+    if info.is_main:
+        try:
+            _check_run_config(out_dir, config)
+        except ValueError as exc:
+            error = str(exc)
+    error = distributed.broadcast(error)  # no rank starts when rank 0 refused
+    if error is not None:
+        raise ValueError(error if info.is_main else f"rank {info.rank}: rank 0 refused the run: {error}")
+    if not info.is_main:
+        try:
+            _check_run_config(out_dir, config, write=False)
+        except RuntimeError:
+            raise RuntimeError(f"rank {info.rank} does not see {out_dir / 'run.json'}, which rank 0 has "
+                               "written: the output folder must be shared by all ranks (the same path "
+                               "on every node)") from None
+        except ValueError as exc:
+            raise ValueError(f"rank {info.rank}: its settings differ from those rank 0 recorded "
+                             f"(another model, dataset or hparams on this rank?): {exc}") from None
 
 
 def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] = None,
@@ -147,7 +175,11 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     editor: `edit(mt, request) -> restore()`; default: ROME via rome_fast.edit with `hparams`
     (and `backend`, `editor_kwargs`). check_restore: verify after each case that a checksum of
     all weights equals the one before the edit (default: the ROME_FAST_DEBUG environment
-    variable). tfidf / snippets: enable RS and the essence score (full CounterFact records)."""
+    variable). tfidf / snippets: enable RS and the essence score (full CounterFact records).
+
+    Under torchrun (after `rome_fast.distributed.init()`) each rank evaluates records[rank::world]
+    into the shared `out_dir`; rank 0 writes run.json first and the summary once every rank is
+    done, and returns it; the other ranks return None."""
     if dataset not in ("counterfact", "zsre"):
         raise ValueError(f"unknown dataset {dataset!r}; use 'counterfact' or 'zsre'")
     if isinstance(records, (str, Path)):
@@ -161,16 +193,24 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     check = _debug_default() if check_restore is None else check_restore
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_config(out_dir, {
+    info = distributed.current()
+    _agree_run_config(out_dir, {
         "dataset": dataset, "model": getattr(mt, "name", type(mt.model).__name__),
         "skip_generation": bool(skip_generation), "seed": seed, "backend": backend,
         "hparams": hparams.to_dict() if hasattr(hparams, "to_dict") else None,
         "generation": None if skip_generation or dataset == "zsre" else
         {"max_out_len": 100, "top_k": 5, "seed": "seed + case_id",
-         "prompts": GEN_SOURCE_FULL if any(r.generation_prompts for r in records) else GEN_SOURCE_COMPACT}})
+         "prompts": GEN_SOURCE_FULL if any(r.generation_prompts for r in records) else GEN_SOURCE_COMPACT}},
+        info)
+    fail = distributed.failure_hook("case", info)
+    # Rank 0 edits first, the others wait: what an editor computes and caches on first use (ROME's
+    # second-moment statistics) is then computed once, not by every rank at the same time.
+    first_pending = info.distributed
+    if first_pending and not info.is_main:
+        distributed.barrier()
 
     from tqdm.auto import tqdm
-    bar = tqdm(records, desc=f"eval {dataset}", unit="case", disable=not progress)
+    bar = tqdm(distributed.shard(records, info), desc=f"eval {dataset}", unit="case", disable=not progress)
     done = skipped = 0
     for record in bar:
         path = case_path(out_dir, record.case_id)
@@ -201,7 +241,17 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
                                   "time": elapsed, "post": post, "pre": pre})
         done += 1
         bar.set_postfix(done=done, skipped=skipped)
+        if first_pending and info.is_main:
+            distributed.barrier()
+            first_pending = False
+        if fail is not None:
+            fail()
     bar.close()
+    if first_pending and info.is_main:  # rank 0 had nothing left to do
+        distributed.barrier()
+    distributed.barrier()  # every rank's cases are written
+    if not info.is_main:
+        return None
     return summarize(out_dir, print_table=progress) if summary else None
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 from .api import BACKENDS, DEFAULT_BACKEND
 
 
-def load_model_spec(spec: str | None):
+def load_model_spec(spec: str | None, device=None):
     """A ModelAndTokenizer from a model spec: the embedded default, a hub id / path / .gguf, or
-    "tiny:<family>" (a seeded tiny random model, for tests and quick checks)."""
+    "tiny:<family>" (a seeded tiny random model, for tests and quick checks). device: default
+    CUDA when available (tiny models: CPU)."""
     from ..models import ModelAndTokenizer, load_model
 
     if spec and spec.startswith("tiny:"):
@@ -18,11 +19,21 @@ def load_model_spec(spec: str | None):
         family = spec.split(":", 1)[1]
         if family not in RANDOM_FAMILIES:
             raise ValueError(f"unknown tiny model family {family!r}: one of {', '.join(RANDOM_FAMILIES)}")
-        model, tok = random_model(family, seed=1)
+        model, tok = random_model(family, seed=1, device=device or "cpu")
         mt = ModelAndTokenizer(model=model, tokenizer=tok)
         mt.name = spec
         return mt
-    return load_model(spec or "smollm2-135m")
+    return load_model(spec or "smollm2-135m", device=device)
+
+
+def print_trace_summary(summary: dict) -> None:
+    for kind, s in summary.items():
+        print(f"{kind:>6}: {s['n_correct']}/{s['n_facts']} correct, ATE {s['ate']:.4f}, "
+              f"best AIE last subject token {s['best_aie_last_subject_token']:.4f} "
+              f"(layer {s['best_aie_last_subject_token_layer']}), last token "
+              f"{s['best_aie_last_token']:.4f} (layer {s['best_aie_last_token_layer']})")
+    if not summary:
+        print("no correctly predicted facts: nothing to average")
 
 
 def _read_subjects(path) -> list[str]:
@@ -63,19 +74,21 @@ def _cmd_trace(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     if args.facts is not None:
+        from .. import distributed
         facts = load_facts(args.facts)
-        mt = load_model_spec(args.model)
-        summary = trace_facts(mt, facts, args.out, kinds=args.kind, noise=args.noise, samples=args.samples,
-                              window=args.window, limit=args.limit, backend=args.backend,
-                              progress=not args.no_progress, replace=args.replace, noise_texts=corpus,
-                              case_plots=args.case_plots)
-        for kind, s in summary.items():
-            print(f"{kind:>6}: {s['n_correct']}/{s['n_facts']} correct, ATE {s['ate']:.4f}, "
-                  f"best AIE last subject token {s['best_aie_last_subject_token']:.4f} "
-                  f"(layer {s['best_aie_last_subject_token_layer']}), last token "
-                  f"{s['best_aie_last_token']:.4f} (layer {s['best_aie_last_token_layer']})")
-        if not summary:
-            print("no correctly predicted facts: nothing to average")
+        info = distributed.init()  # a no-op unless torchrun started several processes
+        try:
+            # under torchrun each rank on its own GPU; alone, the usual default
+            mt = load_model_spec(args.model, device=info.device if info.distributed else None)
+            summary = trace_facts(mt, facts, args.out, kinds=args.kind, noise=args.noise,
+                                  samples=args.samples, window=args.window, limit=args.limit,
+                                  backend=args.backend, progress=not args.no_progress and info.is_main,
+                                  replace=args.replace, noise_texts=corpus, case_plots=args.case_plots)
+        finally:
+            distributed.finalize()
+        if not info.is_main:
+            return 0
+        print_trace_summary(summary)
         print(f"results in {args.out}/ (cases/, summary.json, aie_heatmap.*, aie_lines.*)")
         return 0
 
@@ -106,8 +119,48 @@ def _cmd_trace(args) -> int:
     return 0
 
 
+def _cmd_aggregate(args) -> int:
+    """Re-aggregate a trace folder, after merging in the case files of other runs if asked."""
+    import shutil
+    import tempfile
+
+    from .aggregate import aggregate_dir
+    from .runner import _check_run_settings, _kinds
+
+    out = Path(args.dir)
+    for src in map(Path, args.merge or ()):
+        run = src / "run.json"
+        if not run.is_file() or not (src / "cases").is_dir():
+            raise FileNotFoundError(f"{src} is not a trace folder (no run.json and cases/)")
+        (out / "cases").mkdir(parents=True, exist_ok=True)
+        # refused when the settings differ: averages over mixed settings mean nothing
+        _check_run_settings(out / "run.json", json.loads(run.read_text()))
+        copied = 0
+        for f in sorted((src / "cases").glob("knowledge_*.npz")):
+            target = out / "cases" / f.name
+            if target.exists():
+                continue  # already there: the same fact under the same settings
+            fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with open(fd, "wb") as dst, open(f, "rb") as source:
+                    shutil.copyfileobj(source, dst)
+                Path(tmp).replace(target)  # atomic: a reader never sees half a file
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            copied += 1
+        print(f"{src}: {copied} case files copied")
+    if not (out / "cases").is_dir():
+        raise FileNotFoundError(f"{out}/cases not found: not a trace folder")
+    model = json.loads((out / "run.json").read_text()).get("model") if (out / "run.json").is_file() else None
+    summary = aggregate_dir(out, _kinds(args.kind), figures=not args.no_figures, modelname=model or None)
+    print_trace_summary(summary)
+    print(f"summary in {out}/summary.json")
+    return 0
+
+
 def add_parsers(sub) -> None:
-    """Register `trace` and `demo` on the `rome-fast` subparsers."""
+    """Register `trace`, `aggregate` and `demo` on the `rome-fast` subparsers."""
     p = sub.add_parser("trace", help="causal tracing of one fact or of a known-facts file",
                        description="Causal tracing (Meng et al. 2022): corrupt the subject's embeddings "
                                    "with noise, restore one state at a time, measure p(answer).")
@@ -136,6 +189,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_trace)
+
+    a = sub.add_parser("aggregate", help="average the per-fact results of a trace folder (again)",
+                       description="Recompute summary.json and the AIE figures of a trace folder from "
+                                   "every case file in DIR/cases, e.g. after merging separate runs.")
+    a.add_argument("dir", help="trace output folder (with cases/)")
+    a.add_argument("--merge", nargs="+", metavar="SRC",
+                   help="first copy the case files DIR lacks from these trace folders (their run.json "
+                        "settings must equal DIR's; DIR takes the first one's when it has none)")
+    a.add_argument("--kind", default="all", choices=["all", "hidden", "mlp", "attn"])
+    a.add_argument("--no-figures", action="store_true", help="summary.json only")
+    a.set_defaults(func=_cmd_aggregate)
 
     from ..demo import add_parsers as add_demo
     add_demo(sub)

@@ -4,7 +4,7 @@ done (a crash or Ctrl-C loses at most the batch in flight), finished files skipp
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .aggregate import case_path
 from .engine import TraceEngine, make_fact_input, mispredicted_dict, result_dict
@@ -33,11 +33,12 @@ def fact_batches(mt, facts: Sequence[dict], per_batch: int) -> list[list[int]]:
 def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[str], noise,
                         uniform_noise: bool = False, samples: int = 10, window: int = 10,
                         replace: bool = False, progress: bool = True, engine: TraceEngine | None = None,
-                        facts_per_batch: int | None = None, batches: Sequence[Sequence[int]] | None = None
-                        ) -> int:
+                        facts_per_batch: int | None = None, batches: Sequence[Sequence[int]] | None = None,
+                        after_batch: Callable[[], None] | None = None) -> int:
     """Trace every (fact, kind) not yet on disk; returns how many files were written. A batch's
     files are written together once it is done (each atomically). `batches` restricts the run to
-    some of `fact_batches(...)` (a process's share)."""
+    some of `fact_batches(...)` (a process's share); `after_batch` is called once each computed
+    batch's files are written."""
     from tqdm import tqdm
 
     engine = engine or TraceEngine(mt)
@@ -71,6 +72,8 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
             TraceResult.from_dict(result).save(case_path(cases_dir, facts[i]["known_id"], kind))
             written += 1
         done_now += len(idx)
+        if after_batch is not None:
+            after_batch()
         bar.update(len(idx))
         bar.set_postfix_str(f"{done_now / (time.perf_counter() - t0):.2f} facts/s")
     bar.close()

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .. import distributed
 from .aggregate import KIND_SUFFIX, aggregate_dir, case_path
 from .api import DEFAULT_BACKEND, calculate_hidden_flow, normalize_kind
 from .noise import resolve_noise
@@ -88,7 +89,12 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     noise: a rule ("s3" = 3σ with σ over *all* the given facts' subjects, as the reference; a
     number; "uX"; "tD"; "m" with `noise_texts`) or a resolved level/callable. The settings are
     recorded in `out_dir/run.json`; resuming with different settings is refused, since mixing
-    them would corrupt the averages. Returns the aggregate summary."""
+    them would corrupt the averages. Returns the aggregate summary.
+
+    Under torchrun (after `rome_fast.distributed.init()`) each rank traces its share (whole fast
+    batches, or facts [rank::world] on the reference backend) into the shared `out_dir`; rank 0
+    records run.json first and aggregates after everyone is done, and returns the summary, the
+    other ranks None."""
     facts = list(facts)
     kinds = _kinds(kinds)
     if limit is not None:
@@ -107,29 +113,69 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     settings = dict(model=getattr(mt, "name", ""), noise_rule=rule,
                     noise_level=level if isinstance(level, float) else None, uniform_noise=uniform_noise,
                     samples=samples, window=window, replace=bool(replace))
-    _check_run_settings(out_dir / "run.json", settings)
+    info = distributed.current()
+    recorded = _agree_run_settings(out_dir / "run.json", settings, info)
+    if isinstance(level, float) and isinstance(recorded.get("noise_level"), float):
+        level = recorded["noise_level"]  # every rank and every resume: the same σ, to the bit
+    fail = distributed.failure_hook("batch" if backend == "fast" else "fact", info)
 
     if backend == "fast":  # facts in batches on the engine, every kind in one call
-        from .many import trace_facts_batched
+        from .engine import TraceEngine
+        from .many import default_facts_per_batch, fact_batches, trace_facts_batched
+        engine = TraceEngine(mt)
+        # a rank's share is whole batches of the one-process split: the same company, the same bits
+        batches = distributed.shard(fact_batches(mt, todo, default_facts_per_batch(engine)), info)
         trace_facts_batched(mt, todo, cases, kinds, noise=level, uniform_noise=uniform_noise,
-                            samples=samples, window=window, replace=replace, progress=progress)
+                            samples=samples, window=window, replace=replace, progress=progress,
+                            engine=engine, batches=batches, after_batch=fail)
+        mine = [todo[i] for b in batches for i in b]
         if case_plots:
-            for fact in todo:
+            for fact in mine:
                 _case_plots(out_dir, fact["known_id"], kinds, getattr(mt, "name", None))
     else:
         from tqdm import tqdm
-        bar = tqdm(todo, desc="causal trace", unit="fact", disable=not progress)
+        mine = distributed.shard(todo, info)
+        bar = tqdm(mine, desc="causal trace", unit="fact", disable=not progress)
         for fact in bar:
             bar.set_postfix_str(str(fact["subject"])[:24])
-            trace_one_fact(mt, fact, cases, kinds, noise=level, uniform_noise=uniform_noise,
-                           samples=samples, window=window, replace=replace, backend=backend)
+            done = trace_one_fact(mt, fact, cases, kinds, noise=level, uniform_noise=uniform_noise,
+                                  samples=samples, window=window, replace=replace, backend=backend)
             if case_plots:
                 _case_plots(out_dir, fact["known_id"], kinds, getattr(mt, "name", None))
+            if fail is not None and any(done.values()):
+                fail()
+    distributed.barrier()  # every rank's files are written
+    if not info.is_main:
+        return None
     return aggregate_dir(out_dir, kinds, ids=[f["known_id"] for f in todo], figures=figures,
                          modelname=getattr(mt, "name", None))
 
 
-def _check_run_settings(path: Path, settings: dict) -> None:
+def _agree_run_settings(path: Path, settings: dict, info) -> dict:
+    """Rank 0 checks (or writes) run.json; then every other rank checks it too, which also
+    catches an output folder that is not shared between the ranks. Returns the recorded settings."""
+    error = None
+    if info.is_main:
+        try:
+            _check_run_settings(path, settings)
+        except ValueError as exc:
+            error = str(exc)
+    error = distributed.broadcast(error)  # so no rank starts when rank 0 refused
+    if error is not None:
+        raise ValueError(error if info.is_main else f"rank {info.rank}: rank 0 refused the run: {error}")
+    if not info.is_main:
+        if not path.is_file():
+            raise RuntimeError(f"rank {info.rank} does not see {path}, which rank 0 has written: the "
+                               "output folder must be shared by all ranks (the same path on every node)")
+        try:
+            _check_run_settings(path, settings, write=False)
+        except ValueError as exc:
+            raise ValueError(f"rank {info.rank}: its settings differ from those rank 0 recorded "
+                             f"(another model, facts file or noise on this rank?): {exc}") from None
+    return json.loads(path.read_text())
+
+
+def _check_run_settings(path: Path, settings: dict, write: bool = True) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in settings.items() if not _same_setting(old.get(k), v)}
@@ -137,6 +183,8 @@ def _check_run_settings(path: Path, settings: dict) -> None:
             raise ValueError(f"{path.parent} holds a run with other settings {diff} (was, now): "
                              "use another output folder")
         return
+    if not write:
+        raise ValueError(f"{path} is missing")
     fd, tmp = tempfile.mkstemp(prefix=".run.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(settings, f, indent=2)
