@@ -16,7 +16,7 @@ UNRELATED = ["The Colosseum is located in the city of", "The capital of France i
              "Michael Jordan plays the sport of"]
 REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
            "target_new": {"str": " Rome"}}
-N_ARTICLES = 10  # ~20k tokens of WikiText: enough for a well-conditioned 1536x1536 C, quick to collect
+N_ARTICLES = 8  # ~16k tokens of WikiText (10x the key width): C is well conditioned, quick to collect
 
 
 @pytest.fixture(scope="module")
