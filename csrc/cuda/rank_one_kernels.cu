@@ -5,17 +5,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "dtype_utils.cuh"
 #include "kernels.h"
 
 namespace rome_fast::cuda {
 namespace {
 
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+using detail::dispatch;
+using detail::from_f;
+using detail::to_f;
 
 // Tile: a warp spans 32·VEC consecutive columns of one row group (coalesced 16-byte accesses), the
 // 8 warps of a block span 8·RB rows; each thread owns RB rows × VEC columns of accumulators, so one
@@ -138,16 +136,6 @@ __global__ void normalize_dot_kernel(const Y_t* __restrict__ Y, const float* __r
   const double inv = inv_norm;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
     U[i * n + j] = static_cast<float>(static_cast<double>(Y[i * n + j]) * inv);
-}
-
-template <typename F>
-int dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace

@@ -3,17 +3,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "dtype_utils.cuh"
 #include "kernels.h"
 
 namespace rome_fast::cuda {
 namespace {
 
-template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+using detail::dispatch;
+using detail::from_f;
+using detail::to_f;
 
 // One block per (noise row, subject token); threads stride over the hidden dimension.
 template <typename T>
@@ -49,16 +47,6 @@ __global__ void restore_rows_kernel(T* __restrict__ x, const T* __restrict__ cle
   } else {
     for (int64_t k = threadIdx.x; k < D; k += blockDim.x) dst[k] = src[k];
   }
-}
-
-template <typename F>
-int dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace
