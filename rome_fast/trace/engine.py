@@ -385,95 +385,92 @@ class TraceEngine:
 
     # ---- prefix reuse: cells join the batch at their start layer ------------------------------
     def _run_cells_prefix(self, cells: list, st) -> torch.Tensor:
-        a, dev, S = self.adapter, self.device, st["S"]
-        N = a.num_layers
-        n_cells = len(cells)
-        cell_fact = torch.tensor([c[0] for c in cells], device=dev)
-        row_cell = torch.arange(n_cells, device=dev).repeat_interleave(S)
-        row_sample = torch.arange(S, device=dev).repeat(n_cells)
-        row_fact = cell_fact[row_cell]
-        row_corrupt = row_fact * S + row_sample  # the row of the corrupted pass it continues
-        start = torch.tensor([c[5] for c in cells]).repeat_interleave(S)
-        tok = torch.tensor([c[4] for c in cells], device=dev).repeat_interleave(S)
-        lo = torch.tensor([c[6] for c in cells], device=dev).repeat_interleave(S)
-        hi = torch.tensor([c[7] for c in cells], device=dev).repeat_interleave(S)
-        is_hidden = torch.tensor([c[1] == "hidden" for c in cells], device=dev).repeat_interleave(S)
-        kind_of = [c[1] for c in cells]
-        ctx = st["ctx"].select(row_fact)
-        tp = 0
+        a, N = self.adapter, self.adapter.num_layers
+        rows = _Rows(cells, st["S"], self.device)
+        ctx = st["ctx"].select(rows.fact)
+        tp, tok = 0, rows.tok
         if st["kv"] is not None:  # every row restores the same padded position: run from it on
             tp = cells[0][4]
             ctx = ctx.suffix(tp)
-            ctx.past = _KVReplay(st["kv"], row_corrupt, tp)
+            ctx.past = _KVReplay(st["kv"], rows.corrupt, tp)
             tok = torch.zeros_like(tok)
-        # rows active from layer l on: start <= l; rows are sorted by start
-        n_active = [int((start <= l).sum()) for l in range(N + 1)]
-
-        hooks = _RestoreHooks(a, sorted({k for k in kind_of if k != "hidden"}))
-        mod_kind = torch.tensor([KINDS.index(k) for k in kind_of], device=dev).repeat_interleave(S)
+        # rows active from layer l on: start <= l (rows are sorted by start)
+        n_active = [int((rows.start <= l).sum()) for l in range(N + 1)]
+        hooks = _RestoreHooks(a, rows.module_kinds)
         try:
             h = None
             for layer in range(N + 1):
                 n_prev = 0 if h is None else h.shape[0]
                 n = n_active[layer]
                 if n > n_prev:  # rows joining here continue the corrupted run's state
-                    new = st["corrupt_states"][layer][row_corrupt[n_prev:n], tp:].contiguous()
-                    hid = is_hidden[n_prev:n]
-                    restore_rows_(new, _from(st["clean_states"][layer], tp), row_fact[n_prev:n],
-                                  torch.where(hid, tok[n_prev:n], -1))
+                    new = st["corrupt_states"][layer][rows.corrupt[n_prev:n], tp:].contiguous()
+                    restore_rows_(new, _from(st["clean_states"][layer], tp), rows.fact[n_prev:n],
+                                  torch.where(rows.kind[n_prev:n] == 0, tok[n_prev:n], -1))
                     h = new if h is None else torch.cat([h, new])
                 if layer == N or h is None:
                     continue
-                for kind in hooks.kinds:
-                    k = KINDS.index(kind)
-                    sel = (mod_kind[:n] == k) & (lo[:n] <= layer) & (hi[:n] > layer)
-                    hooks.plan[(kind, layer)] = (_from(st["clean_module"][(kind, layer)], tp),
-                                                 row_fact[:n], torch.where(sel, tok[:n], -1))
+                rows.plan_module_restores(hooks, layer, n, tok, st["clean_module"], tp)
                 h = a.run_block(layer, h, ctx.select(slice(0, n)))
                 hooks.plan.clear()
         finally:
             hooks.remove()
-        probs = _last_probs(a, h[:, -1])
-        p = probs.gather(1, st["answers"][row_fact][:, None])[:, 0]
-        return torch.zeros(n_cells, device=dev, dtype=torch.float64).index_add_(0, row_cell, p.double())
+        return rows.cell_sums(a, h, st["answers"])
 
     # ---- grid: every cell's rows run the whole model from the embeddings ---------------------
     def _run_cells_grid(self, cells: list, st) -> torch.Tensor:
-        a, dev, S = self.adapter, self.device, st["S"]
-        N = a.num_layers
-        n_cells = len(cells)
-        cell_fact = torch.tensor([c[0] for c in cells], device=dev)
-        row_cell = torch.arange(n_cells, device=dev).repeat_interleave(S)
-        row_sample = torch.arange(S, device=dev).repeat(n_cells)
-        row_fact = cell_fact[row_cell]
-        tok = torch.tensor([c[4] for c in cells], device=dev).repeat_interleave(S)
-        lo = torch.tensor([c[6] for c in cells], device=dev).repeat_interleave(S)
-        hi = torch.tensor([c[7] for c in cells], device=dev).repeat_interleave(S)
-        kind_of = [c[1] for c in cells]
-        mod_kind = torch.tensor([KINDS.index(k) for k in kind_of], device=dev).repeat_interleave(S)
+        a, N = self.adapter, self.adapter.num_layers
+        rows = _Rows(cells, st["S"], self.device)
         batch = st["batch"]
-        emb = st["cemb"][row_fact * S + row_sample]
-        h, ctx = a.prepare(emb, batch.attention_mask[row_fact], batch.position_ids[row_fact])
-        hooks = _RestoreHooks(a, sorted({k for k in kind_of if k != "hidden"}))
+        h, ctx = a.prepare(st["cemb"][rows.corrupt], batch.attention_mask[rows.fact],
+                           batch.position_ids[rows.fact])
+        n = rows.fact.shape[0]
+        hooks = _RestoreHooks(a, rows.module_kinds)
         try:
             for layer in range(N):
-                for kind in hooks.kinds:
-                    k = KINDS.index(kind)
-                    sel = (mod_kind == k) & (lo <= layer) & (hi > layer)
-                    hooks.plan[(kind, layer)] = (st["clean_module"][(kind, layer)], row_fact,
-                                                 torch.where(sel, tok, -1))
+                rows.plan_module_restores(hooks, layer, n, rows.tok, st["clean_module"], 0)
                 h = a.run_block(layer, h, ctx)
                 hooks.plan.clear()
-                sel = (mod_kind == 0) & (lo == layer)
+                sel = (rows.kind == 0) & (rows.lo == layer)  # hidden cells restore block outputs
                 if bool(sel.any()):
                     h = h.contiguous()
-                    restore_rows_(h, st["clean_states"][layer + 1], row_fact, torch.where(sel, tok, -1))
+                    restore_rows_(h, st["clean_states"][layer + 1], rows.fact, torch.where(sel, rows.tok, -1))
         finally:
             hooks.remove()
-        probs = _last_probs(a, h[:, -1])
-        p = probs.gather(1, st["answers"][row_fact][:, None])[:, 0]
-        return torch.zeros(n_cells, device=dev, dtype=torch.float64).index_add_(0, row_cell, p.double())
+        return rows.cell_sums(a, h, st["answers"])
 
+
+class _Rows:
+    """The batch rows of a chunk of cells: S rows (noise samples) per cell, as index tensors."""
+
+    def __init__(self, cells: list, S: int, device):
+        def per_row(values):
+            return torch.tensor(values, device=device).repeat_interleave(S)
+
+        self.n_cells = len(cells)
+        self.cell = torch.arange(self.n_cells, device=device).repeat_interleave(S)
+        sample = torch.arange(S, device=device).repeat(self.n_cells)
+        self.fact = per_row([c[0] for c in cells])
+        self.corrupt = self.fact * S + sample  # the row of the corrupted pass it continues
+        self.kind = per_row([KINDS.index(c[1]) for c in cells])  # 0 = hidden
+        self.tok = per_row([c[4] for c in cells])
+        self.start = torch.tensor([c[5] for c in cells]).repeat_interleave(S)
+        self.lo = per_row([c[6] for c in cells])
+        self.hi = per_row([c[7] for c in cells])
+        self.module_kinds = sorted({c[1] for c in cells if c[1] != "hidden"})
+
+    def plan_module_restores(self, hooks, layer: int, n: int, tok, clean_module: dict, tp: int):
+        """One restore job per hooked module of `layer` for the first n rows: the rows of that
+        kind whose window covers the layer restore their token, the others nothing."""
+        for kind in hooks.kinds:
+            sel = (self.kind[:n] == KINDS.index(kind)) & (self.lo[:n] <= layer) & (self.hi[:n] > layer)
+            hooks.plan[(kind, layer)] = (_from(clean_module[(kind, layer)], tp), self.fact[:n],
+                                         torch.where(sel, tok[:n], -1))
+
+    def cell_sums(self, adapter, h, answers) -> torch.Tensor:
+        """Per cell, the sum over its rows of p(answer) at the last position."""
+        p = _last_probs(adapter, h[:, -1]).gather(1, answers[self.fact][:, None])[:, 0]
+        return torch.zeros(self.n_cells, device=h.device, dtype=torch.float64).index_add_(
+            0, self.cell, p.double())
 
 
 # --------------------------------------------------------------------------------------------
