@@ -94,6 +94,9 @@ def _cmd_trace(args) -> int:
 
     if not args.subject:
         raise ValueError("--prompt needs --subject (the words of the prompt to corrupt)")
+    from ..distributed import env_info
+    if env_info().distributed:  # every rank would trace the same fact into the same files
+        raise ValueError("--prompt traces one fact: run it without torchrun (use --facts to shard)")
     from .api import calculate_hidden_flow
     from .plots import plot_trace_heatmap
     from .results import TraceResult
