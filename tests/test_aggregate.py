@@ -17,12 +17,7 @@ FACTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
          ("Danielle Darrieux was a French actress", "Danielle Darrieux")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

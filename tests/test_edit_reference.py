@@ -20,13 +20,7 @@ REQ = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
 REQ2 = {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": {"str": " football"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread avoids OpenMP spin contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_corpus(n=300, seed=0):

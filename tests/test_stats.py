@@ -15,12 +15,7 @@ from rome_fast.models.random_init import _CORPUS
 LAYER = "transformer.h.1.mlp.c_proj"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

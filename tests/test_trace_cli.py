@@ -17,12 +17,7 @@ PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
 ARGS = ["--model", "tiny:gpt2", "--samples", "2", "--no-progress", "--backend", "reference"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

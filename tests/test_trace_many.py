@@ -19,12 +19,7 @@ PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
 ARGS = ["--model", "tiny:llama", "--samples", "3", "--noise", "0.5", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

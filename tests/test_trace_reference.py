@@ -16,13 +16,7 @@ PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny forwards are dominated by thread hand-offs; on a shared 2-core box one thread is faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
