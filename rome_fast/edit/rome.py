@@ -144,7 +144,7 @@ def register_backend(name: str, execute_fn) -> None:
 
 def apply_rome_to_model(model, tok, requests, hparams, copy: bool = False,
                         return_orig_weights: bool = False, context_templates=None, stats_dir=None,
-                        key_mode: str = "reference", backend: str = "reference", **kw):
+                        key_mode: str = "reference", backend: str = "fast", **kw):
     """Apply ROME requests in sequence (request i+1 is computed on the model edited by 1…i).
 
     Returns (model, orig_weights): orig_weights maps weight names to clones taken before the
@@ -164,6 +164,15 @@ def apply_rome_to_model(model, tok, requests, hparams, copy: bool = False,
                                                   kw.get("seed", 0))
     execute = _BACKENDS[backend]
     orig_weights = {}
+    if getattr(execute, "edits_in_place", False):
+        # the backend leaves each edit in the model itself (no snapshot / restore / re-add)
+        names = [_rewrite(model, hparams, layer)[0] for layer in sorted(set(hparams.layers))]
+        if return_orig_weights:
+            orig_weights = {n: model.get_parameter(n).detach().clone() for n in names}
+        for request in requests:
+            execute(model, tok, request, hparams, context_templates=context_templates,
+                    stats_dir=stats_dir, key_mode=key_mode, apply=True, **kw)
+        return model, orig_weights
     for request in requests:
         deltas = execute(model, tok, request, hparams, context_templates=context_templates,
                          stats_dir=stats_dir, key_mode=key_mode, **kw)
@@ -182,3 +191,6 @@ def restore_weights(model, orig_weights: dict) -> None:
     """Copy the saved weights back (bitwise: a plain copy of the clones)."""
     for name, w in orig_weights.items():
         model.get_parameter(name).copy_(w)
+
+
+from . import fast as _fast  # noqa: E402,F401  (registers the "fast" backend)

@@ -1,0 +1,217 @@
+"""Fast value optimisation: the reference's compute_v (REFERENCE.md §2.5), same rows, loss, Adam
+steps, clamp and early stop, with exact savings only (DESIGN.md §4):
+
+* δ enters at the MLP output of the edit layer L, so the blocks below L are constant: they run
+  once, and every step starts from the cached input of block L.
+* Causal attention and δ added at each row's lookup index: a row's positions before
+  s_i = min(lookup_i, first loss position) never change across steps. One no-grad run of the
+  upper blocks over the prefix [0, P) (P = max s_i) records their keys/values; each step runs
+  blocks L..N-1 only on the rows' suffixes [s_i, ℓ_i), left-aligned and right-padded, with a 4-D
+  mask over [cached prefix | suffix] keys (row i sees prefix columns < s_i, and its suffix
+  causally). The KL row needs one position (its lookup index) so its suffix is one token wide.
+* The head runs only where the loss reads it (the target positions and the KL row's position),
+  not over the full vocabulary at every position."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models import adapter_for
+from .compute_u import key_indices, module_io_at, right_padded
+from .compute_v import KL_PROMPT, ValueInfo, _escape, target_token_ids
+
+
+class _PrefixRecorder:
+    """A KV-cache stand-in for the prefix run: keeps each layer's keys/values (after rotary)."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _PrefixReplay:
+    """A KV-cache stand-in for the suffix runs: prepends the recorded prefix keys/values (the
+    4-D mask hides, per row, the prefix columns at or after that row's suffix start)."""
+
+    def __init__(self, recorded: _PrefixRecorder, width: int):
+        self.recorded, self.width = recorded, width
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.width == 0:
+            return key, value
+        return (torch.cat([self.recorded.keys[layer_idx], key], dim=-2),
+                torch.cat([self.recorded.values[layer_idx], value], dim=-2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width
+
+
+def _mask_like(allowed: torch.Tensor, like) -> torch.Tensor:
+    """A boolean (rows, 1, q, kv) mask in the format of the attention implementation's own
+    materialised mask: boolean (sdpa) or additive float (eager)."""
+    if isinstance(like, torch.Tensor) and like.dtype != torch.bool:
+        out = torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device)
+        return out.masked_fill_(~allowed, torch.finfo(like.dtype).min)
+    if like is not None and not isinstance(like, torch.Tensor):
+        raise ValueError(f"the fast value optimisation needs a tensor attention mask, got {type(like).__name__}")
+    return allowed
+
+
+def value_rows(tok, request: dict, context_templates, fact_token: str, device):
+    """The reference's 22 rows: ids, mask, lengths, lookup indices, target ids."""
+    target_ids = target_token_ids(tok, request["target_new"]["str"])
+    forced = _escape(tok.decode(target_ids[:-1]))
+    rewriting = [c.format(request["prompt"]) + forced for c in context_templates]
+    all_prompts = rewriting + [KL_PROMPT]
+    ids, mask = right_padded(tok, [p.format(request["subject"]) for p in all_prompts], device)
+    lookup = key_indices(tok, all_prompts, request["subject"], fact_token)
+    return ids, mask, mask.sum(1).tolist(), lookup, target_ids, len(rewriting)
+
+
+def optimize_value(model, tok, request: dict, hparams, layer: int, context_templates, adapter=None):
+    """Optimise δ as the reference does. Returns (v_init, delta, losses, steps, lookup)."""
+    a = adapter or adapter_for(model)
+    device = next(model.parameters()).device
+    ids, mask, lengths, lookup, target_ids, n_rw = value_rows(tok, request, context_templates,
+                                                              hparams.fact_token, device)
+    n_t, n_rows, N = len(target_ids), ids.shape[0], a.num_layers
+    if not 0 <= layer < N:
+        raise ValueError(f"edit layer {layer} is outside the model's {N} layers")
+    mlp = model.get_submodule(hparams.mlp_module_tmp.format(layer))
+    for i in range(n_rows):
+        if not 0 <= lookup[i] < lengths[i]:
+            raise ValueError(f"lookup index {lookup[i]} is outside row {i} of length {lengths[i]}")
+
+    # suffix of row i: [start_i, end_i); rewriting rows need logits at ℓ−n_t … ℓ−1, the KL row at
+    # its lookup index only
+    start = [min(lookup[i], lengths[i] - n_t) for i in range(n_rw)] + [lookup[n_rw]]
+    end = lengths[:n_rw] + [lookup[n_rw] + 1]
+    P, S = max(start), max(e - s for s, e in zip(start, end))
+
+    # one no-grad run: blocks 0..L-1 over the full width (block L's input, constant), then blocks
+    # L..N-1 over the prefix [0, P) to record their keys/values
+    with torch.no_grad():
+        emb = a.embed(ids)
+        h, ctx = a.prepare(emb, mask, full_mask=True)
+        for l in range(layer):
+            h = a.run_block(l, h, ctx)
+        h_in = h
+        rec = _PrefixRecorder()
+        if P > 0:
+            hp, pctx = a.prepare(emb[:, :P], mask[:, :P], full_mask=True)
+            pctx.past = rec
+            hp = h_in[:, :P]
+            for l in range(layer, N):
+                hp = a.run_block(l, hp, pctx)
+            rec.keys = {k: v.detach() for k, v in rec.keys.items()}
+            rec.values = {k: v.detach() for k, v in rec.values.items()}
+
+    # the suffix batch: row i's positions start_i + j at column j
+    cols = torch.arange(S, device=device)
+    st = torch.tensor(start, device=device)
+    width = torch.tensor([e - s for s, e in zip(start, end)], device=device)
+    pos = st[:, None] + cols[None, :]
+    src = torch.minimum(pos, torch.tensor(lengths, device=device)[:, None] - 1)  # padding reads a real token
+    h_suf = h_in.gather(1, src[:, :, None].expand(-1, -1, h_in.shape[2])).contiguous()
+    with torch.no_grad():
+        _, sctx = a.prepare(emb[:, :S], torch.ones(n_rows, S, dtype=mask.dtype, device=device),
+                            position_ids=src, full_mask=True)  # padding columns: any valid position
+    pre_ok = torch.arange(P, device=device)[None, :] < st[:, None]           # (rows, P)
+    suf_ok = cols[None, :] <= cols[:, None]                                  # (S, S) causal
+    allowed = torch.cat([pre_ok[:, None, :].expand(-1, S, -1),
+                         suf_ok[None].expand(n_rows, -1, -1)], dim=2)[:, None]
+    sctx.attention_mask = _mask_like(allowed, sctx.attention_mask)
+    sctx.past = _PrefixReplay(rec, P)
+
+    rows = torch.arange(n_rows, device=device)
+    at = torch.tensor(lookup, device=device) - st                             # δ's column per row
+    # loss positions: rewriting rows' targets (columns ℓ−n_t−s … ℓ−1−s), then the KL row's column
+    t_rows = torch.arange(n_rw, device=device).repeat_interleave(n_t)
+    t_cols = torch.cat([torch.arange(lengths[i] - n_t, lengths[i], device=device) - start[i]
+                        for i in range(n_rw)])
+    t_ids = torch.tensor(target_ids, device=device).repeat(n_rw)
+    assert bool((width > 0).all()) and int(t_cols.min()) >= 0
+
+    hidden = h_in.shape[2]
+    delta = torch.zeros(hidden, dtype=torch.float32, device=device, requires_grad=True)
+    state = {"v_init": None}
+
+    def add_delta(_module, _args, out):
+        y = out[0] if isinstance(out, tuple) else out
+        if state["v_init"] is None:
+            state["v_init"] = y[0, at[0]].detach().float().clone()
+        y = y.clone()
+        y[rows, at] = y[rows, at] + delta.to(y.dtype)
+        return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    was_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kl_init, losses, steps = None, [], 0
+    handle = mlp.register_forward_hook(add_delta)
+    try:
+        for it in range(hparams.v_num_grad_steps):
+            opt.zero_grad()
+            with torch.enable_grad():
+                x = h_suf
+                for l in range(layer, N):
+                    x = a.run_block(l, x, sctx)
+                picked = torch.cat([x[t_rows, t_cols], x[n_rw:, 0]])  # KL row: its lookup column
+                logp = torch.log_softmax(a.head(picked).float(), dim=-1)
+            kl_logp = logp[n_rw * n_t:]
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            tok_logp = logp[:n_rw * n_t].gather(1, t_ids[:, None])[:, 0].view(n_rw, n_t)
+            nll = (-tok_logp.sum(1) / n_t).mean()
+            kl = hparams.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            wd = hparams.v_weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
+            loss = nll + kl + wd
+            losses.append((nll.item(), kl.item(), wd.item()))
+            if loss.item() < 5e-2:
+                break
+            if it == hparams.v_num_grad_steps - 1:
+                break  # the last iteration only evaluates, as the reference
+            loss.backward()
+            opt.step()
+            steps += 1
+            max_norm = hparams.clamp_norm_factor * state["v_init"].norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+        for p, g in zip(model.parameters(), was_grad):
+            p.requires_grad_(g)
+    return state["v_init"], delta.detach(), losses, steps, lookup
+
+
+def fast_compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
+                   context_templates, key_mode: str = "reference", k_bar: torch.Tensor | None = None,
+                   return_info: bool = False, adapter=None):
+    """Drop-in for `compute_v` (same arguments, same returns) on the fast value optimisation."""
+    if key_mode not in ("reference", "r-rome"):
+        raise ValueError(f"unknown key_mode {key_mode!r}: 'reference' or 'r-rome'")
+    v_init, delta, losses, steps, lookup = optimize_value(model, tok, request, hparams, layer,
+                                                          context_templates, adapter)
+    v_star = v_init + delta
+    rewrite = hparams.rewrite_module_tmp.format(layer)
+    if key_mode == "reference":
+        k, y = module_io_at(model, tok, rewrite, [request["prompt"]], request["subject"], hparams.fact_token)
+        k, y = k[0], y[0]
+    else:
+        templates = [c.format(request["prompt"]) for c in context_templates]
+        ks, ys = module_io_at(model, tok, rewrite, templates, request["subject"], hparams.fact_token)
+        k, y = (ks.mean(0) if k_bar is None else k_bar), ys.mean(0)
+    k, y = k.float(), y.float()
+    denom = torch.dot(k, left_vector.to(k.device).float())
+    right = (v_star - y) / denom
+    if not return_info:
+        return right
+    return right, ValueInfo(k, y, v_init, delta, v_star, right, denom.item(), losses, steps, lookup)

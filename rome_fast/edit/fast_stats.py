@@ -1,0 +1,186 @@
+"""Fast second-moment statistics (DESIGN.md §4): the same sums as `stats.layer_stats` (same texts,
+same truncation, same cache files in the reference's layout), collected with
+
+* several layers in one pass, the forward run block by block and stopped after the highest
+  block that holds a requested module;
+* packing: the tokenised texts are packed first-fit-decreasing into rows (several short texts
+  per row, each with its own position ids restarting at 0 and a block-diagonal causal mask, so
+  a text sees only itself: exactly its own forward), rows of similar width batched under the
+  token budget, so almost no padding is computed;
+* optionally bf16/fp16 activations (autocast) with the sums kept in fp32/fp64 (`addmm_`);
+* tokens/s in the progress bar.
+
+A file written here is read by `stats.layer_stats` and vice versa."""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from ..models import adapter_for
+from .fast_compute_v import _mask_like
+from .nethook import TraceDict, module_input_size
+from .stats import (_PRECISIONS, ARTICLES_PER_BATCH, LayerStats, SecondMoment, _Subset, context_length,
+                    corpus_ds_name, length_batches, load_stats_file, save_stats_file, stats_model_name,
+                    stats_path)
+from .corpus import resolve_corpus
+
+ROW_TOKENS = 512  # packed row capacity: longer rows waste attention on masked-out pairs
+_ACT = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
+        torch.bfloat16: torch.bfloat16, torch.float16: torch.float16, torch.float32: None}
+
+
+def pack_rows(lengths, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: index groups whose lengths sum to <= capacity (a longer text is a
+    row of its own)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        for r in range(len(rows)):
+            if room[r] >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max(capacity, n) - n)
+    return rows
+
+
+def _block_of(adapter, name: str) -> int:
+    for l in range(adapter.num_layers):
+        if name.startswith(adapter.layer_name(l) + "."):
+            return l
+    raise ValueError(f"module {name!r} is not inside a transformer block of this model")
+
+
+def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
+                      dtype=torch.float32, act_dtype=None, packed: bool = True,
+                      row_tokens: int = ROW_TOKENS, progress: bool = True, desc=None,
+                      stats_out: dict | None = None) -> dict[str, SecondMoment]:
+    """Σ k kᵀ over every token of `texts` at the input of each module in `layer_names`, in one
+    pass: {name: SecondMoment}. packed=False batches texts by length with right padding (the
+    reference's batching, on the block-by-block runner). `stats_out` receives tokens and seconds."""
+    from tqdm.auto import tqdm
+
+    if isinstance(layer_names, str):
+        layer_names = [layer_names]
+    if act_dtype not in _ACT:
+        raise ValueError(f"act_dtype must be None, 'bfloat16' or 'float16', not {act_dtype!r}")
+    act = _ACT[act_dtype]
+    a = adapter_for(model)
+    names = list(dict.fromkeys(layer_names))
+    for n in names:
+        try:
+            model.get_submodule(n)
+        except AttributeError:
+            raise ValueError(f"no module named {n!r} in the model") from None
+    top = max(_block_of(a, n) for n in names)
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    stats = {n: SecondMoment() for n in names}
+    n_tok, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(texts), desc=desc or f"stats {names[-1]}", disable=not progress, unit="text")
+    with torch.no_grad(), TraceDict(model, names, retain_input=True) as tr:
+        for start in range(0, len(texts), ARTICLES_PER_BATCH):
+            chunk = [texts[i] for i in range(start, min(start + ARTICLES_PER_BATCH, len(texts)))]
+            ids = tok(chunk, truncation=True, max_length=maxlen)["input_ids"]
+            ids = [x for x in ids if len(x) > 0]
+            if packed:
+                rows = pack_rows([len(x) for x in ids], min(row_tokens, maxlen))
+            else:
+                rows = [[i] for i in range(len(ids))]
+            widths = [sum(len(ids[i]) for i in r) for r in rows]
+            for group in length_batches(widths, batch_tokens):
+                width = widths[group[0]]
+                batch = torch.full((len(group), width), pad_id, dtype=torch.long)
+                seg = torch.full((len(group), width), -1, dtype=torch.long)
+                pos = torch.zeros((len(group), width), dtype=torch.long)
+                for r, g in enumerate(group):
+                    c = 0
+                    for s, i in enumerate(rows[g]):
+                        n = len(ids[i])
+                        batch[r, c:c + n] = torch.tensor(ids[i])
+                        seg[r, c:c + n] = s
+                        pos[r, c:c + n] = torch.arange(n)
+                        c += n
+                batch, seg, pos = batch.to(device), seg.to(device), pos.to(device)
+                keep = seg >= 0
+                with torch.autocast(device.type, dtype=act, enabled=act is not None):
+                    emb = a.embed(batch)
+                    h, ctx = a.prepare(emb, keep.long(), pos, full_mask=True)
+                    if packed:  # block-diagonal causal: a token sees earlier tokens of its own text
+                        q = torch.arange(width, device=device)
+                        allowed = (seg[:, :, None] == seg[:, None, :]) & (q[None, None, :] <= q[None, :, None])
+                        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself
+                        ctx.attention_mask = _mask_like(allowed[:, None], ctx.attention_mask)
+                    for l in range(top + 1):
+                        h = a.run_block(l, h, ctx)
+                for n in names:  # keys at real tokens only, summed in the statistics' dtype
+                    stats[n].add(tr[n].input[keep].to(dtype))
+                n_tok += int(keep.sum())
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    if stats_out is not None:
+        stats_out.update(tokens=n_tok, seconds=time.perf_counter() - t0)
+    if stats[names[0]].count == 0:
+        raise ValueError("the corpus produced no tokens")
+    return stats
+
+
+def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = None,
+                     to_collect=("mom2",), sample_size=None, precision="float32", batch_tokens=None,
+                     progress=True, corpus=None, model_name: str | None = None,
+                     force_recompute: bool = False, act_dtype=None, packed: bool = True):
+    """`stats.layer_stats` on the fast collector. `layer_names`: one module name (returns a
+    LayerStats) or several (returns {name: LayerStats}, the missing ones collected in one pass).
+    The cache files are the reference path's; act_dtype 'bfloat16'/'float16' runs the forward
+    in that precision (the files then hold approximate statistics under the same name: use a
+    separate stats_dir for them)."""
+    single = isinstance(layer_names, str)
+    names = [layer_names] if single else list(dict.fromkeys(layer_names))
+    if not names:
+        raise ValueError("no layers given")
+    if tuple(to_collect) != ("mom2",):
+        raise ValueError(f"only the 'mom2' statistic is collected, not {tuple(to_collect)}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be 'float32' or 'float64', not {precision!r}")
+    if sample_size is not None and int(sample_size) <= 0:
+        raise ValueError(f"sample_size must be positive, got {sample_size}")
+    if ds_name is None:
+        if corpus is None:
+            raise ValueError("give a corpus or a dataset name (ds_name) for the statistics")
+        ds_name = corpus_ds_name(corpus)
+    maxlen = context_length(model)
+    batch_tokens = int(maxlen * 3 if batch_tokens is None else batch_tokens)
+    if batch_tokens <= 0:
+        raise ValueError("batch_tokens must be positive")
+    dims = {n: module_input_size(model, n) for n in names}
+    out, paths = {}, {}
+    for n in names:
+        if stats_dir is None:
+            continue
+        paths[n] = stats_path(stats_dir, model_name or stats_model_name(model), ds_name, n, precision,
+                              to_collect, sample_size, batch_tokens, maxlen)
+        if paths[n].is_file() and not force_recompute:
+            stat = load_stats_file(paths[n], dims[n], sample_size)
+            if stat is not None:
+                out[n] = LayerStats(stat, paths[n], sample_size)
+    missing = [n for n in names if n not in out]
+    if missing:
+        texts, _ = resolve_corpus(corpus, ds_name)
+        order = list(range(len(texts)))
+        random.Random(1).shuffle(order)  # the reference's FixedRandomSubsetSampler
+        if sample_size is not None:
+            order = order[:int(sample_size)]
+        got = collect_mom2_fast(model, tok, missing, _Subset(texts, order), min(maxlen, batch_tokens),
+                                batch_tokens, _PRECISIONS[precision], act_dtype, packed, progress=progress)
+        for n in missing:
+            if got[n].mom2.shape[0] != dims[n]:
+                raise ValueError(f"{n}: collected keys of width {got[n].mom2.shape[0]}, expected {dims[n]}")
+            if n in paths:
+                save_stats_file(paths[n], got[n], sample_size)
+            out[n] = LayerStats(got[n], paths.get(n), sample_size)
+    return out[names[0]] if single else {n: out[n] for n in names}
