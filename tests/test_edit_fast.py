@@ -256,3 +256,45 @@ def test_pack_rows():
     lens = [5, 9, 3, 20, 1, 7]
     assert all(sum(lens[i] for i in r) <= 10 or len(r) == 1 for r in rows)
     assert len(rows) == 4  # [20], [9,1], [7,3], [5]
+
+
+# ---- sequential evaluation --------------------------------------------------------------------
+def test_sequential_eval_accumulates_and_restores(setup, tmp_path):
+    import json
+
+    from rome_fast.eval import datasets as D
+    from rome_fast.eval import runner as R
+    s = setup["llama"]
+    mt, hp = s["mt"], s["hp"]
+    compact = [dict(case_id=i, prompt=r["prompt"].format(r["subject"]), subject=r["subject"],
+                    target_new=r["target_new"]["str"].strip(), ground_truth="Paris",
+                    rephrase_prompt=r["prompt"].format(r["subject"]) + " the",
+                    locality_prompt="The Louvre is in", locality_ground_truth="Paris")
+               for i, r in enumerate(REQS[:3])]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(compact))
+    records = D.load_counterfact(path)
+    W = _w(s)
+    W0 = W.detach().clone()
+    kw = dict(editor_kwargs=dict(key_mode="r-rome", **_kw(s)), skip_generation=True, progress=False)
+    R.evaluate(mt, "counterfact", records, hp, tmp_path / "seq", sequential=True, **kw)
+    assert torch.equal(W, W0), "the original weights come back after a sequential run"
+    seq = [json.loads((tmp_path / "seq" / f"case_{i}.json").read_text()) for i in range(3)]
+    assert [c["edits"] for c in seq] == [1, 2, 3]
+    assert json.loads((tmp_path / "seq" / "run.json").read_text())["key_mode"] == "r-rome"
+    R.evaluate(mt, "counterfact", records, hp, tmp_path / "ind", **kw)
+    ind = [json.loads((tmp_path / "ind" / f"case_{i}.json").read_text()) for i in range(3)]
+    assert seq[0]["pre"] == ind[0]["pre"]        # nothing edited yet
+    assert seq[2]["pre"] != ind[2]["pre"]        # two earlier edits are in the model
+    with pytest.raises(ValueError, match="not resumable"):
+        R.evaluate(mt, "counterfact", records, hp, tmp_path / "seq", sequential=True, **kw)
+
+
+def test_eval_cli_has_sequential_and_key_mode():
+    import argparse
+
+    from rome_fast.eval.commands import add_parsers
+    p = argparse.ArgumentParser()
+    add_parsers(p.add_subparsers())
+    a = p.parse_args(["eval", "--out", "x", "--sequential", "--key-mode", "r-rome"])
+    assert a.sequential and a.key_mode == "r-rome"

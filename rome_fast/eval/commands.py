@@ -47,6 +47,8 @@ def _cmd_eval(args) -> int:
     corpus = args.corpus or (str(SHARED_CORPUS) if SHARED_CORPUS.is_file() else None)
     if corpus:
         editor_kwargs["corpus"] = corpus
+    if args.key_mode != "reference":
+        editor_kwargs["key_mode"] = args.key_mode
     from .. import distributed
     from ..trace.commands import load_model_spec
     info = distributed.init()  # a no-op unless torchrun started several processes
@@ -59,7 +61,8 @@ def _cmd_eval(args) -> int:
                   + (f" ({info.world} processes)" if info.distributed else ""))
         evaluate(mt, args.dataset, records, hparams, args.out, skip_generation=args.skip_generation,
                  progress=not args.quiet and info.is_main, seed=args.seed, tfidf=tfidf,
-                 snippets=snippets, backend=args.backend, editor_kwargs=editor_kwargs)
+                 snippets=snippets, backend=args.backend, editor_kwargs=editor_kwargs,
+                 sequential=args.sequential)
     finally:
         distributed.finalize()
     return 0
@@ -86,7 +89,12 @@ def add_parsers(sub) -> None:
                    help="model name or path (default: the embedded model); tiny:<family> for tests")
     p.add_argument("--hparams", help="ROME hyperparameters JSON (default: the model's bundled preset)")
     p.add_argument("--skip-generation", action="store_true", help="skip the generation metrics (GE, RS)")
-    p.add_argument("--backend", choices=["reference", "fast"], help="ROME implementation")
+    p.add_argument("--backend", choices=["reference", "fast"], help="ROME implementation (default: fast)")
+    p.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"],
+                   help="r-rome: the template-mean key k̄ also for the denominator and residual")
+    p.add_argument("--sequential", action="store_true",
+                   help="accumulate the edits (no restore between cases); pre/post per case around its "
+                        "own edit; one process, not resumable (needs an empty --out)")
     p.add_argument("--stats-dir", help="folder of second-moment statistics for ROME "
                                        "(default: $ROME_FAST_CACHE/stats)")
     p.add_argument("--corpus", help="text file for the statistics when they are not cached (default: "

@@ -131,9 +131,10 @@ def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
         raise RuntimeError(f"{path} is missing")
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams"):
-            if key in old and old[key] != config[key]:
-                raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config[key]!r}; "
+        for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams", "key_mode",
+                    "sequential"):
+            if key in old and old[key] != config.get(key):
+                raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}; "
                                  "use another --out folder (or delete this one) to start afresh")
     if write:
         _write_json_atomic(path, config)
@@ -168,7 +169,7 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
              *, seed: int = 0, check_restore: Optional[bool] = None, tfidf: Optional[G.TfIdf] = None,
              snippets: Optional[dict] = None, backend: Optional[str] = None,
              editor_kwargs: Optional[dict] = None, batch_size: int = M.DEFAULT_BATCH,
-             summary: bool = True) -> Optional[dict]:
+             summary: bool = True, sequential: bool = False) -> Optional[dict]:
     """Evaluate edits of `records` (EvalRecords or a data file path) on `mt` and write the case
     files to `out_dir`; returns `summarize(out_dir)` (None with summary=False).
 
@@ -179,7 +180,12 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
 
     Under torchrun (after `rome_fast.distributed.init()`) each rank evaluates records[rank::world]
     into the shared `out_dir`; rank 0 writes run.json first and the summary once every rank is
-    done, and returns it; the other ranks return None."""
+    done, and returns it; the other ranks return None.
+
+    sequential=True: the edits accumulate (no restore between cases, as a model edited fact after
+    fact): per case, "pre" is measured on the model with the earlier cases' edits and "post" after
+    this one's ("edits" counts them); the original weights come back at the end. One process
+    only, and not resumable (the accumulated edits are not saved): `out_dir` must hold no cases."""
     if dataset not in ("counterfact", "zsre"):
         raise ValueError(f"unknown dataset {dataset!r}; use 'counterfact' or 'zsre'")
     if isinstance(records, (str, Path)):
@@ -194,7 +200,19 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = distributed.current()
-    _agree_run_config(out_dir, {
+    extra = {}
+    if (editor_kwargs or {}).get("key_mode", "reference") != "reference":
+        extra["key_mode"] = editor_kwargs["key_mode"]
+    if sequential:
+        if info.distributed:
+            raise ValueError("sequential evaluation accumulates edits on one model: run it in one "
+                             "process, not under torchrun")
+        if any(out_dir.glob("case_*.json")):
+            raise ValueError(f"{out_dir} already holds case files: a sequential run is not resumable "
+                             "(its accumulated edits are not saved); use an empty --out")
+        return _evaluate_sequential(mt, dataset, records, hparams, out_dir, editor, skip_generation,
+                                    progress, seed, tfidf, snippets, backend, batch_size, summary, extra)
+    _agree_run_config(out_dir, {**extra,
         "dataset": dataset, "model": getattr(mt, "name", type(mt.model).__name__),
         "skip_generation": bool(skip_generation), "seed": seed, "backend": backend,
         "hparams": hparams.to_dict() if hasattr(hparams, "to_dict") else None,
@@ -252,6 +270,40 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     distributed.barrier()  # every rank's cases are written
     if not info.is_main:
         return None
+    return summarize(out_dir, print_table=progress) if summary else None
+
+
+def _evaluate_sequential(mt, dataset, records, hparams, out_dir, editor, skip_generation, progress,
+                         seed, tfidf, snippets, backend, batch_size, summary, extra):
+    from tqdm.auto import tqdm
+    _check_run_config(out_dir, {
+        **extra, "sequential": True, "dataset": dataset, "model": getattr(mt, "name", type(mt.model).__name__),
+        "skip_generation": bool(skip_generation), "seed": seed, "backend": backend,
+        "hparams": hparams.to_dict() if hasattr(hparams, "to_dict") else None,
+        "generation": None if skip_generation or dataset == "zsre" else
+        {"max_out_len": 100, "top_k": 5, "seed": "seed + case_id",
+         "prompts": GEN_SOURCE_FULL if any(r.generation_prompts for r in records) else GEN_SOURCE_COMPACT}})
+    kw = dict(skip_generation=skip_generation, seed=seed, tfidf=tfidf, snippets=snippets, batch_size=batch_size)
+    first_restore = None
+    try:
+        for n, record in enumerate(tqdm(records, desc=f"eval {dataset} (sequential)", unit="case",
+                                        disable=not progress), 1):
+            pre = case_metrics(mt, record, **kw)  # the model with the earlier cases' edits
+            start = time.perf_counter()
+            restore = editor(mt, record.request())
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if not callable(restore):
+                raise TypeError(f"the editor must return a restore function, got {type(restore).__name__}")
+            first_restore = first_restore or restore  # puts back the weights from before every edit
+            post = case_metrics(mt, record, **kw)
+            _write_json_atomic(case_path(out_dir, record.case_id),
+                               {"case_id": record.case_id, "requested_rewrite": record.requested_rewrite,
+                                "time": elapsed, "edits": n, "post": post, "pre": pre})
+    finally:
+        if first_restore is not None:
+            first_restore()
     return summarize(out_dir, print_table=progress) if summary else None
 
 

@@ -1,0 +1,182 @@
+"""ROME editing, reference path vs fast backend, in one process on the embedded SmolLM2-135M (CPU).
+
+    OMP_NUM_THREADS=1 python benchmarks/edit_side_by_side.py [--articles 16] [--sequential 10]
+
+Measures (same seeded context templates, same statistics file for both paths):
+* statistics: tokens/s collecting one layer's second moment from a small WikiText-2 sample
+  (reference `layer_stats` collector vs the fast packed collector), and their relative difference;
+* seconds per edit with statistics and C⁻¹ / the factor already cached (a warm-up edit first),
+  and the max relative difference of the weight updates;
+* N sequential edits (CounterFact requests), total seconds and the weights' relative difference;
+* the update alone: the reference's fp32 inverse (cached and uncached) + outer product + add vs
+  the fused `rome_update_` on the cached Cholesky factor.
+Writes benchmarks/results/edit_cpu.json and prints a table."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def timed(fn, repeat=1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--articles", type=int, default=16, help="WikiText-2 articles for the statistics")
+    ap.add_argument("--sequential", type=int, default=10, help="N sequential edits")
+    ap.add_argument("--edits", type=int, default=3, help="single edits timed per backend")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "edit_cpu.json"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import tempfile
+
+    import rome_fast
+    from rome_fast.edit import ROMEHyperParams, apply_rome_to_model, get_context_templates, restore_weights
+    from rome_fast.edit.compute_u import clear_cache as clear_inv
+    from rome_fast.edit.corpus import read_text_file
+    from rome_fast.edit.fast import layer_factor
+    from rome_fast.edit.fast_stats import collect_mom2_fast
+    from rome_fast.edit.rome import weight_layout
+    from rome_fast.edit.solve_update import clear_factor_cache, rome_update_, rome_update_ref
+    from rome_fast.edit.stats import collect_mom2, context_length
+    from rome_fast.eval.datasets import load_counterfact
+
+    mt = rome_fast.load_model("smollm2-135m", device="cpu")
+    model, tok = mt.model, mt.tokenizer
+    hp = ROMEHyperParams.from_name(mt.name)
+    hp.mom2_n_samples = args.articles
+    layer = hp.layers[0]
+    wname = hp.rewrite_module_tmp.format(layer)
+    corpus = DATA / "wikitext-2-raw-test.txt"
+    res = {"device": "cpu", "threads": args.threads, "model": mt.name, "layer": layer,
+           "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+           "note": "shared 2-core machine (other jobs running), OMP_NUM_THREADS=1; statistics from "
+                   f"{args.articles} WikiText-2 test articles (not 100k Wikipedia articles)"}
+
+    # ---- statistics -------------------------------------------------------------------------
+    import random
+    texts = read_text_file(corpus)
+    order = list(range(len(texts)))
+    random.Random(1).shuffle(order)
+    sample = [texts[i] for i in order[:args.articles]]
+    maxlen = context_length(model)
+    t_ref, ref = timed(lambda: collect_mom2(model, tok, [wname], sample, maxlen, 3 * maxlen, progress=False))
+    info = {}
+    t_fast, fast = timed(lambda: collect_mom2_fast(model, tok, [wname], sample, maxlen, 3 * maxlen,
+                                                   progress=False, stats_out=info))
+    n = ref[wname].count
+    two = [hp.rewrite_module_tmp.format(l) for l in (layer, layer + 1)]
+    t_two, _ = timed(lambda: collect_mom2_fast(model, tok, two, sample, maxlen, 3 * maxlen, progress=False))
+    res["stats"] = {"tokens": n, "reference_s": t_ref, "fast_s": t_fast,
+                    "reference_tok_s": n / t_ref, "fast_tok_s": n / t_fast, "speedup": t_ref / t_fast,
+                    "rel_diff": rel(fast[wname].mom2, ref[wname].mom2),
+                    "fast_two_layers_one_pass_s": t_two}
+
+    # ---- per-edit ---------------------------------------------------------------------------
+    stats_dir = Path(tempfile.mkdtemp(prefix="rome-bench-stats-"))
+    from rome_fast.edit.stats import layer_stats
+    layer_stats(model, tok, wname, stats_dir, corpus.stem, sample_size=args.articles, corpus=str(corpus),
+                progress=False)  # one file both paths read
+    templates = get_context_templates(model, tok, hp.context_template_length_params, seed=0)
+    records = load_counterfact(DATA / "counterfact-edit.json", limit=args.sequential + args.edits + 1)
+    reqs = [r.request() for r in records]
+    kw = dict(context_templates=templates, stats_dir=stats_dir, corpus=str(corpus), progress=False)
+    W = model.get_parameter(wname + ".weight")
+    W0 = W.detach().clone()
+
+    def edit(backend, rs):
+        _, orig = apply_rome_to_model(model, tok, rs, hp, return_orig_weights=True, backend=backend, **kw)
+        upd = W.detach() - W0
+        restore_weights(model, orig)
+        assert torch.equal(W, W0)
+        return upd
+
+    clear_inv(), clear_factor_cache()
+    first = {b: timed(lambda b=b: edit(b, reqs[:1]))[0] for b in ("reference", "fast")}  # loads C, inverts / factors
+    per = {"reference": [], "fast": []}
+    diffs = []
+    for r in reqs[1:1 + args.edits]:
+        t_r, u_r = timed(lambda: edit("reference", [r]))
+        t_f, u_f = timed(lambda: edit("fast", [r]))
+        per["reference"].append(t_r)
+        per["fast"].append(t_f)
+        diffs.append(rel(u_f, u_r))
+    mean = {b: sum(v) / len(v) for b, v in per.items()}
+    res["per_edit"] = {"edits": args.edits, "reference_s": mean["reference"], "fast_s": mean["fast"],
+                       "speedup": mean["reference"] / mean["fast"], "max_rel_diff_update": max(diffs),
+                       "first_edit_s (loads stats, inverse / factor)": first,
+                       "value_steps": hp.v_num_grad_steps, "templates": len(templates)}
+
+    # ---- sequential ------------------------------------------------------------------------
+    seq = reqs[1 + args.edits:1 + args.edits + args.sequential]
+    t_sr, u_sr = timed(lambda: edit("reference", seq))
+    t_sf, u_sf = timed(lambda: edit("fast", seq))
+    res["sequential"] = {"n": len(seq), "reference_s": t_sr, "fast_s": t_sf, "speedup": t_sr / t_sf,
+                         "rel_diff_update": rel(u_sf, u_sr),
+                         "rel_diff_weights": rel(W0 + u_sf, W0 + u_sr)}
+
+    # ---- the update alone ------------------------------------------------------------------
+    fac = layer_factor(model, tok, hp, layer, stats_dir, str(corpus), False)
+    C = layer_stats(model, tok, wname, stats_dir, corpus.stem, sample_size=args.articles,
+                    corpus=str(corpus), progress=False).mom2.moment().float()
+    layout = weight_layout(model.get_submodule(wname), W, C.shape[0])
+    g = torch.Generator().manual_seed(0)
+    kbar = torch.randn(C.shape[0], generator=g).abs()
+    kstar = kbar + 0.1 * torch.randn(C.shape[0], generator=g)
+    resid = torch.randn(W.numel() // C.shape[0], generator=g)
+    Wc = W0.clone()
+    C_inv = torch.inverse(C)
+    rep = 20
+    t_inv, _ = timed(lambda: rome_update_ref(Wc, C, kbar, kstar, resid, layout), repeat=5)
+    t_cached, _ = timed(lambda: rome_update_ref(Wc, None, kbar, kstar, resid, layout, C_inv=C_inv), repeat=rep)
+    t_fused, _ = timed(lambda: rome_update_(Wc, fac, kbar, kstar, resid, layout), repeat=rep)
+    Wa, Wb = W0.clone(), W0.clone()
+    rome_update_ref(Wa, None, kbar, kstar, resid, layout, C_inv=C_inv)
+    rome_update_(Wb, fac, kbar, kstar, resid, layout)
+    res["update"] = {"shape": list(W.shape), "reference_uncached_inverse_s": t_inv,
+                     "reference_cached_inverse_s": t_cached, "fused_s": t_fused,
+                     "speedup_vs_cached": t_cached / t_fused, "speedup_vs_uncached": t_inv / t_fused,
+                     "rel_diff_update": rel(Wb - W0, Wa - W0), "factor": repr(fac)}
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    s, p, q, u = res["stats"], res["per_edit"], res["sequential"], res["update"]
+    print(f"{'':34s}{'reference':>12s}{'fast':>12s}{'speedup':>9s}  rel. diff")
+    print(f"{'statistics, tokens/s (1 layer)':34s}{s['reference_tok_s']:12.0f}{s['fast_tok_s']:12.0f}"
+          f"{s['speedup']:9.2f}  {s['rel_diff']:.1e}")
+    print(f"{'seconds per edit':34s}{p['reference_s']:12.2f}{p['fast_s']:12.2f}{p['speedup']:9.2f}  "
+          f"{p['max_rel_diff_update']:.1e}")
+    print(f"{f'{q[chr(110)]} sequential edits, s':34s}{q['reference_s']:12.2f}{q['fast_s']:12.2f}"
+          f"{q['speedup']:9.2f}  {q['rel_diff_update']:.1e}")
+    print(f"{'update alone (cached inverse), ms':34s}{1e3 * u['reference_cached_inverse_s']:12.2f}"
+          f"{1e3 * u['fused_s']:12.2f}{u['speedup_vs_cached']:9.2f}  {u['rel_diff_update']:.1e}")
+    print(f"{'update alone (with inverse), ms':34s}{1e3 * u['reference_uncached_inverse_s']:12.2f}"
+          f"{1e3 * u['fused_s']:12.2f}{u['speedup_vs_uncached']:9.2f}")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
