@@ -52,19 +52,27 @@ def cmd_stats(args) -> int:
     corpus = args.corpus or default_corpus()
     if corpus is None:
         raise ValueError("give --corpus FILE (or a Hugging Face dataset name with `datasets` installed)")
+    from .fast_stats import layer_stats_fast
+
     mt = load_model(args.model, device=args.device)
     stats_dir = _stats_dir(args)
     for layer in args.layer:
         if not 0 <= layer < mt.num_layers:
             raise ValueError(f"layer {layer} out of range for a {mt.num_layers}-layer model")
-        name = mt.adapter.rewrite_name(layer)
-        t0 = time.time()
-        st = layer_stats(mt.model, mt.tokenizer, name, stats_dir, corpus_ds_name(corpus),
-                         sample_size=args.samples, precision=args.precision,
-                         batch_tokens=args.batch_tokens, corpus=corpus)
-        dt = time.time() - t0
-        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} in {dt:.1f} s "
-              f"({st.mom2.count / dt:.0f} tokens/s incl. loading) -> {st.path}")
+    names = [mt.adapter.rewrite_name(layer) for layer in args.layer]
+    t0 = time.time()
+    if args.backend == "fast":  # every layer in one packed pass
+        got = layer_stats_fast(mt.model, mt.tokenizer, names, stats_dir, corpus_ds_name(corpus),
+                               sample_size=args.samples, precision=args.precision,
+                               batch_tokens=args.batch_tokens, corpus=corpus)
+    else:
+        got = {n: layer_stats(mt.model, mt.tokenizer, n, stats_dir, corpus_ds_name(corpus),
+                              sample_size=args.samples, precision=args.precision,
+                              batch_tokens=args.batch_tokens, corpus=corpus) for n in names}
+    dt = time.time() - t0
+    for name, st in got.items():
+        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} -> {st.path}")
+    print(f"{len(names)} layer(s) in {dt:.1f} s ({got[names[0]].mom2.count / dt:.0f} tokens/s incl. loading)")
     return 0
 
 
@@ -102,7 +110,7 @@ def cmd_edit(args) -> int:
     t0 = time.time()
     model, orig = apply_rome_to_model(model, tok, [request], hp, return_orig_weights=True,
                                       context_templates=templates, stats_dir=stats_dir, corpus=corpus,
-                                      key_mode=args.key_mode, seed=args.seed)
+                                      key_mode=args.key_mode, seed=args.seed, backend=args.backend)
     print(f"edited {', '.join(orig)} in {time.time() - t0:.1f} s")
     show("after:")
     if args.save_weights or args.save_delta:
@@ -130,6 +138,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--precision", default="float32", choices=["float32", "float64"])
     s.add_argument("--batch-tokens", type=int, default=None, help="tokens per forward (default 3x context)")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    s.add_argument("--backend", default="fast", choices=["reference", "fast"],
+                   help="fast: all layers in one packed pass (same files)")
     s.set_defaults(func=cmd_stats)
 
     e = sub.add_parser("edit", help="rewrite one fact with ROME and show before/after")
@@ -144,6 +154,7 @@ def add_parsers(sub) -> None:
                    help="texts for the statistics (default: the preset's mom2_n_samples, 100000)")
     e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
     e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
+    e.add_argument("--backend", default="fast", choices=["reference", "fast"], help="ROME implementation")
     e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")
     e.add_argument("--probe", action="append", help="another prompt to complete before/after (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=8)
