@@ -107,10 +107,13 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
                         c += n
                 batch, seg, pos = batch.to(device), seg.to(device), pos.to(device)
                 keep = seg >= 0
+                multi = any(len(rows[g]) > 1 for g in group)
                 with torch.autocast(device.type, dtype=act, enabled=act is not None):
                     emb = a.embed(batch)
-                    h, ctx = a.prepare(emb, keep.long(), pos, full_mask=True)
-                    if packed:  # block-diagonal causal: a token sees earlier tokens of its own text
+                    # one text per row: the model's own (padding or plain causal) mask, which lets
+                    # an unpadded batch use the is_causal kernels
+                    h, ctx = a.prepare(emb, keep.long(), pos, full_mask=multi)
+                    if multi:  # block-diagonal causal: a token sees earlier tokens of its own text
                         q = torch.arange(width, device=device)
                         allowed = (seg[:, :, None] == seg[:, None, :]) & (q[None, None, :] <= q[None, :, None])
                         allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself
