@@ -136,7 +136,8 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
     t_cols = torch.cat([torch.arange(lengths[i] - n_t, lengths[i], device=device) - start[i]
                         for i in range(n_rw)])
     t_ids = torch.tensor(target_ids, device=device).repeat(n_rw)
-    assert bool((width > 0).all()) and int(t_cols.min()) >= 0
+    if not bool((width > 0).all()) or int(t_cols.min()) < 0:  # cannot happen with start <= loss positions
+        raise RuntimeError("fast value optimisation: a row's suffix misses a loss position")
 
     hidden = h_in.shape[2]
     delta = torch.zeros(hidden, dtype=torch.float32, device=device, requires_grad=True)
