@@ -42,6 +42,45 @@ def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
+def optimise_delta(model, hparams, delta: torch.Tensor, state: dict, forward) -> tuple[list, int]:
+    """The reference's optimisation of δ (REFERENCE.md §2.5), shared by both paths: Adam(v_lr);
+    loss = nll + kl_factor·KL(p‖p₀) + v_weight_decay·‖δ‖/‖v_init‖²; stop when loss < 5e-2; the
+    last iteration only evaluates; δ clamped to clamp_norm_factor·‖v_init‖ after each step.
+    `forward()` runs the model with δ applied (its first call sets state["v_init"]) and returns
+    (nll, KL-row log-probabilities). Returns the (nll, kl, wd) of each iteration and the steps."""
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    was_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kl_init, losses, steps = None, [], 0
+    try:
+        for it in range(hparams.v_num_grad_steps):
+            opt.zero_grad()
+            with torch.enable_grad():
+                nll, kl_logp = forward()
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = hparams.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            wd = hparams.v_weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
+            loss = nll + kl + wd
+            losses.append((nll.item(), kl.item(), wd.item()))
+            if loss.item() < 5e-2:
+                break
+            if it == hparams.v_num_grad_steps - 1:
+                break  # the last iteration only evaluates (at most v_num_grad_steps-1 steps)
+            loss.backward()
+            opt.step()
+            steps += 1
+            max_norm = hparams.clamp_norm_factor * state["v_init"].norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        for p, g in zip(model.parameters(), was_grad):
+            p.requires_grad_(g)
+    return losses, steps
+
+
 def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch.Tensor,
               context_templates, key_mode: str = "reference", k_bar: torch.Tensor | None = None,
               return_info: bool = False):
@@ -86,42 +125,18 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
         return out
 
     # hparams.v_loss_layer is not read: as at the reference's HEAD, the loss uses the final logits
-    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
-    was_grad = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    kl_init, losses, steps = None, [], 0
     tmask = (targets != -100).float()
-    try:
-        for it in range(hparams.v_num_grad_steps):
-            opt.zero_grad()
-            with torch.enable_grad(), TraceDict(model, [mlp_name], edit_output=add_delta):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            kl_logp = torch.log_softmax(logits[n_rw + torch.arange(len(all_prompts) - n_rw, device=device),
-                                               at[n_rw:]], dim=-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            logp = torch.log_softmax(logits[:n_rw], dim=-1)
-            tok_logp = logp.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
-            nll = (-(tok_logp * tmask).sum(1) / n_t).mean()
-            kl = hparams.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-            wd = hparams.v_weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
-            loss = nll + kl + wd
-            losses.append((nll.item(), kl.item(), wd.item()))
-            if loss.item() < 5e-2:
-                break
-            if it == hparams.v_num_grad_steps - 1:
-                break  # the last iteration only evaluates (at most v_num_grad_steps-1 steps)
-            loss.backward()
-            opt.step()
-            steps += 1
-            max_norm = hparams.clamp_norm_factor * state["v_init"].norm()
-            if delta.norm() > max_norm:
-                with torch.no_grad():
-                    delta.mul_(max_norm / delta.norm())
-    finally:
-        for p, g in zip(model.parameters(), was_grad):
-            p.requires_grad_(g)
+
+    def forward():
+        with TraceDict(model, [mlp_name], edit_output=add_delta):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        kl_logp = torch.log_softmax(logits[n_rw + torch.arange(len(all_prompts) - n_rw, device=device),
+                                           at[n_rw:]], dim=-1)
+        logp = torch.log_softmax(logits[:n_rw], dim=-1)
+        tok_logp = logp.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+        return (-(tok_logp * tmask).sum(1) / n_t).mean(), kl_logp
+
+    losses, steps = optimise_delta(model, hparams, delta, state, forward)
 
     delta = delta.detach()
     v_star = state["v_init"] + delta

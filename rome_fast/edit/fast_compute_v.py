@@ -14,11 +14,10 @@ steps, clamp and early stop, with exact savings only (DESIGN.md §4):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..models import adapter_for
 from .compute_u import key_indices, module_io_at, right_padded
-from .compute_v import KL_PROMPT, ValueInfo, _escape, target_token_ids
+from .compute_v import KL_PROMPT, ValueInfo, _escape, optimise_delta, target_token_ids
 
 
 class _PrefixRecorder:
@@ -151,45 +150,20 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
         y[rows, at] = y[rows, at] + delta.to(y.dtype)
         return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
 
-    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
-    was_grad = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    kl_init, losses, steps = None, [], 0
+    def forward():
+        x = h_suf
+        for l in range(layer, N):
+            x = a.run_block(l, x, sctx)
+        picked = torch.cat([x[t_rows, t_cols], x[n_rw:, 0]])  # KL row: its lookup column
+        logp = torch.log_softmax(a.head(picked).float(), dim=-1)
+        tok_logp = logp[:n_rw * n_t].gather(1, t_ids[:, None])[:, 0].view(n_rw, n_t)
+        return (-tok_logp.sum(1) / n_t).mean(), logp[n_rw * n_t:]
+
     handle = mlp.register_forward_hook(add_delta)
     try:
-        for it in range(hparams.v_num_grad_steps):
-            opt.zero_grad()
-            with torch.enable_grad():
-                x = h_suf
-                for l in range(layer, N):
-                    x = a.run_block(l, x, sctx)
-                picked = torch.cat([x[t_rows, t_cols], x[n_rw:, 0]])  # KL row: its lookup column
-                logp = torch.log_softmax(a.head(picked).float(), dim=-1)
-            kl_logp = logp[n_rw * n_t:]
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            tok_logp = logp[:n_rw * n_t].gather(1, t_ids[:, None])[:, 0].view(n_rw, n_t)
-            nll = (-tok_logp.sum(1) / n_t).mean()
-            kl = hparams.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-            wd = hparams.v_weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
-            loss = nll + kl + wd
-            losses.append((nll.item(), kl.item(), wd.item()))
-            if loss.item() < 5e-2:
-                break
-            if it == hparams.v_num_grad_steps - 1:
-                break  # the last iteration only evaluates, as the reference
-            loss.backward()
-            opt.step()
-            steps += 1
-            max_norm = hparams.clamp_norm_factor * state["v_init"].norm()
-            if delta.norm() > max_norm:
-                with torch.no_grad():
-                    delta.mul_(max_norm / delta.norm())
+        losses, steps = optimise_delta(model, hparams, delta, state, forward)
     finally:
         handle.remove()
-        for p, g in zip(model.parameters(), was_grad):
-            p.requires_grad_(g)
     return state["v_init"], delta.detach(), losses, steps, lookup
 
 
