@@ -12,7 +12,7 @@ from rome_fast.edit import (ROMEHyperParams, apply_rome_to_model, compute_u, com
 from rome_fast.edit.fast import apply_rome_batch, execute_rome_fast
 from rome_fast.edit.fast_compute_v import fast_compute_v
 from rome_fast.edit.fast_stats import collect_mom2_fast, layer_stats_fast, pack_rows
-from rome_fast.edit.solve_update import clear_factor_cache, rome_update_
+from rome_fast.edit.solve_update import clear_factor_cache
 from rome_fast.edit.stats import collect_mom2
 from rome_fast.models.random_init import _CORPUS
 

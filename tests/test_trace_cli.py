@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from rome_fast.cli import main
 from rome_fast.trace import runner

@@ -21,8 +21,8 @@ import torch
 from ..models import adapter_for
 from .fast_compute_v import _mask_like
 from .nethook import TraceDict, module_input_size
-from .stats import (_PRECISIONS, ARTICLES_PER_BATCH, LayerStats, SecondMoment, _Subset, context_length,
-                    corpus_ds_name, length_batches, load_stats_file, save_stats_file, stats_model_name,
+from .stats import (_PRECISIONS, ARTICLES_PER_BATCH, LayerStats, SecondMoment, _Subset, check_stats_request,
+                    context_length, length_batches, load_stats_file, save_stats_file, stats_model_name,
                     stats_path)
 from .corpus import resolve_corpus
 
@@ -146,16 +146,7 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
     names = [layer_names] if single else list(dict.fromkeys(layer_names))
     if not names:
         raise ValueError("no layers given")
-    if tuple(to_collect) != ("mom2",):
-        raise ValueError(f"only the 'mom2' statistic is collected, not {tuple(to_collect)}")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be 'float32' or 'float64', not {precision!r}")
-    if sample_size is not None and int(sample_size) <= 0:
-        raise ValueError(f"sample_size must be positive, got {sample_size}")
-    if ds_name is None:
-        if corpus is None:
-            raise ValueError("give a corpus or a dataset name (ds_name) for the statistics")
-        ds_name = corpus_ds_name(corpus)
+    ds_name = check_stats_request(to_collect, precision, sample_size, ds_name, corpus)
     maxlen = context_length(model)
     batch_tokens = int(maxlen * 3 if batch_tokens is None else batch_tokens)
     if batch_tokens <= 0:

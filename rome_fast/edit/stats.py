@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .corpus import resolve_corpus
-from .nethook import Trace, module_input_size
+from .nethook import module_input_size
 
 MAX_CONTEXT = 2048       # cap on article length (Llama-style configs claim 8k-128k positions)
 ARTICLES_PER_BATCH = 100  # the reference's DataLoader batch, sorted by length within it
@@ -204,16 +204,8 @@ def collect_mom2(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
     return stats
 
 
-def layer_stats(model, tok, layer_name: str, stats_dir, ds_name: str | None = None,
-                to_collect=("mom2",), sample_size=None, precision="float32", batch_tokens=None,
-                progress=True, corpus=None, model_name: str | None = None,
-                force_recompute: bool = False) -> LayerStats:
-    """Second moment of `layer_name`'s input over a corpus, cached on disk.
-
-    corpus: a text file, a list of strings, or a Hugging Face dataset name; None loads `ds_name`
-    ('wikipedia' or 'wikitext', needs the `datasets` package). ds_name names the cache folder
-    (default: the file's stem). sample_size: how many texts (None: all). A cached file is reused
-    when its stored sample_size matches; `stats_dir=None` disables the disk cache."""
+def check_stats_request(to_collect, precision: str, sample_size, ds_name, corpus) -> str:
+    """Validates a statistics request (both collectors); returns the cache's dataset name."""
     if tuple(to_collect) != ("mom2",):
         raise ValueError(f"only the 'mom2' statistic is collected, not {tuple(to_collect)}")
     if precision not in _PRECISIONS:
@@ -224,6 +216,20 @@ def layer_stats(model, tok, layer_name: str, stats_dir, ds_name: str | None = No
         if corpus is None:
             raise ValueError("give a corpus or a dataset name (ds_name) for the statistics")
         ds_name = corpus_ds_name(corpus)
+    return ds_name
+
+
+def layer_stats(model, tok, layer_name: str, stats_dir, ds_name: str | None = None,
+                to_collect=("mom2",), sample_size=None, precision="float32", batch_tokens=None,
+                progress=True, corpus=None, model_name: str | None = None,
+                force_recompute: bool = False) -> LayerStats:
+    """Second moment of `layer_name`'s input over a corpus, cached on disk.
+
+    corpus: a text file, a list of strings, or a Hugging Face dataset name; None loads `ds_name`
+    ('wikipedia' or 'wikitext', needs the `datasets` package). ds_name names the cache folder
+    (default: the file's stem). sample_size: how many texts (None: all). A cached file is reused
+    when its stored sample_size matches; `stats_dir=None` disables the disk cache."""
+    ds_name = check_stats_request(to_collect, precision, sample_size, ds_name, corpus)
     maxlen = context_length(model)
     if batch_tokens is None:
         batch_tokens = maxlen * 3

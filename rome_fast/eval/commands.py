@@ -33,10 +33,7 @@ def _cmd_eval(args) -> int:
         tfidf = TfIdf.from_files(d / "idf.npy", d / "tfidf_vocab.json")
         snippets = load_attribute_snippets(d / "attribute_snippets.json")
 
-    try:
-        from ..edit import ROMEHyperParams, apply_rome_to_model  # noqa: F401 (fail before loading)
-    except ImportError as exc:
-        raise ValueError(f"the ROME editor is not available in this build: {exc}") from None
+    from ..edit import ROMEHyperParams
     if not args.hparams and args.model.startswith("tiny:"):
         raise ValueError("a tiny model needs --hparams FILE (there is no preset for it)")
     hparams = (ROMEHyperParams.from_json(args.hparams) if args.hparams

@@ -6,10 +6,6 @@ top-1 token, unstripped), `window`, `correct_prediction`, and `kind`, stored as 
 "" for hidden states, "mlp" or "attn"."""
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-
 from ..tokens import decode_tokens, find_token_range, make_inputs
 from .noise import NoiseSpec
 from .reference import predict_from_input, trace_important_states, trace_important_window, trace_with_patch
