@@ -169,8 +169,21 @@ def run_demo(args) -> int:
                for k, r in results.items()}
     summary["noise"] = dict(std=noise, sigma=sigma, sigma_source=source)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nheat maps and results in {out}/ (eiffel_tower*.png / .pdf / .npz); total {time.time() - t0:.0f} s")
+    print(f"\nheat maps and results in {out}/ (eiffel_tower*.png / .pdf / .npz); trace {time.time() - t0:.0f} s")
+    if not args.no_edit:
+        _edit_step(mt, out, args.corpus)
     return 0
+
+
+def _edit_step(mt, out: Path, corpus) -> None:
+    """ROME at the site the trace found: the Eiffel Tower moved to Rome, before/after completions,
+    then the original weights back. Key statistics are computed once (a few minutes) and cached."""
+    from .edit.demo import run_edit_demo
+    print("\nEditing the fact with ROME: 'The Eiffel Tower is located in the city of' -> ' Rome'")
+    try:
+        run_edit_demo(mt, out=out / "edit.json", corpus=corpus)
+    except (ValueError, FileNotFoundError) as exc:  # no preset for this model, or no corpus
+        print(f"edit skipped: {exc}")
 
 
 def add_parsers(sub) -> None:
@@ -185,5 +198,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: found automatically)")
+    p.add_argument("--no-edit", action="store_true", help="trace only, skip the ROME edit step")
+    p.add_argument("--corpus", help="text file for the edit's key statistics (default: WikiText-2 "
+                   "from the shared data folder when present)")
     p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
     p.set_defaults(func=run_demo)
