@@ -138,8 +138,15 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
 
     losses, steps = optimise_delta(model, hparams, delta, state, forward)
 
-    delta = delta.detach()
-    v_star = state["v_init"] + delta
+    return right_vector(model, tok, request, hparams, layer, left_vector, context_templates, key_mode,
+                        k_bar, state["v_init"], delta.detach(), losses, steps, lookup, return_info)
+
+
+def right_vector(model, tok, request: dict, hparams, layer: int, left_vector, context_templates,
+                 key_mode: str, k_bar, v_init, delta, losses, steps, lookup, return_info: bool):
+    """(v* − y)/⟨k, u⟩ from the optimised δ (both value paths): k*, y* of the bare prompt, or with
+    r-ROME the template means k̄, ȳ. Returns the right vector, with a ValueInfo if asked."""
+    v_star = v_init + delta
     rewrite = hparams.rewrite_module_tmp.format(layer)
     if key_mode == "reference":
         k, y = module_io_at(model, tok, rewrite, [request["prompt"]], request["subject"], hparams.fact_token)
@@ -153,7 +160,7 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
     right = (v_star - y) / denom
     if not return_info:
         return right
-    return right, ValueInfo(k, y, state["v_init"], delta, v_star, right, denom.item(), losses, steps, lookup)
+    return right, ValueInfo(k, y, v_init, delta, v_star, right, denom.item(), losses, steps, lookup)
 
 
 def _output_width(model, hparams, layer: int) -> int:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..models import adapter_for
-from .compute_u import key_indices, module_io_at, right_padded
-from .compute_v import KL_PROMPT, ValueInfo, _escape, optimise_delta, target_token_ids
+from .compute_u import key_indices, right_padded
+from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector, target_token_ids
 
 
 class _PrefixRecorder:
@@ -175,18 +175,5 @@ def fast_compute_v(model, tok, request: dict, hparams, layer: int, left_vector: 
         raise ValueError(f"unknown key_mode {key_mode!r}: 'reference' or 'r-rome'")
     v_init, delta, losses, steps, lookup = optimize_value(model, tok, request, hparams, layer,
                                                           context_templates, adapter)
-    v_star = v_init + delta
-    rewrite = hparams.rewrite_module_tmp.format(layer)
-    if key_mode == "reference":
-        k, y = module_io_at(model, tok, rewrite, [request["prompt"]], request["subject"], hparams.fact_token)
-        k, y = k[0], y[0]
-    else:
-        templates = [c.format(request["prompt"]) for c in context_templates]
-        ks, ys = module_io_at(model, tok, rewrite, templates, request["subject"], hparams.fact_token)
-        k, y = (ks.mean(0) if k_bar is None else k_bar), ys.mean(0)
-    k, y = k.float(), y.float()
-    denom = torch.dot(k, left_vector.to(k.device).float())
-    right = (v_star - y) / denom
-    if not return_info:
-        return right
-    return right, ValueInfo(k, y, v_init, delta, v_star, right, denom.item(), losses, steps, lookup)
+    return right_vector(model, tok, request, hparams, layer, left_vector, context_templates, key_mode,
+                        k_bar, v_init, delta, losses, steps, lookup, return_info)
