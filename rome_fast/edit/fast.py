@@ -25,7 +25,7 @@ from .compute_u import key_indices, right_padded
 from .compute_v import ValueInfo
 from .fast_compute_v import optimize_value
 from .nethook import TraceDict
-from .rome import KEY_MODES, _rewrite, normalize_request, register_backend, weight_layout
+from .rome import KEY_MODES, _rewrite, normalize_request, prepare_edit, register_backend, weight_layout
 from .solve_update import factor_key, get_factor, rank_k_update_, rome_update_
 from .stats import corpus_ds_name, context_length, default_stats_dir, stats_model_name, stats_path
 from .templates import get_context_templates
@@ -101,15 +101,9 @@ def execute_rome_fast(model, tok, request: dict, hparams, context_templates=None
                       return_info: bool = False, progress: bool = True, apply: bool = False):
     """execute_rome's contract ({weight_name: (u, right)}, model left unchanged) on the fast path;
     apply=True keeps the update in the model (apply_rome_to_model's use)."""
-    if key_mode not in KEY_MODES:
-        raise ValueError(f"unknown key_mode {key_mode!r}: one of {KEY_MODES}")
-    request = normalize_request(request)
-    if context_templates is None:
-        context_templates = get_context_templates(model, tok, hparams.context_template_length_params, seed)
-    if stats_dir is None and not isinstance(corpus, (list, tuple)):
-        stats_dir = default_stats_dir()
+    request, context_templates, stats_dir, targets = prepare_edit(
+        model, tok, request, hparams, context_templates, stats_dir, corpus, key_mode, seed)
     adapter = adapter_for(model)
-    targets = {layer: _rewrite(model, hparams, layer) for layer in sorted(set(hparams.layers))}
     saved = {} if apply else {n: model.get_parameter(n).detach().clone() for n, _ in targets.values()}
     deltas, infos = {}, {}
     try:

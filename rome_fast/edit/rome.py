@@ -87,6 +87,21 @@ def rank_one_update(W: torch.Tensor, u: torch.Tensor, right: torch.Tensor, layou
     return W
 
 
+def prepare_edit(model, tok, request, hparams, context_templates, stats_dir, corpus, key_mode: str,
+                 seed: int):
+    """What every backend does first: check key_mode and the request, fetch the (seeded, cached)
+    context templates, default the statistics cache, and find the weights to rewrite by layer."""
+    if key_mode not in KEY_MODES:
+        raise ValueError(f"unknown key_mode {key_mode!r}: one of {KEY_MODES}")
+    request = normalize_request(request)
+    if context_templates is None:
+        context_templates = get_context_templates(model, tok, hparams.context_template_length_params, seed)
+    if stats_dir is None and not isinstance(corpus, (list, tuple)):
+        stats_dir = default_stats_dir()
+    targets = {layer: _rewrite(model, hparams, layer) for layer in sorted(set(hparams.layers))}
+    return request, context_templates, stats_dir, targets
+
+
 def _rewrite(model, hparams, layer):
     name = hparams.rewrite_module_tmp.format(layer)
     try:
@@ -104,14 +119,8 @@ def execute_rome(model, tok, request: dict, hparams, context_templates=None, sta
     in ascending order, each computed on the model with the lower layers' updates applied.
     inv_cov: C⁻¹ (a tensor, or {layer: tensor}) instead of loading statistics. stats_dir: the
     statistics cache, default $ROME_FAST_CACHE/stats (none for an in-memory list corpus)."""
-    if key_mode not in KEY_MODES:
-        raise ValueError(f"unknown key_mode {key_mode!r}: one of {KEY_MODES}")
-    request = normalize_request(request)
-    if context_templates is None:
-        context_templates = get_context_templates(model, tok, hparams.context_template_length_params, seed)
-    if stats_dir is None and not isinstance(corpus, (list, tuple)):
-        stats_dir = default_stats_dir()
-    targets = {layer: _rewrite(model, hparams, layer) for layer in sorted(set(hparams.layers))}
+    request, context_templates, stats_dir, targets = prepare_edit(
+        model, tok, request, hparams, context_templates, stats_dir, corpus, key_mode, seed)
     saved = {name: model.get_parameter(name).detach().clone() for name, _ in targets.values()}
     deltas, infos = {}, {}
     try:
