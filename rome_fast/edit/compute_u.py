@@ -40,16 +40,18 @@ def key_indices(tok, templates, subject: str, fact_token: str) -> list[int]:
 
 
 @torch.no_grad()
-def module_io_at(model, tok, module_name: str, templates, subject: str, fact_token: str):
+def module_io_at(model, tok, module_name: str, templates, subject: str, fact_token: str,
+                 stop: bool = False):
     """(inputs, outputs) of `module_name` at the key token of each filled template: (n, d_in),
-    (n, d_out). The reference's get_reprs_at_word_tokens / get_module_input_output_at_word."""
+    (n, d_out). The reference's get_reprs_at_word_tokens / get_module_input_output_at_word.
+    `stop` ends each forward right after the module (nothing above it affects the result)."""
     idxs = key_indices(tok, templates, subject, fact_token)
     device = next(model.parameters()).device
     ins, outs = [], []
     for s in range(0, len(templates), CHUNK):
         part = templates[s:s + CHUNK]
         ids, mask = right_padded(tok, [t.format(subject) for t in part], device)
-        with Trace(model, module_name, retain_input=True, retain_output=True) as tr:
+        with Trace(model, module_name, retain_input=True, retain_output=True, stop=stop) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(part), device=device)
         at = torch.tensor(idxs[s:s + CHUNK], device=device)

@@ -21,35 +21,13 @@ from pathlib import Path
 import torch
 
 from ..models import adapter_for
-from .compute_u import key_indices, right_padded
+from .compute_u import module_io_at
 from .compute_v import ValueInfo
 from .fast_compute_v import optimize_value
-from .nethook import TraceDict
 from .rome import KEY_MODES, _rewrite, normalize_request, prepare_edit, register_backend, weight_layout
 from .solve_update import factor_key, get_factor, rank_k_update_, rome_update_
 from .stats import corpus_ds_name, context_length, default_stats_dir, stats_model_name, stats_path
 from .templates import get_context_templates
-
-CHUNK = 512
-
-
-@torch.no_grad()
-def template_io(model, tok, rewrite_name: str, templates, subject: str, fact_token: str):
-    """(inputs, outputs) of the rewrite module at each filled template's key token, the forward
-    stopped right after the module (nothing above it affects them)."""
-    idxs = key_indices(tok, templates, subject, fact_token)
-    device = next(model.parameters()).device
-    ins, outs = [], []
-    for s in range(0, len(templates), CHUNK):
-        part = templates[s:s + CHUNK]
-        ids, mask = right_padded(tok, [t.format(subject) for t in part], device)
-        with TraceDict(model, [rewrite_name], retain_input=True, retain_output=True, stop=True) as tr:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        rows = torch.arange(len(part), device=device)
-        at = torch.tensor(idxs[s:s + CHUNK], device=device)
-        ins.append(tr[rewrite_name].input[rows, at])
-        outs.append(tr[rewrite_name].output[rows, at])
-    return torch.cat(ins), torch.cat(outs)
 
 
 def layer_factor(model, tok, hparams, layer: int, stats_dir, corpus, progress=True, device=None):
@@ -83,8 +61,8 @@ def _layer_pieces(model, tok, request, hparams, layer, context_templates, key_mo
     rewrite = hparams.rewrite_module_tmp.format(layer)
     templates = [c.format(request["prompt"]) for c in context_templates]
     bare_first = context_templates[0] == "{}"
-    ks, ys = template_io(model, tok, rewrite, templates if bare_first else templates + [request["prompt"]],
-                         request["subject"], hparams.fact_token)
+    ks, ys = module_io_at(model, tok, rewrite, templates if bare_first else templates + [request["prompt"]],
+                          request["subject"], hparams.fact_token, stop=True)
     k_star, y_star = ks[0], ys[0]
     if not bare_first:
         k_star, y_star, ks, ys = ks[-1], ys[-1], ks[:-1], ys[:-1]
