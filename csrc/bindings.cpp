@@ -280,6 +280,41 @@ std::tuple<torch::Tensor, torch::Tensor> rome_update_(torch::Tensor W, torch::Te
   return {U, R};
 }
 
+// ---- Fused block pieces (block_ops.cpp, block_kernels.cu) ----
+
+torch::Tensor rope_heads(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
+  check_float_states(x, "x", 3);
+  RF_CHECK(heads > 0 && x.size(2) % heads == 0, "x width ", x.size(2), " is not a multiple of ",
+           heads, " heads");
+  const int64_t B = x.size(0), T = x.size(1), hd = x.size(2) / heads;
+  RF_CHECK(hd % 2 == 0, "the head size ", hd, " must be even for rotary embeddings");
+  for (const auto* t : {&cos, &sin}) {
+    check_float_states(*t, "cos/sin", 3);
+    RF_CHECK(t->scalar_type() == x.scalar_type(), "cos/sin dtype ", t->scalar_type(), " != x dtype ",
+             x.scalar_type());
+    RF_CHECK(t->device() == x.device(), "cos/sin are on ", t->device(), ", x on ", x.device());
+    RF_CHECK((t->size(0) == B || t->size(0) == 1) && t->size(1) == T && t->size(2) == hd,
+             "cos/sin must be [", B, " or 1, ", T, ", ", hd, "], got ", t->sizes());
+  }
+  RF_CHECK(cos.sizes() == sin.sizes(), "cos ", cos.sizes(), " and sin ", sin.sizes(), " differ");
+  torch::Tensor out = at::empty({B, heads, T, hd}, x.options());
+  if (x.is_cpu()) {
+    rome_fast::cpu::rope_heads(x, cos, sin, out);
+    return out;
+  }
+#ifdef ROME_FAST_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(rome_fast::cuda::rope_heads(x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                           out.data_ptr(), B, T, heads, hd, cos.size(0) == 1,
+                                           cuda_dtype(x.scalar_type()),
+                                           at::cuda::getCurrentCUDAStream().stream()),
+               "rope_heads");
+  return out;
+#else
+  TORCH_CHECK(false, "rome_fast: x is on ", x.device(), " but the extension was built without CUDA");
+#endif
+}
+
 bool has_cuda() {
 #ifdef ROME_FAST_WITH_CUDA
   return true;
@@ -308,4 +343,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "resid / <kstar, u>, W += u (x) right in place; batched over columns. Returns (u, right)",
         py::arg("W"), py::arg("factor"), py::arg("kbar"), py::arg("kstar"), py::arg("resid"),
         py::arg("layout"), py::arg("factor_kind") = "cholesky", py::arg("pivots") = py::none());
+  m.def("rope_heads", &rope_heads,
+        "Rotary embedding written head-major: out [B, H, T, hd] = x*cos + rotate_half(x)*sin for "
+        "each head of x [B, T, H*hd]; cos/sin [B or 1, T, hd]",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("heads"));
 }

@@ -71,3 +71,24 @@ def restore_rows_(x: torch.Tensor, clean: torch.Tensor, row_fact, row_tok) -> to
         _ext._C.restore_rows_(x, clean, row_fact, row_tok)
         return x
     return restore_rows_ref(x, clean, row_fact, row_tok)
+
+
+# ---- fused block pieces ---------------------------------------------------------------------
+
+
+def rope_heads_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, H·hd] -> [B, H, T, hd] with the rotary embedding applied as transformers applies it
+    (x·cos + rotate_half(x)·sin; cos/sin [B or 1, T, hd])."""
+    b, t, width = x.shape
+    x = x.view(b, t, heads, width // heads).transpose(1, 2)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """One pass instead of the seven elementwise ops (and their temporaries) of the plain form."""
+    if (_ext.native_for(x) and x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+            and cos.dtype == x.dtype == sin.dtype):
+        return _ext._C.rope_heads(x, cos, sin, heads)
+    return rope_heads_ref(x, cos, sin, heads)

@@ -66,6 +66,41 @@ def test_blockwise_run_reproduces_logits(tiny_models, family):
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_block_runs_hooks_like_the_model(tiny_models, family):
+    """Without autograd the Llama-family blocks run fused: forward hooks on the attention and MLP
+    modules still see and replace their outputs, and a hook that keeps a module's output keeps
+    the value the model computed (no in-place step overwrites it)."""
+    mt = tiny_models[family]
+    a = mt.adapter
+    ids = mt.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    kept = {}
+
+    def scale_attn(module, args, output):
+        return (output[0] * 0.5,) + tuple(output[1:])
+
+    def keep(name):
+        return lambda module, args, output: kept.__setitem__(name, output)
+
+    handles = [a.attn(1).register_forward_hook(scale_attn),
+               a.mlp(2).register_forward_hook(keep("mlp")),
+               a.rewrite_module(0).register_forward_hook(keep("down"))]
+    try:
+        with torch.no_grad():
+            fused = a.forward_blockwise(ids)
+            fused_kept = {k: v.clone() for k, v in kept.items()}
+        with torch.enable_grad():  # the unfused path: the model's own modules
+            plain = a.forward_blockwise(ids).detach()
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    for k in ("mlp", "down"):
+        torch.testing.assert_close(fused_kept[k], kept[k].detach(), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert (a.forward_blockwise(ids) - fused).abs().max() > 1e-3  # the hook mattered
+
+
 def test_unsupported_architecture_names_supported_families():
     class Fake(nn.Module):
         class config:

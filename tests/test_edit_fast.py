@@ -250,6 +250,26 @@ def test_fast_stats_cache_is_interchangeable(setup, tmp_path):
         layer_stats_fast(model, tok, ["nope.c_proj"], None, "c", corpus=corpus, progress=False)
 
 
+def test_half_precision_stats_have_their_own_files(setup, tmp_path):
+    s = setup["llama"]
+    model, tok, hp = s["mt"].model, s["mt"].tokenizer, s["hp"]
+    name = hp.rewrite_module_tmp.format(1)
+    corpus = s["corpus"][:30]
+    exact = layer_stats_fast(model, tok, name, tmp_path, "c", sample_size=30, corpus=corpus, progress=False)
+    bf = layer_stats_fast(model, tok, name, tmp_path, "c", sample_size=30, corpus=corpus, progress=False,
+                          act_dtype="bfloat16")
+    assert bf.path != exact.path and bf.path.name.endswith("_act-bfloat16.npz")
+    assert not torch.equal(bf.mom2.mom2, exact.mom2.mom2) and rel(bf.mom2.mom2, exact.mom2.mom2) < 5e-2
+    # the exact file is untouched, and each is read back from its own file
+    again = layer_stats_fast(model, tok, name, tmp_path, "c", sample_size=30, corpus=["unused"], progress=False)
+    assert torch.equal(again.mom2.mom2, exact.mom2.mom2)
+    with pytest.raises(ValueError, match="mom2_act_dtype"):
+        dataclasses.replace(hp, mom2_act_dtype="int8")
+    with pytest.raises(ValueError, match="fast-backend option"):
+        apply_rome_to_model(model, tok, REQS[0], dataclasses.replace(hp, mom2_act_dtype="bfloat16"),
+                            backend="reference", **_kw(s))
+
+
 def test_pack_rows():
     rows = pack_rows([5, 9, 3, 20, 1, 7], 10)
     assert sorted(i for r in rows for i in r) == list(range(6))

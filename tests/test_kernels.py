@@ -94,3 +94,34 @@ def test_backend_info_reports_build():
     assert isinstance(info["cpu_ext"], bool) and isinstance(info["cuda_ext"], bool)
     if not info["cuda_ext"]:
         assert info.get("why"), "a missing CUDA core must say why"
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cos_batch", [1, 4])
+def test_rope_heads_matches_reference(device, dtype, cos_batch):
+    B, T, H, hd = 4, 7, 3, 16
+    x = torch.randn(B, T, H * hd, device=device).to(dtype)
+    angle = torch.randn(cos_batch, T, hd, device=device)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    want = kernels.rope_heads_ref(x, cos, sin, H)
+    got = _ext._C.rope_heads(x, cos, sin, H)
+    assert got.shape == (B, H, T, hd) and got.is_contiguous()
+    # the same roundings; CUDA may contract a multiply-add (one rounding fewer)
+    tol = 0 if device == "cpu" else (1e-6 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@needs_cpu_ext
+def test_rope_heads_bad_input_is_a_clear_error():
+    x = torch.randn(2, 5, 12)
+    cos = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="multiple of 5 heads"):
+        _ext._C.rope_heads(x, cos, cos, 5)
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        _ext._C.rope_heads(x, cos[:, :3], cos[:, :3], 3)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        _ext._C.rope_heads(x, cos.double(), cos.double(), 3)
+    with pytest.raises(ValueError, match="dtype"):
+        _ext._C.rope_heads(x, cos.half(), cos.half(), 3)

@@ -31,3 +31,13 @@ void normalize_dot(const torch::Tensor& Y, const torch::Tensor& kstar, torch::Te
                    torch::Tensor stats);
 
 }  // namespace rome_fast::cpu
+
+// ---- Fused block pieces (block_ops.cpp) ----
+namespace rome_fast::cpu {
+
+// Rotary embedding of one projection, written head-major: out[b, h, t, :] = x·cos + rotate_half(x)·sin
+// of x = x[b, t, h·hd : (h+1)·hd]; x [B, T, H·hd], cos/sin [B or 1, T, hd], out [B, H, T, hd].
+void rope_heads(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                torch::Tensor out);
+
+}  // namespace rome_fast::cpu

@@ -31,3 +31,13 @@ int normalize_dot(const void* Y, bool y_is_double, const float* kstar, float* U,
                   int64_t d, int64_t n, void* stream);
 
 }  // namespace rome_fast::cuda
+
+// ---- Fused block pieces (block_kernels.cu) ----
+namespace rome_fast::cuda {
+
+// out [B, H, T, hd] = x·cos + rotate_half(x)·sin per head of x [B, T, H·hd]; cos/sin [B, T, hd]
+// (or [1, T, hd] with cos_broadcast). All of `dtype`, contiguous.
+int rope_heads(const void* x, const void* cos, const void* sin, void* out, int64_t B, int64_t T,
+               int64_t H, int64_t hd, bool cos_broadcast, DType dtype, void* stream);
+
+}  // namespace rome_fast::cuda

@@ -64,8 +64,10 @@ def cmd_stats(args) -> int:
     if args.backend == "fast":  # every layer in one packed pass
         got = layer_stats_fast(mt.model, mt.tokenizer, names, stats_dir, corpus_ds_name(corpus),
                                sample_size=args.samples, precision=args.precision,
-                               batch_tokens=args.batch_tokens, corpus=corpus)
+                               batch_tokens=args.batch_tokens, corpus=corpus, act_dtype=args.act_dtype)
     else:
+        if args.act_dtype not in (None, "float32"):
+            raise ValueError("--act-dtype needs the fast backend")
         got = {n: layer_stats(mt.model, mt.tokenizer, n, stats_dir, corpus_ds_name(corpus),
                               sample_size=args.samples, precision=args.precision,
                               batch_tokens=args.batch_tokens, corpus=corpus) for n in names}
@@ -140,6 +142,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     s.add_argument("--backend", default="fast", choices=["reference", "fast"],
                    help="fast: all layers in one packed pass (same files)")
+    s.add_argument("--act-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="fast backend: run the forward in this precision (sums stay in --precision; "
+                        "approximate statistics, cached under their own file name)")
     s.set_defaults(func=cmd_stats)
 
     e = sub.add_parser("edit", help="rewrite one fact with ROME and show before/after")

@@ -41,18 +41,20 @@ def layer_factor(model, tok, hparams, layer: int, stats_dir, corpus, progress=Tr
     path = None
     if stats_dir is not None:
         path = stats_path(stats_dir, model_name, ds_name, layer_name, hparams.mom2_dtype, ("mom2",),
-                          hparams.mom2_n_samples, context_length(model) * 3, context_length(model))
+                          hparams.mom2_n_samples, context_length(model) * 3, context_length(model),
+                          hparams.mom2_act_dtype)
     def load():
         st = layer_stats_fast(model, tok, layer_name, stats_dir, ds_name, sample_size=hparams.mom2_n_samples,
                               precision=hparams.mom2_dtype, corpus=corpus, model_name=model_name,
-                              progress=progress)
+                              progress=progress, act_dtype=hparams.mom2_act_dtype)
         return st.mom2.moment()
 
     if path is not None and not path.is_file():
         load()  # collect and write the file first, so the factor is keyed by the file as written
     # an in-memory corpus has no file: key it by the object (and the sample size)
     where = None if path is not None else (str(corpus) if isinstance(corpus, (str, Path)) else id(corpus))
-    key = (factor_key(model_name, layer_name, path), where, ds_name, hparams.mom2_n_samples, hparams.mom2_dtype)
+    key = (factor_key(model_name, layer_name, path), where, ds_name, hparams.mom2_n_samples, hparams.mom2_dtype,
+           hparams.mom2_act_dtype)
     return get_factor(key, load, device=device or next(model.parameters()).device)
 
 

@@ -1,12 +1,13 @@
 """Fast second-moment statistics (DESIGN.md §4): the same sums as `stats.layer_stats` (same texts,
 same truncation, same cache files in the reference's layout), collected with
 
-* several layers in one pass, the forward run block by block and stopped after the highest
-  block that holds a requested module;
+* several layers in one pass, the forward run block by block and stopped at the input of the
+  last requested module (which itself is not run);
 * packing: the tokenised texts are packed first-fit-decreasing into rows (several short texts
   per row, each with its own position ids restarting at 0 and a block-diagonal causal mask, so
   a text sees only itself: exactly its own forward), rows of similar width batched under the
-  token budget, so almost no padding is computed;
+  token budget, so almost no padding is computed; rows of one text need no mask at all (plain
+  causal attention is exact for their real tokens), so attention skips its masked half;
 * optionally bf16/fp16 activations (autocast) with the sums kept in fp32/fp64 (`addmm_`);
 * tokens/s in the progress bar.
 
@@ -20,7 +21,7 @@ import torch
 
 from ..models import adapter_for
 from .fast_compute_v import _mask_like
-from .nethook import TraceDict, module_input_size
+from .nethook import StopForward, module_input_size
 from .stats import (_PRECISIONS, ARTICLES_PER_BATCH, LayerStats, SecondMoment, _Subset, check_stats_request,
                     context_length, length_batches, load_stats_file, save_stats_file, stats_model_name,
                     stats_path)
@@ -55,6 +56,33 @@ def _block_of(adapter, name: str) -> int:
     raise ValueError(f"module {name!r} is not inside a transformer block of this model")
 
 
+class _KeyCapture(dict):
+    """{name: the input of that module in the last forward}, kept by forward pre-hooks; the module
+    that runs last raises StopForward before computing anything (the reference's hook runs it
+    first: for an MLP output projection that is a large matmul saved per batch)."""
+
+    def __init__(self, model, names):
+        super().__init__()
+        order = [n for n, _ in model.named_modules() if n in set(names)]  # execution order
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n, n == order[-1]))
+                        for n in order]
+
+    def _hook(self, name, stop):
+        def hook(module, args):
+            self[name] = args[0].detach()
+            if stop:
+                raise StopForward()
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+
 def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
                       dtype=torch.float32, act_dtype=None, packed: bool = True,
                       row_tokens: int = ROW_TOKENS, progress: bool = True, desc=None,
@@ -82,7 +110,7 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
     stats = {n: SecondMoment() for n in names}
     n_tok, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(texts), desc=desc or f"stats {names[-1]}", disable=not progress, unit="text")
-    with torch.no_grad(), TraceDict(model, names, retain_input=True) as tr:
+    with torch.no_grad(), _KeyCapture(model, names) as keys:
         for start in range(0, len(texts), ARTICLES_PER_BATCH):
             chunk = [texts[i] for i in range(start, min(start + ARTICLES_PER_BATCH, len(texts)))]
             ids = tok(chunk, truncation=True, max_length=maxlen)["input_ids"]
@@ -92,7 +120,12 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
             else:
                 rows = [[i] for i in range(len(ids))]
             widths = [sum(len(ids[i]) for i in r) for r in rows]
-            for group in length_batches(widths, batch_tokens):
+            # rows of one text and packed rows in separate batches: the former need no mask at all
+            single = [g for g in range(len(rows)) if len(rows[g]) == 1]
+            multi = [g for g in range(len(rows)) if len(rows[g]) > 1]
+            batches = [[part[i] for i in group] for part in (single, multi)
+                       for group in length_batches([widths[g] for g in part], batch_tokens)]
+            for group in batches:
                 width = widths[group[0]]
                 batch = torch.full((len(group), width), pad_id, dtype=torch.long)
                 seg = torch.full((len(group), width), -1, dtype=torch.long)
@@ -107,21 +140,27 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
                         c += n
                 batch, seg, pos = batch.to(device), seg.to(device), pos.to(device)
                 keep = seg >= 0
-                multi = any(len(rows[g]) > 1 for g in group)
+                packed_batch = len(rows[group[0]]) > 1
                 with torch.autocast(device.type, dtype=act, enabled=act is not None):
                     emb = a.embed(batch)
-                    # one text per row: the model's own (padding or plain causal) mask, which lets
-                    # an unpadded batch use the is_causal kernels
-                    h, ctx = a.prepare(emb, keep.long(), pos, full_mask=multi)
-                    if multi:  # block-diagonal causal: a token sees earlier tokens of its own text
+                    if packed_batch:  # block-diagonal causal: a token sees earlier tokens of its own text
+                        h, ctx = a.prepare(emb, keep.long(), pos, full_mask=True)
                         q = torch.arange(width, device=device)
                         allowed = (seg[:, :, None] == seg[:, None, :]) & (q[None, None, :] <= q[None, :, None])
                         allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself
                         ctx.attention_mask = _mask_like(allowed[:, None], ctx.attention_mask)
-                    for l in range(top + 1):
-                        h = a.run_block(l, h, ctx)
+                    else:
+                        # one right-padded text per row: plain causal attention is exact for the
+                        # real tokens (padding only follows them) and lets the kernels skip the
+                        # masked half; the padding's keys are dropped below
+                        h, ctx = a.prepare(emb, None, pos)
+                    try:
+                        for l in range(top + 1):
+                            h = a.run_block(l, h, ctx)
+                    except StopForward:
+                        pass
                 for n in names:  # keys at real tokens only, summed in the statistics' dtype
-                    stats[n].add(tr[n].input[keep].to(dtype))
+                    stats[n].add(keys[n][keep].to(dtype))
                 n_tok += int(keep.sum())
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}")
@@ -140,8 +179,8 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
     """`stats.layer_stats` on the fast collector. `layer_names`: one module name (returns a
     LayerStats) or several (returns {name: LayerStats}, the missing ones collected in one pass).
     The cache files are the reference path's; act_dtype 'bfloat16'/'float16' runs the forward
-    in that precision (the files then hold approximate statistics under the same name: use a
-    separate stats_dir for them)."""
+    in that precision (tensor cores on a GPU, AMX / AVX-512-BF16 on a recent x86 CPU) with the
+    sums still in `precision`; such files are approximate and carry an `_act-<dtype>` suffix."""
     single = isinstance(layer_names, str)
     names = [layer_names] if single else list(dict.fromkeys(layer_names))
     if not names:
@@ -157,7 +196,7 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
         if stats_dir is None:
             continue
         paths[n] = stats_path(stats_dir, model_name or stats_model_name(model), ds_name, n, precision,
-                              to_collect, sample_size, batch_tokens, maxlen)
+                              to_collect, sample_size, batch_tokens, maxlen, act_dtype)
         if paths[n].is_file() and not force_recompute:
             stat = load_stats_file(paths[n], dims[n], sample_size)
             if stat is not None:

@@ -34,6 +34,9 @@ class ROMEHyperParams:
     mom2_dataset: str = "wikipedia"
     mom2_n_samples: int | None = 100000  # None: every text of the corpus
     mom2_dtype: str = "float32"
+    # the statistics forward's precision (fast collector only; the sums stay in mom2_dtype):
+    # None = the model's; "bfloat16"/"float16" trade exactness for speed, in separate cache files
+    mom2_act_dtype: str | None = None
 
     def __post_init__(self):
         if isinstance(self.layers, int):
@@ -45,6 +48,8 @@ class ROMEHyperParams:
             raise ValueError(f"unknown fact_token {self.fact_token!r}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
+        if self.mom2_act_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"mom2_act_dtype must be None, 'bfloat16' or 'float16', not {self.mom2_act_dtype!r}")
         for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
             if "{}" not in getattr(self, name):
                 raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")

@@ -119,6 +119,9 @@ def execute_rome(model, tok, request: dict, hparams, context_templates=None, sta
     in ascending order, each computed on the model with the lower layers' updates applied.
     inv_cov: C⁻¹ (a tensor, or {layer: tensor}) instead of loading statistics. stats_dir: the
     statistics cache, default $ROME_FAST_CACHE/stats (none for an in-memory list corpus)."""
+    if hparams.mom2_act_dtype not in (None, "float32") and inv_cov is None:
+        raise ValueError("hparams.mom2_act_dtype is a fast-backend option: the reference backend "
+                         "collects its statistics as the reference does (use backend='fast')")
     request, context_templates, stats_dir, targets = prepare_edit(
         model, tok, request, hparams, context_templates, stats_dir, corpus, key_mode, seed)
     saved = {name: model.get_parameter(name).detach().clone() for name, _ in targets.values()}

@@ -89,13 +89,16 @@ def context_length(model) -> int:
 
 
 def stats_path(stats_dir, model_name: str, ds_name: str, layer_name: str, precision="float32",
-               to_collect=("mom2",), sample_size=None, batch_tokens=None, maxlen=None) -> Path:
+               to_collect=("mom2",), sample_size=None, batch_tokens=None, maxlen=None,
+               act_dtype=None) -> Path:
     precision = precision or "float64"
+    # statistics from a half-precision forward are approximate: never under the exact ones' name
+    act_sfx = f"_act-{act_dtype}" if act_dtype not in (None, "float32") else ""
     size_sfx = "" if sample_size is None else f"_{sample_size}"
     # the reference meant a `_t{batch_tokens}` suffix when batch_tokens truncates articles below
     # the context length; its string lacked the f-prefix. Here it is written out.
     t_sfx = f"_t{batch_tokens}" if batch_tokens is not None and maxlen is not None and batch_tokens < maxlen else ""
-    name = f"{layer_name}_{precision}_{'-'.join(sorted(to_collect))}{size_sfx}{t_sfx}.npz"
+    name = f"{layer_name}_{precision}_{'-'.join(sorted(to_collect))}{size_sfx}{t_sfx}{act_sfx}.npz"
     return Path(stats_dir) / model_name.replace("/", "_") / f"{ds_name}_stats" / name
 
 

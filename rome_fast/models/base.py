@@ -29,7 +29,7 @@ class BlockContext:
 
         def cut(v):
             if isinstance(v, torch.Tensor) and v.dim() >= 2:
-                return v[:, start:]
+                return v[:, start:].contiguous()  # read by every block: one copy, not one per use
             if isinstance(v, (tuple, list)):
                 return type(v)(cut(x) for x in v)
             return v

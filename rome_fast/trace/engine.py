@@ -172,8 +172,11 @@ def _from(states: torch.Tensor, start: int) -> torch.Tensor:
     return states if start == 0 else states[:, start:].contiguous()
 
 
-def _last_probs(adapter, h_last: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(adapter.head(h_last).float(), dim=-1)
+def _answer_probs(adapter, h_last: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """p(answer) at the given last positions: exp(logit − logsumexp), which reads the vocabulary's
+    logits once instead of writing a full softmax."""
+    logits = adapter.head(h_last).float()
+    return (logits.gather(1, answers[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).exp()
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,10 +265,10 @@ class TraceEngine:
             h, clean_states = self._run_blocks(h0, ctx, record=True)
         finally:
             rec.remove()
-        clean_probs = _last_probs(a, h[:, -1])
-        answers = torch.tensor([f.answer if f.answer is not None else int(clean_probs[i].argmax())
+        clean_logits = a.head(h[:, -1]).float()
+        answers = torch.tensor([f.answer if f.answer is not None else int(clean_logits[i].argmax())
                                 for i, f in enumerate(batch.facts)], device=dev)
-        high = clean_probs.gather(1, answers[:, None])[:, 0]
+        high = torch.softmax(clean_logits, dim=-1).gather(1, answers[:, None])[:, 0]
         clean_module = rec.out
         if not kinds:  # a prediction check: the clean pass is all that is needed
             return [FactTrace(int(answers[i]), float(high[i]), math.nan) for i in range(F)]
@@ -300,7 +303,7 @@ class TraceEngine:
             h_low = h
 
         def mean_p(h_last):
-            return _last_probs(a, h_last).gather(1, answers[row_fact][:, None])[:, 0].view(F, S).mean(1)
+            return _answer_probs(a, h_last, answers[row_fact]).view(F, S).mean(1)
 
         low = mean_p(h_low[:, -1])
         # a cell that restores nothing that differs (a token before the subject) scores this
@@ -468,7 +471,7 @@ class _Rows:
 
     def cell_sums(self, adapter, h, answers) -> torch.Tensor:
         """Per cell, the sum over its rows of p(answer) at the last position."""
-        p = _last_probs(adapter, h[:, -1]).gather(1, answers[self.fact][:, None])[:, 0]
+        p = _answer_probs(adapter, h[:, -1], answers[self.fact])
         return torch.zeros(self.n_cells, device=h.device, dtype=torch.float64).index_add_(
             0, self.cell, p.double())
 
