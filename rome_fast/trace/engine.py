@@ -218,7 +218,11 @@ class TraceEngine:
             # activations per token and row at the widest point of a block, with headroom
             per_token = (a.hidden_size * 8 + a.key_size * 3) * self.dtype.itemsize
             return int(max(2048, min(1 << 20, 0.35 * free / per_token)))
-        return 6144
+        # CPU: keep the widest temporary (the MLP's hidden layer) near 16 MiB. Larger blocks come
+        # from the allocator as fresh memory maps (glibc maps anything over 32 MiB), and their
+        # page faults cost more than the bigger matmuls gain.
+        widest = max(self.adapter.key_size, self.adapter.hidden_size) * self.dtype.itemsize
+        return int(max(512, min(8192, (16 << 20) // widest)))
 
     # ---- public ---------------------------------------------------------------------------
     @torch.no_grad()
