@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the tracing kernels, compiled vs plain PyTorch.
+"""Micro-benchmarks of the tracing kernels (restore, noise, rotary), compiled vs plain PyTorch.
 
     .venv/bin/python -m pytest benchmarks/test_kernels_bench.py --benchmark-json benchmarks/results/kernels_cpu.json
 """
@@ -53,3 +53,23 @@ def test_add_noise_compiled(benchmark, noise_case):
 @pytest.mark.benchmark(group="add_noise")
 def test_add_noise_pytorch(benchmark, noise_case):
     benchmark(kernels.add_noise_ref, *noise_case, False)
+
+
+@pytest.fixture(scope="module")
+def rope_case():
+    # SmolLM2's query projection for a chunk of engine rows: 9 heads of 64, [rows, tokens, 576]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 6, 9 * 64, generator=g)
+    angle = torch.randn(512, 6, 64, generator=g)
+    return x, angle.cos(), angle.sin(), 9
+
+
+@pytest.mark.benchmark(group="rope_heads")
+@pytest.mark.skipif(not _ext.cpu_ext_available(), reason="compiled core not built")
+def test_rope_heads_compiled(benchmark, rope_case):
+    benchmark(_ext._C.rope_heads, *rope_case)
+
+
+@pytest.mark.benchmark(group="rope_heads")
+def test_rope_heads_pytorch(benchmark, rope_case):
+    benchmark(kernels.rope_heads_ref, *rope_case)
