@@ -56,7 +56,10 @@ class ROMEHyperParams:
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["mom2_act_dtype"] is None:  # the reference's fields only, unless the option is used
+            del d["mom2_act_dtype"]
+        return d
 
     def to_json(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=4) + "\n")
