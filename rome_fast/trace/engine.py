@@ -172,11 +172,14 @@ def _from(states: torch.Tensor, start: int) -> torch.Tensor:
     return states if start == 0 else states[:, start:].contiguous()
 
 
-def _answer_probs(adapter, h_last: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """p(answer) at the given last positions: exp(logit − logsumexp), which reads the vocabulary's
-    logits once instead of writing a full softmax."""
-    logits = adapter.head(h_last).float()
+def _answer_probs(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """p(answer) per row: exp(logit − logsumexp), which reads the vocabulary's logits once instead
+    of writing a full softmax."""
     return (logits.gather(1, answers[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).exp()
+
+
+def _last_logits(adapter, h_last: torch.Tensor) -> torch.Tensor:
+    return adapter.head(h_last).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,10 +272,10 @@ class TraceEngine:
             h, clean_states = self._run_blocks(h0, ctx, record=True)
         finally:
             rec.remove()
-        clean_logits = a.head(h[:, -1]).float()
+        clean_logits = _last_logits(a, h[:, -1])
         answers = torch.tensor([f.answer if f.answer is not None else int(clean_logits[i].argmax())
                                 for i, f in enumerate(batch.facts)], device=dev)
-        high = torch.softmax(clean_logits, dim=-1).gather(1, answers[:, None])[:, 0]
+        high = _answer_probs(clean_logits, answers)
         clean_module = rec.out
         if not kinds:  # a prediction check: the clean pass is all that is needed
             return [FactTrace(int(answers[i]), float(high[i]), math.nan) for i in range(F)]
@@ -307,7 +310,7 @@ class TraceEngine:
             h_low = h
 
         def mean_p(h_last):
-            return _answer_probs(a, h_last, answers[row_fact]).view(F, S).mean(1)
+            return _answer_probs(_last_logits(a, h_last), answers[row_fact]).view(F, S).mean(1)
 
         low = mean_p(h_low[:, -1])
         # a cell that restores nothing that differs (a token before the subject) scores this
@@ -475,7 +478,7 @@ class _Rows:
 
     def cell_sums(self, adapter, h, answers) -> torch.Tensor:
         """Per cell, the sum over its rows of p(answer) at the last position."""
-        p = _answer_probs(adapter, h[:, -1], answers[self.fact])
+        p = _answer_probs(_last_logits(adapter, h[:, -1]), answers[self.fact])
         return torch.zeros(self.n_cells, device=h.device, dtype=torch.float64).index_add_(
             0, self.cell, p.double())
 
