@@ -21,7 +21,7 @@ import torch
 
 from ..models import adapter_for
 from .fast_compute_v import _mask_like
-from .nethook import StopForward, module_input_size
+from .nethook import StopForward, TraceDict, in_execution_order, module_input_size
 from .stats import (_PRECISIONS, ARTICLES_PER_BATCH, LayerStats, SecondMoment, _Subset, check_stats_request,
                     context_length, length_batches, load_stats_file, save_stats_file, stats_model_name,
                     stats_path)
@@ -56,33 +56,6 @@ def _block_of(adapter, name: str) -> int:
     raise ValueError(f"module {name!r} is not inside a transformer block of this model")
 
 
-class _KeyCapture(dict):
-    """{name: the input of that module in the last forward}, kept by forward pre-hooks; the module
-    that runs last raises StopForward before computing anything (the reference's hook runs it
-    first: for an MLP output projection that is a large matmul saved per batch)."""
-
-    def __init__(self, model, names):
-        super().__init__()
-        order = [n for n, _ in model.named_modules() if n in set(names)]  # execution order
-        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n, n == order[-1]))
-                        for n in order]
-
-    def _hook(self, name, stop):
-        def hook(module, args):
-            self[name] = args[0].detach()
-            if stop:
-                raise StopForward()
-        return hook
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return False
-
-
 def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
                       dtype=torch.float32, act_dtype=None, packed: bool = True,
                       row_tokens: int = ROW_TOKENS, progress: bool = True, desc=None,
@@ -98,19 +71,16 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
         raise ValueError(f"act_dtype must be None, 'bfloat16' or 'float16', not {act_dtype!r}")
     act = _ACT[act_dtype]
     a = adapter_for(model)
-    names = list(dict.fromkeys(layer_names))
-    for n in names:
-        try:
-            model.get_submodule(n)
-        except AttributeError:
-            raise ValueError(f"no module named {n!r} in the model") from None
+    names = in_execution_order(model, layer_names)
     top = max(_block_of(a, n) for n in names)
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     stats = {n: SecondMoment() for n in names}
     n_tok, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(texts), desc=desc or f"stats {names[-1]}", disable=not progress, unit="text")
-    with torch.no_grad(), _KeyCapture(model, names) as keys:
+    # keys kept before each module runs; the last one to run stops the forward before computing
+    # anything (the reference runs it first: for an MLP output projection, a large matmul a batch)
+    with torch.no_grad(), TraceDict(model, names, retain_input=True, stop=True, before=True) as keys:
         for start in range(0, len(texts), ARTICLES_PER_BATCH):
             chunk = [texts[i] for i in range(start, min(start + ARTICLES_PER_BATCH, len(texts)))]
             ids = tok(chunk, truncation=True, max_length=maxlen)["input_ids"]
@@ -160,7 +130,7 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
                     except StopForward:
                         pass
                 for n in names:  # keys at real tokens only, summed in the statistics' dtype
-                    stats[n].add(keys[n][keep].to(dtype))
+                    stats[n].add(keys[n].input[keep].to(dtype))
                 n_tok += int(keep.sum())
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.0f}")

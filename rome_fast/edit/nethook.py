@@ -13,13 +13,26 @@ class StopForward(Exception):
 class Trace:
     """`with Trace(model, "model.layers.5.mlp.down_proj", retain_input=True, stop=True) as tr:
     model(**batch)` -> tr.input / tr.output. `edit_output(output, name) -> output` may replace the
-    module's output (its hidden tensor, the first item when the module returns a tuple)."""
+    module's output (its hidden tensor, the first item when the module returns a tuple).
+    before=True keeps the input (and stops) before the module runs: its output is never computed."""
 
     def __init__(self, model: nn.Module, layer: str, retain_input: bool = False,
                  retain_output: bool = False, edit_output=None, stop: bool = False,
-                 detach: bool = True):
+                 detach: bool = True, before: bool = False):
         self.name, self.input, self.output = layer, None, None
         module = model.get_submodule(layer)
+        if before:
+            if retain_output or edit_output is not None:
+                raise ValueError("a Trace before the module sees no output to keep or edit")
+
+            def pre_hook(_module, args):
+                if retain_input:
+                    self.input = args[0].detach() if detach else args[0]
+                if stop:
+                    raise StopForward()
+
+            self._handle = module.register_forward_pre_hook(pre_hook)
+            return
 
         def hook(_module, args, output):
             if retain_input:
@@ -52,15 +65,16 @@ class Trace:
 
 
 class TraceDict(dict):
-    """Several `Trace`s at once: {name: Trace}. `stop=True` stops after the last name given."""
+    """Several `Trace`s at once: {name: Trace}. `stop=True` stops after (with before=True: at)
+    the last name given."""
 
     def __init__(self, model: nn.Module, layers, retain_input=False, retain_output=False,
-                 edit_output=None, stop=False, detach=True):
+                 edit_output=None, stop=False, detach=True, before=False):
         super().__init__()
         layers = list(layers)
         for i, name in enumerate(layers):
             self[name] = Trace(model, name, retain_input, retain_output, edit_output,
-                               stop=stop and i == len(layers) - 1, detach=detach)
+                               stop=stop and i == len(layers) - 1, detach=detach, before=before)
 
     def __enter__(self):
         return self
@@ -69,6 +83,16 @@ class TraceDict(dict):
         for t in self.values():
             t.close()
         return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def in_execution_order(model: nn.Module, names) -> list[str]:
+    """`names` in the order their modules run (registration order, which the supported families
+    follow), so a TraceDict with stop=True stops after the last of them to run."""
+    wanted = set(names)
+    order = [n for n, _ in model.named_modules() if n in wanted]
+    if len(order) != len(wanted):
+        raise ValueError(f"no module named {sorted(wanted - set(order))} in the model")
+    return order
 
 
 def set_requires_grad(requires_grad: bool, *models: nn.Module) -> None:

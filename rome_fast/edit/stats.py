@@ -168,15 +168,11 @@ def collect_mom2(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
     in `layer_names`, in one pass that stops after the deepest of them: {name: SecondMoment}."""
     from tqdm.auto import tqdm
 
-    from .nethook import TraceDict
+    from .nethook import TraceDict, in_execution_order
 
     if isinstance(layer_names, str):
         layer_names = [layer_names]
-    # stop after the module that runs last (hooks fire in execution order = registration order)
-    order = [n for n, _ in model.named_modules() if n in set(layer_names)]
-    if len(order) != len(set(layer_names)):
-        missing = sorted(set(layer_names) - set(order))
-        raise ValueError(f"no module named {missing} in the model")
+    order = in_execution_order(model, layer_names)  # stop after the module that runs last
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     stats = {n: SecondMoment() for n in order}
