@@ -16,29 +16,16 @@ from __future__ import annotations
 import torch
 
 from ..models import adapter_for
+from ..models.base import KVRecorder
 from .compute_u import key_indices, right_padded
 from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector, target_token_ids
-
-
-class _PrefixRecorder:
-    """A KV-cache stand-in for the prefix run: keeps each layer's keys/values (after rotary)."""
-
-    def __init__(self):
-        self.keys, self.values = {}, {}
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        self.keys[layer_idx], self.values[layer_idx] = key, value
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
 
 
 class _PrefixReplay:
     """A KV-cache stand-in for the suffix runs: prepends the recorded prefix keys/values (the
     4-D mask hides, per row, the prefix columns at or after that row's suffix start)."""
 
-    def __init__(self, recorded: _PrefixRecorder, width: int):
+    def __init__(self, recorded: KVRecorder, width: int):
         self.recorded, self.width = recorded, width
 
     def update(self, key, value, layer_idx, *args, **kwargs):
@@ -101,7 +88,7 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
         for l in range(layer):
             h = a.run_block(l, h, ctx)
         h_in = h
-        rec = _PrefixRecorder()
+        rec = KVRecorder()  # the prefix run's keys/values
         if P > 0:
             hp, pctx = a.prepare(emb[:, :P], mask[:, :P], full_mask=True)
             pctx.past = rec

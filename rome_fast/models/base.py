@@ -55,6 +55,23 @@ class BlockContext:
                             {k: pick(v) for k, v in self.extra.items()}, self.past)
 
 
+class KVRecorder:
+    """Stands in for a transformers KV cache handed to every block of a run (`BlockContext.past`):
+    keeps each layer's keys and values (after rotary) and hands them back unchanged, so a later
+    run can prepend them instead of recomputing the positions they cover."""
+
+    def __init__(self):
+        self.keys: dict = {}
+        self.values: dict = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
 class ModelAdapter:
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()

@@ -26,6 +26,7 @@ import torch
 
 from ..kernels import add_noise_, restore_rows_
 from ..models import first_tensor
+from ..models.base import KVRecorder
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -135,27 +136,11 @@ class _Recorder:
             h.remove()
 
 
-class _KVRecorder:
-    """Stands in for a transformers KV cache in the corrupted pass: keeps every layer's keys and
-    values (after rotary) and hands them back unchanged."""
-
-    def __init__(self):
-        self.keys: dict = {}
-        self.values: dict = {}
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        self.keys[layer_idx], self.values[layer_idx] = key, value
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
 class _KVReplay:
     """Stands in for a KV cache in a suffix run: prepends, for every row, the corrupted run's keys
     and values of the positions before the suffix (identical by causality)."""
 
-    def __init__(self, recorded: _KVRecorder, rows: torch.Tensor, start: int):
+    def __init__(self, recorded: KVRecorder, rows: torch.Tensor, start: int):
         self.recorded, self.rows, self.start = recorded, rows, start
 
     def update(self, key, value, layer_idx, *args, **kwargs):
@@ -296,7 +281,7 @@ class TraceEngine:
                               full_mask=self.reuse_kv)
         kv = None
         if self.reuse_kv:
-            kv = cctx.past = _KVRecorder()
+            kv = cctx.past = KVRecorder()  # the corrupted run's keys/values, for the suffix runs
         if self.mode == "prefix":
             h, corrupt_states = self._run_blocks(ch0, cctx, record=True)
         else:
