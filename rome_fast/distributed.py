@@ -128,6 +128,31 @@ def broadcast(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def agree_on_run_file(path, check: Callable[[bool], None], info: DistInfo, what_differs: str) -> None:
+    """One run's settings file for all ranks: rank 0 runs check(True) (compare with `path`, or
+    write it), its refusal reaches every rank, then every other rank runs check(False) (compare
+    only), which also catches an output folder the ranks do not share. `check` raises ValueError
+    when the settings differ; `what_differs` hints at the likely cause on another rank."""
+    error = None
+    if info.is_main:
+        try:
+            check(True)
+        except ValueError as exc:
+            error = str(exc)
+    error = broadcast(error)  # no rank starts when rank 0 refused
+    if error is not None:
+        raise ValueError(error if info.is_main else f"rank {info.rank}: rank 0 refused the run: {error}")
+    if not info.is_main:
+        if not os.path.isfile(path):
+            raise RuntimeError(f"rank {info.rank} does not see {path}, which rank 0 has written: the "
+                               "output folder must be shared by all ranks (the same path on every node)")
+        try:
+            check(False)
+        except ValueError as exc:
+            raise ValueError(f"rank {info.rank}: its settings differ from those rank 0 recorded "
+                             f"({what_differs} on this rank?): {exc}") from None
+
+
 def shard(items: Sequence[T], info: Optional[DistInfo] = None) -> list[T]:
     """This rank's share: items[rank::world] (deterministic, disjoint, together all of them)."""
     info = info or current()

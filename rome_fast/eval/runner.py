@@ -141,27 +141,31 @@ def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
 
 
 def _agree_run_config(out_dir: Path, config: dict, info) -> None:
-    """Rank 0 checks and writes run.json, then the other ranks check it (which also catches an
-    output folder that is not shared by all ranks)."""
-    error = None
-    if info.is_main:
-        try:
-            _check_run_config(out_dir, config)
-        except ValueError as exc:
-            error = str(exc)
-    error = distributed.broadcast(error)  # no rank starts when rank 0 refused
-    if error is not None:
-        raise ValueError(error if info.is_main else f"rank {info.rank}: rank 0 refused the run: {error}")
-    if not info.is_main:
-        try:
-            _check_run_config(out_dir, config, write=False)
-        except RuntimeError:
-            raise RuntimeError(f"rank {info.rank} does not see {out_dir / 'run.json'}, which rank 0 has "
-                               "written: the output folder must be shared by all ranks (the same path "
-                               "on every node)") from None
-        except ValueError as exc:
-            raise ValueError(f"rank {info.rank}: its settings differ from those rank 0 recorded "
-                             f"(another model, dataset or hparams on this rank?): {exc}") from None
+    """run.json checked (or written) by rank 0, then checked by every other rank."""
+    distributed.agree_on_run_file(out_dir / "run.json", lambda write: _check_run_config(out_dir, config, write),
+                                  info, "another model, dataset or hparams")
+
+
+def _run_config(mt, dataset, records, hparams, skip_generation, seed, backend, extra: dict) -> dict:
+    """What run.json records of a run: what must agree for its cases to belong together."""
+    return {**extra, "dataset": dataset, "model": getattr(mt, "name", type(mt.model).__name__),
+            "skip_generation": bool(skip_generation), "seed": seed, "backend": backend,
+            "hparams": hparams.to_dict() if hasattr(hparams, "to_dict") else None,
+            "generation": None if skip_generation or dataset == "zsre" else
+            {"max_out_len": 100, "top_k": 5, "seed": "seed + case_id",
+             "prompts": GEN_SOURCE_FULL if any(r.generation_prompts for r in records) else GEN_SOURCE_COMPACT}}
+
+
+def _timed_edit(editor, mt, record):
+    """(restore, seconds) of one edit; the editor must hand back a restore function."""
+    start = time.perf_counter()
+    restore = editor(mt, record.request())
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    if not callable(restore):
+        raise TypeError(f"the editor must return a restore function, got {type(restore).__name__}")
+    return restore, elapsed
 
 
 def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] = None,
@@ -212,14 +216,8 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
                              "(its accumulated edits are not saved); use an empty --out")
         return _evaluate_sequential(mt, dataset, records, hparams, out_dir, editor, skip_generation,
                                     progress, seed, tfidf, snippets, backend, batch_size, summary, extra)
-    _agree_run_config(out_dir, {**extra,
-        "dataset": dataset, "model": getattr(mt, "name", type(mt.model).__name__),
-        "skip_generation": bool(skip_generation), "seed": seed, "backend": backend,
-        "hparams": hparams.to_dict() if hasattr(hparams, "to_dict") else None,
-        "generation": None if skip_generation or dataset == "zsre" else
-        {"max_out_len": 100, "top_k": 5, "seed": "seed + case_id",
-         "prompts": GEN_SOURCE_FULL if any(r.generation_prompts for r in records) else GEN_SOURCE_COMPACT}},
-        info)
+    _agree_run_config(out_dir, _run_config(mt, dataset, records, hparams, skip_generation, seed, backend,
+                                           extra), info)
     fail = distributed.failure_hook("case", info)
     # Rank 0 edits first, the others wait: what an editor computes and caches on first use (ROME's
     # second-moment statistics) is then computed once, not by every rank at the same time.
@@ -239,13 +237,7 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
         kw = dict(skip_generation=skip_generation, seed=seed, tfidf=tfidf, snippets=snippets,
                   batch_size=batch_size)
         before = weights_checksum(mt.model) if check else None
-        start = time.perf_counter()
-        restore = editor(mt, record.request())
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if not callable(restore):
-            raise TypeError(f"the editor must return a restore function, got {type(restore).__name__}")
+        restore, elapsed = _timed_edit(editor, mt, record)
         try:
             post = case_metrics(mt, record, **kw)
         finally:  # the model must not stay edited, whatever happened
@@ -276,26 +268,15 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
 def _evaluate_sequential(mt, dataset, records, hparams, out_dir, editor, skip_generation, progress,
                          seed, tfidf, snippets, backend, batch_size, summary, extra):
     from tqdm.auto import tqdm
-    _check_run_config(out_dir, {
-        **extra, "sequential": True, "dataset": dataset, "model": getattr(mt, "name", type(mt.model).__name__),
-        "skip_generation": bool(skip_generation), "seed": seed, "backend": backend,
-        "hparams": hparams.to_dict() if hasattr(hparams, "to_dict") else None,
-        "generation": None if skip_generation or dataset == "zsre" else
-        {"max_out_len": 100, "top_k": 5, "seed": "seed + case_id",
-         "prompts": GEN_SOURCE_FULL if any(r.generation_prompts for r in records) else GEN_SOURCE_COMPACT}})
+    _check_run_config(out_dir, _run_config(mt, dataset, records, hparams, skip_generation, seed, backend,
+                                           {**extra, "sequential": True}))
     kw = dict(skip_generation=skip_generation, seed=seed, tfidf=tfidf, snippets=snippets, batch_size=batch_size)
     first_restore = None
     try:
         for n, record in enumerate(tqdm(records, desc=f"eval {dataset} (sequential)", unit="case",
                                         disable=not progress), 1):
             pre = case_metrics(mt, record, **kw)  # the model with the earlier cases' edits
-            start = time.perf_counter()
-            restore = editor(mt, record.request())
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            if not callable(restore):
-                raise TypeError(f"the editor must return a restore function, got {type(restore).__name__}")
+            restore, elapsed = _timed_edit(editor, mt, record)
             first_restore = first_restore or restore  # puts back the weights from before every edit
             post = case_metrics(mt, record, **kw)
             _write_json_atomic(case_path(out_dir, record.case_id),

@@ -152,26 +152,10 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
 
 
 def _agree_run_settings(path: Path, settings: dict, info) -> dict:
-    """Rank 0 checks (or writes) run.json; then every other rank checks it too, which also
-    catches an output folder that is not shared between the ranks. Returns the recorded settings."""
-    error = None
-    if info.is_main:
-        try:
-            _check_run_settings(path, settings)
-        except ValueError as exc:
-            error = str(exc)
-    error = distributed.broadcast(error)  # so no rank starts when rank 0 refused
-    if error is not None:
-        raise ValueError(error if info.is_main else f"rank {info.rank}: rank 0 refused the run: {error}")
-    if not info.is_main:
-        if not path.is_file():
-            raise RuntimeError(f"rank {info.rank} does not see {path}, which rank 0 has written: the "
-                               "output folder must be shared by all ranks (the same path on every node)")
-        try:
-            _check_run_settings(path, settings, write=False)
-        except ValueError as exc:
-            raise ValueError(f"rank {info.rank}: its settings differ from those rank 0 recorded "
-                             f"(another model, facts file or noise on this rank?): {exc}") from None
+    """run.json checked (or written) by rank 0, then checked by every other rank; returns the
+    recorded settings."""
+    distributed.agree_on_run_file(path, lambda write: _check_run_settings(path, settings, write), info,
+                                  "another model, facts file or noise")
     return json.loads(path.read_text())
 
 
