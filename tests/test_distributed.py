@@ -20,6 +20,8 @@ import torch
 from rome_fast import distributed
 from rome_fast.cli import main
 
+from cf_cases import COMPACT_CASES
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
            ("Miles Davis plays the", "Miles Davis"),
@@ -30,20 +32,6 @@ PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
            ("Apple was founded by", "Apple"),
            ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux")]
 TRACE_ARGS = ["--model", "tiny:llama", "--samples", "2", "--no-progress"]
-COMPACT = [
-    dict(case_id=3, prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
-         target_new="English", ground_truth="French", rephrase_prompt="Danielle Darrieux speaks",
-         locality_prompt="Michel Rocard is a native speaker of", locality_ground_truth="French"),
-    dict(case_id=11, prompt="Toyota is headquartered in", subject="Toyota", target_new="Spain",
-         ground_truth="Japan", rephrase_prompt="The headquarters of Toyota are in",
-         locality_prompt="Honda is headquartered in", locality_ground_truth="Japan"),
-    dict(case_id=12, prompt="Miles Davis plays the", subject="Miles Davis", target_new="piano",
-         ground_truth="trumpet", rephrase_prompt="Miles Davis is known for playing the",
-         locality_prompt="Louis Armstrong plays the", locality_ground_truth="trumpet"),
-    dict(case_id=20, prompt="Berlin is the capital of", subject="Berlin", target_new="Italy",
-         ground_truth="Germany", rephrase_prompt="The city of Berlin is the capital of",
-         locality_prompt="Paris is the capital of", locality_ground_truth="France"),
-]
 
 
 def _env(**extra):
@@ -258,7 +246,7 @@ def eval_inputs(tmp_path_factory):
     words = "the of a city river king music film born france paris london war book team played year".split()
     (d / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(10, 40)))
                                               for _ in range(200)))
-    (d / "cf.json").write_text(json.dumps(COMPACT))
+    (d / "cf.json").write_text(json.dumps(COMPACT_CASES))
     return d
 
 

@@ -2,7 +2,6 @@
 and Linear layouts): value optimisation, one and five sequential edits, r-ROME, restore, the
 batched rank-n update, and the fast statistics collector (one pass, packing, shared cache)."""
 import dataclasses
-import random
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from rome_fast.edit.fast_compute_v import fast_compute_v
 from rome_fast.edit.fast_stats import collect_mom2_fast, layer_stats_fast, pack_rows
 from rome_fast.edit.solve_update import clear_factor_cache
 from rome_fast.edit.stats import collect_mom2
-from rome_fast.models.random_init import _CORPUS
+from rome_fast.models.random_init import random_texts as synthetic_corpus
 
 FAMILIES = ["gpt2", "llama", "gptj", "gpt_neox"]
 LAYER = 1
@@ -29,18 +28,7 @@ REQS = [
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def synthetic_corpus(n=300, seed=0):
-    words = _CORPUS.split()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(10, 60))) for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 restore, sequential and r-ROME edits, hyperparameters, templates, bad input, and the CLI."""
 import dataclasses
 import json
-import random
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from rome_fast.edit import (ROMEHyperParams, apply_rome_to_model, compute_u, exe
                             get_context_templates, layer_stats, list_presets, normalize_request,
                             rank_one_update, restore_weights, update_matrix)
 from rome_fast.edit.templates import generate_context_templates, sample_top_k, start_token_id
-from rome_fast.models.random_init import _CORPUS
+from rome_fast.models.random_init import random_texts as synthetic_corpus
 
 FAMILIES = ["gpt2", "llama", "gptj", "gpt_neox"]
 LAYER = 1
@@ -21,12 +20,6 @@ REQ2 = {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def synthetic_corpus(n=300, seed=0):
-    words = _CORPUS.split()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(10, 60))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,9 @@ from rome_fast.eval import datasets as D
 from rome_fast.eval import metrics as M
 from rome_fast.eval import runner as R
 
-COMPACT = [
-    dict(case_id=3, prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
-         target_new="English", ground_truth="French", rephrase_prompt="Danielle Darrieux speaks",
-         locality_prompt="Michel Rocard is a native speaker of", locality_ground_truth="French"),
-    dict(case_id=11, prompt="Toyota is headquartered in", subject="Toyota", target_new="Spain",
-         ground_truth="Japan", rephrase_prompt="The headquarters of Toyota are in",
-         locality_prompt="Honda is headquartered in", locality_ground_truth="Japan"),
-    dict(case_id=12, prompt="Miles Davis plays the", subject="Miles Davis", target_new="piano",
-         ground_truth="trumpet", rephrase_prompt="Miles Davis is known for playing the",
-         locality_prompt="Louis Armstrong plays the", locality_ground_truth="trumpet"),
-]
+from cf_cases import COMPACT_CASES
+
+COMPACT = COMPACT_CASES[:3]
 
 
 @pytest.fixture(scope="module")

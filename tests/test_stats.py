@@ -10,7 +10,7 @@ import torch
 from rome_fast.edit.corpus import read_text_file, resolve_corpus, split_text
 from rome_fast.edit.stats import (layer_stats, length_batches, load_stats_file, save_stats_file,
                                   stats_path, SecondMoment)
-from rome_fast.models.random_init import _CORPUS
+from rome_fast.models.random_init import random_texts
 
 LAYER = "transformer.h.1.mlp.c_proj"
 
@@ -24,9 +24,7 @@ def gpt2(tiny_models):
 
 
 def texts(n=60, seed=0):
-    words = _CORPUS.split()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 80))) for _ in range(n)]
+    return random_texts(n, seed, words=(3, 80))
 
 
 def hand_mom2(model, tok, layer, docs):

@@ -29,6 +29,15 @@ SHAPES = {
 
 
 @functools.lru_cache(maxsize=4)
+def random_texts(n: int = 300, seed: int = 0, words: tuple[int, int] = (10, 60)) -> list[str]:
+    """n seeded texts of words drawn from the tiny tokenizer's corpus (a statistics corpus for the
+    tiny models)."""
+    import random
+    vocab = _CORPUS.split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(*words))) for _ in range(n)]
+
+
 def tiny_tokenizer(vocab_size: int = 400):
     """A GPT-2-style byte-level BPE (no BOS, leading-space tokens) trained on a built-in text."""
     from tokenizers import ByteLevelBPETokenizer
