@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..tokens import get_words_idxs_in_templates
-from .nethook import Trace
+from ..hooks import Trace
 from .stats import corpus_ds_name, layer_stats, stats_model_name
 
 _INV_COV: dict = {}
@@ -51,7 +51,7 @@ def module_io_at(model, tok, module_name: str, templates, subject: str, fact_tok
     for s in range(0, len(templates), CHUNK):
         part = templates[s:s + CHUNK]
         ids, mask = right_padded(tok, [t.format(subject) for t in part], device)
-        with Trace(model, module_name, retain_input=True, retain_output=True, stop=stop) as tr:
+        with Trace(model, module_name, retain_input=True, retain_output=True, detach=True, stop=stop) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(part), device=device)
         at = torch.tensor(idxs[s:s + CHUNK], device=device)
