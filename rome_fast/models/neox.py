@@ -15,7 +15,6 @@ class GPTNeoXAdapter(RotaryModelAdapter):
     final_norm_name = "gpt_neox.final_layer_norm"
     lm_head_name = "lm_head"  # `embed_out` before transformers 5
     rotary_name = "gpt_neox.rotary_emb"
-    cache_kwarg = "layer_past"
 
     def _block_input(self, inputs_embeds, ctx):
         return super()._block_input(self.model.gpt_neox.emb_dropout(inputs_embeds), ctx)
