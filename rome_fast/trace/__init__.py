@@ -1,6 +1,8 @@
-"""Causal tracing (Meng et al. 2022, REFERENCE.md §1).
+"""Causal tracing (Meng et al. 2022; docs/tracing.md).
 
-- `api.calculate_hidden_flow`: one fact, one kind, on the "reference" or "fast" backend.
+- `api.calculate_hidden_flow`: one fact, one kind, on a registered backend ("reference", "fast").
+- `kinds`: the registry of what a cell restores (hidden states, MLP and attention outputs).
+- `engine.TraceEngine`: the fast engine (many cells of many facts per forward pass).
 - `reference`: the reference's one-forward-per-cell functions (the test oracle).
 - `noise`: σ of the embeddings, the reference's per-call noise, noise rules ("s3", "u0.5", ...).
 - `results.TraceResult`: save/load in the reference's `.npz` layout.
