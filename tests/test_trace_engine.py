@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from rome_fast.models import ModelAndTokenizer
-from rome_fast.models.random_init import RANDOM_FAMILIES, random_model
-from rome_fast.trace.api import calculate_hidden_flow
-from rome_fast.trace.engine import FactInput, TraceEngine, calculate_hidden_flow_fast
+from rome_fast.models.random_init import RANDOM_FAMILIES
+from rome_fast.trace.api import calculate_hidden_flow, calculate_hidden_flow_fast
+from rome_fast.trace.engine import FactInput, TraceEngine
 from rome_fast.trace.noise import draw_noise
 from rome_fast.tokens import find_token_range
 
@@ -19,15 +18,8 @@ KIND_NAMES = {None: "hidden", "mlp": "mlp", "attn": "attn"}
 
 
 @pytest.fixture(scope="module")
-def tiny(request):
-    return {}
-
-
-def _mt(cache, family):
-    if family not in cache:
-        model, tok = random_model(family, seed=3)
-        cache[family] = ModelAndTokenizer(model=model, tokenizer=tok)
-    return cache[family]
+def tiny(tiny_model):
+    return lambda family: tiny_model(family, seed=3)
 
 
 def _facts(mt, samples=4):
@@ -41,7 +33,7 @@ def _facts(mt, samples=4):
 
 @pytest.mark.parametrize("family", RANDOM_FAMILIES)
 def test_engine_equals_reference_all_kinds_many_facts(tiny, family):
-    mt = _mt(tiny, family)
+    mt = tiny(family)
     facts = _facts(mt)
     got = TraceEngine(mt, max_batch_tokens=400).trace(facts, kinds=("hidden", "mlp", "attn"),
                                                       window=WINDOW)
@@ -62,7 +54,7 @@ def test_engine_equals_reference_all_kinds_many_facts(tiny, family):
 
 @pytest.mark.parametrize("mode,reuse_kv", [("prefix", False), ("grid", False)])
 def test_engine_modes_agree(tiny, mode, reuse_kv):
-    mt = _mt(tiny, "llama")
+    mt = tiny("llama")
     facts = _facts(mt)
     want = TraceEngine(mt).trace(facts, window=WINDOW)
     got = TraceEngine(mt, mode=mode, reuse_kv=reuse_kv, max_batch_tokens=300).trace(facts, window=WINDOW)
@@ -72,7 +64,7 @@ def test_engine_modes_agree(tiny, mode, reuse_kv):
 
 
 def test_drop_in_dict_matches_reference(tiny):
-    mt = _mt(tiny, "gpt2")
+    mt = tiny("gpt2")
     prompt, subject = FACTS[0]
     for kwargs in (dict(kind="mlp"), dict(token_range="subject_last"), dict(replace=True),
                    dict(uniform_noise=True, kind="attn")):
@@ -89,7 +81,7 @@ def test_drop_in_dict_matches_reference(tiny):
 
 
 def test_wrong_prediction_returns_early(tiny):
-    mt = _mt(tiny, "gpt2")
+    mt = tiny("gpt2")
     prompt, subject = FACTS[0]
     ref = calculate_hidden_flow(mt, prompt, subject, expect="certainly not this", backend="reference")
     fast = calculate_hidden_flow_fast(mt, prompt, subject, expect="certainly not this")
@@ -98,7 +90,7 @@ def test_wrong_prediction_returns_early(tiny):
 
 
 def test_out_of_memory_splits_and_gives_same_results(tiny, monkeypatch):
-    mt = _mt(tiny, "llama")
+    mt = tiny("llama")
     facts = _facts(mt)
     want = TraceEngine(mt).trace(facts, window=WINDOW)
     engine = TraceEngine(mt, max_batch_tokens=10_000)
@@ -119,7 +111,7 @@ def test_out_of_memory_splits_and_gives_same_results(tiny, monkeypatch):
 
 
 def test_bad_input(tiny):
-    mt = _mt(tiny, "gpt2")
+    mt = tiny("gpt2")
     engine = TraceEngine(mt)
     fact = _facts(mt)[0]
     with pytest.raises(ValueError, match="unknown kind"):

@@ -6,9 +6,7 @@ import pytest
 
 from rome_fast.cli import main
 from rome_fast.trace import many
-from rome_fast.trace.commands import load_model_spec
 from rome_fast.trace.engine import TraceEngine
-from rome_fast.trace.reference import predict_token
 
 PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
            ("Miles Davis plays the", "Miles Davis"),
@@ -22,14 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def facts_file(tmp_path_factory):
-    mt = load_model_spec("tiny:llama")
-    preds = [predict_token(mt, [p])[0] for p, _ in PROMPTS]
-    facts = [dict(known_id=i, subject=s, prompt=p, attribute=pred.strip() if i != 2 else "nope")
-             for i, ((p, s), pred) in enumerate(zip(PROMPTS, preds))]
-    path = tmp_path_factory.mktemp("facts") / "facts.json"
-    path.write_text(json.dumps(facts))
-    return path
+def facts_file(make_facts_file):
+    return make_facts_file("tiny:llama", PROMPTS, wrong={2})
 
 
 def _load(path):
