@@ -232,12 +232,7 @@ class ModelAdapter:
     @functools.cached_property
     def cache_kwarg(self) -> str:
         """The name under which this transformers version's blocks take a key/value cache."""
-        params = _parameters(type(self.blocks[0]).forward)
-        for name in _CACHE_NAMES:
-            if name in params:
-                return name
-        raise ValueError(f"{type(self.blocks[0]).__name__}.forward takes no key/value cache "
-                         f"(none of {', '.join(_CACHE_NAMES)}): this transformers version is not supported")
+        return cache_argument(self.blocks[0])
 
     def block_kwargs(self, ctx: BlockContext) -> dict:
         """Keyword arguments of one block call besides the hidden states."""
@@ -269,6 +264,23 @@ def _parameters(fn) -> dict:
 
 # a block's key/value cache argument, newest name first
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which the installed transformers' `module.forward` (a block, or a whole
+    model) takes a key/value cache."""
+    params = _parameters(type(module).forward)
+    for name in _CACHE_NAMES:
+        if name in params:
+            return name
+    raise ValueError(f"{type(module).__name__}.forward takes no key/value cache "
+                     f"(none of {', '.join(_CACHE_NAMES)}): this transformers version is not supported")
+
+
+def returned_cache(output):
+    """The key/value cache a model's forward returned (`cache`; `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _causal_mask(config, inputs_embeds, attention_mask, position_ids, full_mask: bool):
