@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rome_fast import distributed
 from rome_fast.cli import main
