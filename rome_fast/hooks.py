@@ -11,7 +11,8 @@ to accept among `output` and `layer` (`invoke_with_optional_args`): `fn(output)`
 `fn(output, layer)` both work, the usual forms for `Trace` and `TraceDict`. Unlike the reference,
 `clone` / `detach` reach the tensors inside a tuple too, and non-tensor items (None) pass through.
 
-docs/architecture.md places this module: the lowest layer of the package, beside `models/`."""
+In the package's layers (docs/architecture.md) this module sits above `models/` and below `trace/`
+and `edit/`, which both use it."""
 from __future__ import annotations
 
 import inspect

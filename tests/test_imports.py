@@ -1,6 +1,8 @@
 """No import cycles inside rome_fast, counting imports inside functions too (a late import hides a
 cycle from the interpreter, not from a reader): the package's modules form layers
 (docs/architecture.md)."""
+from __future__ import annotations
+
 import ast
 from pathlib import Path
 
