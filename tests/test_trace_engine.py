@@ -198,5 +198,6 @@ def test_embedded_two_facts_hidden_equal_reference(embedded):
     for res, ref in zip(got, refs):
         assert mt.tokenizer.decode([res.answer]) == ref["answer"]
         assert res.low_score == pytest.approx(ref["low_score"], abs=1e-5)
-        torch.testing.assert_close(res.scores["hidden"], ref["scores"].float(), rtol=0, atol=1e-4)
+        # measured: 1.0e-5 relative, 6e-6 absolute (the fused blocks and sdpa round differently)
+        torch.testing.assert_close(res.scores["hidden"], ref["scores"].float(), rtol=5e-5, atol=1e-8)
     assert got[0].scores["hidden"].max() > 0.5  # Paris comes back when the subject is restored
