@@ -1,5 +1,7 @@
-"""Loads the compiled core. Importing never fails: when the extension is missing, callers fall back
-to plain PyTorch, and `backend_info()` says what was built and why something was not."""
+"""Loads the compiled core, whose ops are registered with PyTorch's dispatcher as torch.ops.rome_fast.*
+(docs/kernels.md). Importing never fails: when the extension is missing, the wrappers in
+rome_fast.ops fall back to plain PyTorch, a native op asked for by name raises one clear error, and
+`backend_info()` says what was built and why something was not."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,7 @@ import torch
 _C = None
 _IMPORT_ERROR: str | None = None
 try:
-    from . import _C  # type: ignore[attr-defined,no-redef]
+    from . import _C  # type: ignore[attr-defined,no-redef]  # registers the ops on import
 except ImportError as exc:  # not built, or built against another torch
     _IMPORT_ERROR = str(exc)
 
@@ -44,9 +46,24 @@ def native_for(t: torch.Tensor) -> bool:
 
 
 def require_native():
+    """torch.ops.rome_fast, or a clear error when the compiled core is not loaded."""
     if _C is None:
         raise RuntimeError(f"rome_fast's compiled core is not available ({_IMPORT_ERROR}); {_FIX}")
-    return _C
+    return torch.ops.rome_fast
+
+
+def register_fake(name: str):
+    """torch.library.register_fake for op `name` when the core is loaded (a fake describes the
+    outputs of an op from its inputs' metadata, for torch.compile); a no-op decorator otherwise.
+    A core without the op was built from older sources: it is then treated as absent."""
+    def deco(fn):
+        global _C, _IMPORT_ERROR
+        if _C is not None and not hasattr(torch.ops.rome_fast, name):
+            _C, _IMPORT_ERROR = None, f"the compiled core has no op {name!r} (built from older sources)"
+        if _C is not None:
+            torch.library.register_fake(f"rome_fast::{name}")(fn)
+        return fn
+    return deco
 
 
 def backend_info() -> dict:

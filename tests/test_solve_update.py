@@ -67,7 +67,7 @@ def test_rank_k_kernel_matches_reference(device, dtype, layout, n, shape, misali
     R = torch.randn(d_v, n, device=device)
     want = su.rank_k_update_ref(W.clone(), U, R, layout)
     got = W.clone()
-    _ext._C.rank_k_update_(got, U, R, layout)
+    torch.ops.rome_fast.rank_k_update_(got, U, R, layout)
     assert not torch.equal(want, W)
     if dtype == torch.float32:
         assert _rel(got, want) <= 1e-5
@@ -302,18 +302,18 @@ def test_bad_input_is_a_clear_error(native, edit_case):
 def test_kernel_bad_input_is_a_clear_error():
     W = torch.randn(10, 6)
     with pytest.raises(ValueError, match="U has 6 rows but W .* 'in_out' has d_k = 10"):
-        _ext._C.rank_k_update_(W, torch.randn(6, 2), torch.randn(10, 2), "in_out")
+        torch.ops.rome_fast.rank_k_update_(W, torch.randn(6, 2), torch.randn(10, 2), "in_out")
     with pytest.raises(ValueError, match="R has 3 columns, expected n = 2"):
-        _ext._C.rank_k_update_(W, torch.randn(10, 2), torch.randn(6, 3), "in_out")
+        torch.ops.rome_fast.rank_k_update_(W, torch.randn(10, 2), torch.randn(6, 3), "in_out")
     with pytest.raises(ValueError, match="U must be float32"):
-        _ext._C.rank_k_update_(W, torch.randn(10, 2).double(), torch.randn(6, 2), "in_out")
+        torch.ops.rome_fast.rank_k_update_(W, torch.randn(10, 2).double(), torch.randn(6, 2), "in_out")
     with pytest.raises(ValueError, match="W must be contiguous"):
-        _ext._C.rank_k_update_(W.T, torch.randn(6, 2), torch.randn(10, 2), "in_out")
+        torch.ops.rome_fast.rank_k_update_(W.T, torch.randn(6, 2), torch.randn(10, 2), "in_out")
     with pytest.raises(ValueError, match="factor_kind 'lu' needs the pivots"):
-        _ext._C.rome_update_(W, torch.eye(10), torch.randn(10), torch.randn(10), torch.randn(6),
+        torch.ops.rome_fast.rome_update_(W, torch.eye(10), torch.randn(10), torch.randn(10), torch.randn(6),
                              "in_out", "lu")
     with pytest.raises(ValueError, match="factor must be float32 or float64"):
-        _ext._C.rome_update_(W, torch.eye(10).half(), torch.randn(10), torch.randn(10),
+        torch.ops.rome_fast.rome_update_(W, torch.eye(10).half(), torch.randn(10), torch.randn(10),
                              torch.randn(6), "in_out")
 
 
