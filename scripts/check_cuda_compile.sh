@@ -70,6 +70,8 @@ for src in csrc/cuda/register.cpp csrc/module.cpp; do
   echo "$CXX ok (ROME_FAST_WITH_CUDA, $(basename "$wheel" | cut -d- -f1-2) headers): $src"
 done
 
+rm -rf "$out/torch"
+
 # 3. what register.cpp calls is defined with the same (mangled) signature
 core=$(ls rome_fast/_C*.so 2>/dev/null | head -n 1 || true)
 [ -n "$core" ] || unavailable "rome_fast/_C*.so is not built: register.cpp's calls into it not checked"
