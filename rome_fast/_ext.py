@@ -14,7 +14,8 @@ _IMPORT_ERROR: str | None = None
 try:
     from . import _C  # type: ignore[attr-defined,no-redef]  # registers the ops on import
 except ImportError as exc:  # not built, or built against another torch
-    _IMPORT_ERROR = str(exc)
+    _IMPORT_ERROR = (str(exc) if any(Path(__file__).parent.glob("_C.*"))
+                     else "rome_fast/_C is not built")
 
 _FIX = ("rebuild with `pip install --no-build-isolation -e .` "
         "(needs a C++ compiler; add nvcc + a CUDA torch for the GPU kernels)")
