@@ -160,6 +160,7 @@ def test_setup_cuda_build_is_well_formed(monkeypatch, tmp_path):
     setup["_extensions"].__globals__["INFO_FILE"] = tmp_path / "_build_info.json"
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(ce, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.delenv("ROME_FAST_NO_EXT", raising=False)
     monkeypatch.setenv("ROME_FAST_CUDA", "1")
     monkeypatch.setenv("ROME_FAST_CUDA_ARCH", "90a")
     monkeypatch.chdir(ROOT)
