@@ -33,8 +33,11 @@ def cpu_ext_available() -> bool:
     return _C is not None
 
 
+_HAS_CUDA = _C is not None and bool(_C.has_cuda())  # read once: torch.compile traces the wrappers
+
+
 def cuda_ext_available() -> bool:
-    return _C is not None and bool(_C.has_cuda()) and torch.cuda.is_available()
+    return _C is not None and _HAS_CUDA and torch.cuda.is_available()
 
 
 def native_for(t: torch.Tensor) -> bool:
@@ -85,7 +88,7 @@ def backend_info() -> dict:
         why.append(f"compiled core not importable: {_IMPORT_ERROR}; {_FIX}")
         if build.get("note"):
             why.append(build["note"])
-    elif not _C.has_cuda():
+    elif not _HAS_CUDA:
         why.append("CUDA kernels not built: " + (build.get("why_no_cuda") or "unknown reason"))
     elif not torch.cuda.is_available():
         why.append("CUDA kernels built, but no CUDA device is visible")
