@@ -20,6 +20,7 @@ _CASE_NPZ = re.compile(r"^knowledge_(.+?)(_mlp|_attn)?\.npz$")
 _SINGLE_NPZ = re.compile(r"^(.+?)(_mlp|_attn)?\.npz$")
 _EVAL_CASE = re.compile(r"^case_(\d+)\.json$")
 _SUFFIX_KIND = {v: k for k, v in KIND_SUFFIX.items()}
+RUN_ORDER = ("trace", "traces", "edit", "eval")
 
 
 class Warnings(list):
@@ -69,6 +70,7 @@ def find_runs(root, max_depth: int = 2) -> list[Run]:
                 visit(sub, depth + 1)
 
     visit(root, 0)
+    runs.sort(key=lambda r: (RUN_ORDER.index(r.kind), r.label))  # traces, then the edits
     if not runs:
         raise ValueError(f"no run found in {root}: expected a trace run (cases/knowledge_*.npz), trace "
                          "results (*.npz), an eval run (case_*.json) or the demo's edit.json, here or in "

@@ -9,9 +9,10 @@
   window.addEventListener("unhandledrejection", function (e) { reportError(String(e.reason)); });
 
   var PLOT_CONFIG = { displaylogo: false, responsive: true };
-  var MAX_ROWS = 5000;  // rows drawn at once; a search or filter narrows the rest
+  var CHUNK = 250;  // rows drawn at a time: more as the table is scrolled, so sorting stays fast
   var DATA = JSON.parse(document.getElementById("rf-data").textContent);
   var collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
+  var pending = [];  // drawings the page is not ready without
 
   function reportError(msg) {
     state.errors.push(msg);
@@ -62,7 +63,10 @@
 
   function valueText(v) {
     if (v === null || v === undefined) return "–";
-    if (typeof v === "object") return JSON.stringify(v, null, 1);
+    if (typeof v === "object") {
+      var flat = JSON.stringify(v);
+      return flat.length <= 100 ? flat : JSON.stringify(v, null, 1);
+    }
     return String(v);
   }
 
@@ -144,7 +148,12 @@
       if (tr && e.key === "Enter") self.select(Number(tr.dataset.row));
     });
     this.table.appendChild(this.body);
-    container.appendChild(el("div", { class: "rf-tablebox" }, this.table));
+    var box = el("div", { class: "rf-tablebox" }, this.table);
+    this.sentinel = box.appendChild(el("div", { class: "rf-sentinel" }));
+    container.appendChild(box);
+    this.observer = new IntersectionObserver(function (entries) {
+      if (entries.some(function (e) { return e.isIntersecting; }) && self.shown < self.order.length) self.more();
+    }, { root: box, rootMargin: "300px" });
     this.render();
   }
 
@@ -180,10 +189,18 @@
   };
 
   DataTable.prototype.render = function () {
-    var spec = this.spec, idx = this.visible(), frag = document.createDocumentFragment();
-    var n = Math.min(idx.length, MAX_ROWS);
-    for (var k = 0; k < n; k++) {
-      var i = idx[k], r = spec.rows[i];
+    this.order = this.visible();
+    this.shown = 0;
+    this.body.replaceChildren();
+    this.more();
+    this.count.textContent = this.order.length + " of " + this.spec.rows.length + " " + this.spec.noun;
+  };
+
+  DataTable.prototype.more = function () {  // the next chunk of rows, when scrolled near the end
+    var spec = this.spec, frag = document.createDocumentFragment();
+    var end = Math.min(this.order.length, this.shown + CHUNK);
+    for (var k = this.shown; k < end; k++) {
+      var i = this.order[k], r = spec.rows[i];
       var tr = document.createElement("tr");
       tr.dataset.row = i;
       tr.tabIndex = 0;
@@ -199,9 +216,11 @@
       }
       frag.appendChild(tr);
     }
-    this.body.replaceChildren(frag);
-    this.count.textContent = idx.length + " of " + spec.rows.length + " " + spec.noun +
-      (idx.length > n ? " (first " + n + " shown: search or filter to see the rest)" : "");
+    this.body.appendChild(frag);
+    this.shown = end;
+    // observed afresh: a sentinel still in view after this chunk must ask for the next one
+    this.observer.unobserve(this.sentinel);
+    if (end < this.order.length) this.observer.observe(this.sentinel);
   };
 
   DataTable.prototype.select = function (i) {
@@ -210,7 +229,7 @@
     for (var k = 0; k < rows.length; k++) rows[k].className = "";
     var tr = this.body.querySelector('tr[data-row="' + i + '"]');
     if (tr) tr.className = "rf-selected";
-    this.onSelect(i);
+    return this.onSelect(i);
   };
 
   // ---- trace runs --------------------------------------------------------------------------------
@@ -335,9 +354,9 @@
     var detail = el("div", { class: "rf-detail" }, el("span", { class: "rf-empty", text: "Click a fact to see its heat maps." }));
     section.appendChild(detail);
     var table = new DataTable(tableBox, run.table, function (i) {
-      drawFact(detail, run, i).then(function () { detail.dataset.drawn = String(i); });
+      return drawFact(detail, run, i).then(function () { detail.dataset.drawn = String(i); });
     });
-    if (run.table.rows.length === 1) table.select(0);
+    if (run.table.rows.length === 1) pending.push(table.select(0));  // one fact: show it at once
     return table;
   }
 
@@ -442,7 +461,7 @@
         if (k === 0) state.timings.firstFigure = performance.now();
       });
     });
-    chain.then(function () {
+    chain.then(function () { return Promise.all(pending); }).then(function () {
       state.timings.allFigures = performance.now();
       state.ready = true;
       document.body.dataset.ready = "1";
