@@ -260,6 +260,13 @@ def test_no_run_and_bad_out_are_one_line_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path)]) == 2
 
 
+def test_unwritable_out_is_a_one_line_error(eval_run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["report", str(eval_run), "--out", str(blocker / "r.html")]) == 2
+    assert "cannot write the report" in capsys.readouterr().err
+
+
 # ---- hostile input ------------------------------------------------------------------------------
 
 class Boom:

@@ -109,8 +109,12 @@ def write_report(run_dir, out=None, facts=None) -> Path:
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / 'report.html'}")
     page = render_html(report_data(run_dir, facts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise ValueError(f"cannot write the report to {out} ({exc.strerror}): pass --out FILE.html "
+                         "in a folder you can write to") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(page)
