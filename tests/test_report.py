@@ -305,6 +305,22 @@ def test_strings_cannot_close_the_script(trace_run, eval_run, tmp_path):
         assert "<" not in data and "alert(1)" in data  # there, but as escaped JSON text
 
 
+def test_plotly_labels_from_files_are_text(trace_run, tmp_path):
+    """Plotly reads <b>, <a href> and entities in titles and ticks: names from files are escaped."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trace_run, run)
+    settings = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**settings, "model": "<a href='https://x'>m</a>"}))
+    (run / "eval").mkdir()
+    (run / "eval" / "case_0.json").write_text(json.dumps({"case_id": 0, "post": {"<b>acc</b>": 1.0}}))
+    (run / "eval" / "summary.json").write_text(json.dumps({"post": {"<b>acc</b>": {"mean": 50.0, "ci95": 1.0}}}))
+    data = report_data(run)
+    title = run_of(data, "trace")["figures"]["aie_heatmap"].layout.title.text
+    assert title.endswith("&lt;a href='https://x'&gt;m&lt;/a&gt;")
+    assert list(run_of(data, "eval")["figures"]["summary"].data[0].x) == ["&lt;b&gt;acc&lt;/b&gt;"]
+
+
 def test_writes_only_the_out_file(trace_run, tmp_path):
     before = sorted(p.relative_to(trace_run) for p in trace_run.rglob("*"))
     stamps = {p: p.stat().st_mtime_ns for p in trace_run.rglob("*")}

@@ -2,10 +2,9 @@
 request, and each probe prompt's completion and target probabilities before and after."""
 from __future__ import annotations
 
-from numbers import Real
 from pathlib import Path
 
-from .runs import Warnings, read_json
+from .runs import Warnings, is_number, read_json
 
 
 def edit_view(run, warnings: Warnings) -> dict | None:
@@ -28,7 +27,7 @@ def edit_view(run, warnings: Warnings) -> dict | None:
         a = after.get(str(r.get("prompt")), {})
         row = [str(r.get("prompt", "")), str(r.get("completion", "")), str(a.get("completion", ""))]
         for k in probs:
-            row += [_number(r.get(k)), _number(a.get(k))]
+            row += [r.get(k) if is_number(r.get(k)) else None, a.get(k) if is_number(a.get(k)) else None]
         rows.append(row)
     request = data.get("request") if isinstance(data.get("request"), dict) else {}
     target = request.get("target_new")
@@ -38,7 +37,3 @@ def edit_view(run, warnings: Warnings) -> dict | None:
                 "layers": data.get("layers"), "seconds": data.get("seconds")}
     return dict(type="edit", label=run.label, title="ROME edit", settings=settings,
                 probes=dict(columns=cols, rows=rows))
-
-
-def _number(x):
-    return float(x) if isinstance(x, Real) and not isinstance(x, bool) else None

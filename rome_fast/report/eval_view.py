@@ -5,11 +5,10 @@ shown as they are, never an error."""
 from __future__ import annotations
 
 import math
-from numbers import Real
 from pathlib import Path
 
 from ..eval import metrics as M
-from .runs import Warnings, read_eval_cases, read_json
+from .runs import Warnings, is_number as _num, plotly_text, read_eval_cases, read_json
 
 PHASES = ("pre", "post")
 METRIC_ORDER = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "essence",
@@ -29,10 +28,6 @@ FAILURES = (("not_applied", "edit not applied",
 KNOWN_CASE_KEYS = {f"{g}_prompts_{s}" for g in GROUPS for s in ("probs", "correct")} | {
     "ngram_entropy", "reference_score", "essence_score", "text", "essence_text"}
 MAX_TEXT = 2000  # characters kept of each generation
-
-
-def _num(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _generic_metrics(phase: dict) -> dict:
@@ -214,7 +209,7 @@ def summary_figure(summary: dict):
             phase[m].get("mean")) and abs(phase[m]["mean"]) <= 100 and m not in METRIC_ORDER)]
         ys = [phase[m]["mean"] if isinstance(phase[m], dict) else phase[m] for m in names]
         ci = [phase[m].get("ci95") if isinstance(phase[m], dict) else 0 for m in names]
-        fig.add_trace(go.Bar(name=p, x=names, y=[y if _num(y) else None for y in ys],
+        fig.add_trace(go.Bar(name=p, x=[plotly_text(m) for m in names], y=[y if _num(y) else None for y in ys],
                              error_y=dict(type="data", array=[c if _num(c) else 0 for c in ci]),
                              hovertemplate="%{x} " + p + ": %{y:.1f} ± %{error_y.array:.1f}<extra></extra>"))
     if not fig.data:
@@ -263,7 +258,7 @@ def monitor_figure(monitor, path, warnings: Warnings):
     for n in names:
         y = [b["update_norm"].get(n) if isinstance(b.get("update_norm"), dict) and _num(b["update_norm"].get(n))
              else None for b in batches]
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=_plain(n), legendgroup="norm",
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=plotly_text(n), legendgroup="norm",
                                  hovertemplate="%{x} edits: %{y:.4g}<extra>%{fullData.name}</extra>"), row=1, col=3)
     for col in (1, 2, 3):
         fig.update_xaxes(title_text="edits", row=1, col=col)
@@ -273,11 +268,6 @@ def monitor_figure(monitor, path, warnings: Warnings):
                       height=360, template="plotly_white", margin=dict(l=50, r=20, t=70, b=50),
                       legend=dict(orientation="h", y=-0.3))
     return fig
-
-
-def _plain(s) -> str:
-    """A string for Plotly's labels, which read a small HTML subset: data shows as text."""
-    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # ---- one run ------------------------------------------------------------------------------------

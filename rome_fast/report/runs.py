@@ -4,10 +4,12 @@ safely is skipped with a warning (collected in `Warnings`) instead of failing th
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import zipfile
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,17 @@ def find_runs(root, max_depth: int = 2) -> list[Run]:
 
 
 # ---- safe readers -------------------------------------------------------------------------------
+
+def is_number(x) -> bool:
+    """A finite number read from JSON (not a boolean, not NaN)."""
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def plotly_text(s) -> str:
+    """A string read from a file, for Plotly's titles, ticks and legends, which read a small HTML
+    subset (<b>, <a href>, entities): entity-escaped, it shows as the text it is."""
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
 
 def read_json(path: Path, warnings: Warnings):
     """Parsed JSON, or None (with a warning) when the file is unreadable or not JSON."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..trace.aggregate import BUCKETS, KIND_STYLE, aggregate_results
 from ..trace.results import TraceResult
-from .runs import KINDS, Facts, Warnings, read_json, read_single_traces, read_trace_cases
+from .runs import KINDS, Facts, Warnings, plotly_text, read_json, read_single_traces, read_trace_cases
 
 KIND_NAME = {k: KIND_STYLE[k][2] for k in KINDS}  # hidden state, MLP, Attn
 PEAK_PLACES = ("last subject token", "subject", "first after subject", "further", "last token")
@@ -128,7 +128,8 @@ def kind_summary_table(aggs: dict) -> dict:
 def aie_figures(aggs: dict, model: str | None) -> dict:
     """The two averaged figures of `trace.plots`, interactive: AIE heat maps (bucket × layer, one
     colour range for every kind) and AIE lines with 95 % bands. Traces carry meta=kind, so the page
-    toggles a kind by restyling them."""
+    toggles a kind by restyling them. (Arrays go in as numpy: Plotly ships them as typed arrays, and
+    an empty bucket's NaN is a gap.)"""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
     from plotly.subplots import make_subplots
@@ -144,7 +145,7 @@ def aie_figures(aggs: dict, model: str | None) -> dict:
         layers = list(range(a.aie.shape[1]))
         domain_end = heat.layout[f"xaxis{'' if i == 1 else i}"].domain[1]
         heat.add_trace(go.Heatmap(
-            z=_nan_none(a.aie), x=layers, y=list(BUCKETS), customdata=_nan_none(a.ci95), zmin=0, zmax=vmax,
+            z=a.aie, x=layers, y=list(BUCKETS), customdata=a.ci95, zmin=0, zmax=vmax,
             colorscale=colorscale(k), meta=k, name=KIND_NAME[k],
             colorbar=dict(x=domain_end + 0.005, thickness=8, len=0.9),
             hovertemplate="%{y}<br>layer %{x}<br>AIE %{z:.4f} ± %{customdata:.4f}<extra>" + KIND_NAME[k] + "</extra>"),
@@ -157,28 +158,23 @@ def aie_figures(aggs: dict, model: str | None) -> dict:
             color = qualitative.Plotly[j]
             mean, ci = a.aie[j], np.nan_to_num(a.ci95[j])
             common = dict(legendgroup=bucket, meta=k, hoverinfo="skip", showlegend=False, line=dict(width=0))
-            lines.add_trace(go.Scatter(x=layers, y=_nan_none(mean + ci), mode="lines", **common), row=1, col=i)
-            lines.add_trace(go.Scatter(x=layers, y=_nan_none(mean - ci), mode="lines", fill="tonexty",
+            lines.add_trace(go.Scatter(x=layers, y=mean + ci, mode="lines", **common), row=1, col=i)
+            lines.add_trace(go.Scatter(x=layers, y=mean - ci, mode="lines", fill="tonexty",
                                        fillcolor=_alpha(color, 0.15), **common), row=1, col=i)
             lines.add_trace(go.Scatter(
-                x=layers, y=_nan_none(mean), mode="lines", name=bucket, legendgroup=bucket, meta=k,
-                showlegend=i == 1, line=dict(color=color, width=1.5), customdata=_nan_none(a.ci95[j]),
+                x=layers, y=mean, mode="lines", name=bucket, legendgroup=bucket, meta=k,
+                showlegend=i == 1, line=dict(color=color, width=1.5), customdata=a.ci95[j],
                 hovertemplate="layer %{x}: AIE %{y:.4f} ± %{customdata:.4f}<extra>" + bucket + "</extra>"),
                 row=1, col=i)
         lines.update_xaxes(title_text=KIND_STYLE[k][1], row=1, col=i)
     lines.update_yaxes(title_text="AIE (p)", row=1, col=1)
-    suffix = f" — {model}" if model else ""
+    suffix = f" — {plotly_text(model)}" if model else ""
     heat.update_layout(title=dict(text="Average indirect effect by token position" + suffix, x=0),
                        height=330, margin=dict(l=160, r=40, t=80, b=50), template="plotly_white")
     lines.update_layout(title=dict(text="Average indirect effect per layer, 95 % bands" + suffix, x=0),
                         height=380, margin=dict(l=60, r=20, t=80, b=50), template="plotly_white",
                         legend=dict(orientation="h", y=-0.25))
     return dict(aie_heatmap=heat, aie_lines=lines)
-
-
-def _nan_none(a) -> list:
-    return [None if not np.isfinite(x) else float(x) for x in np.asarray(a, dtype=float).ravel()] \
-        if np.ndim(a) == 1 else [_nan_none(r) for r in a]
 
 
 def _alpha(hex_color: str, alpha: float) -> str:
