@@ -188,7 +188,8 @@ def summary_table(summary: dict) -> dict | None:
         return None
     names = _ordered({m for p in phases for m in summary[p]})
     rows = [[m + (" (%)" if m in PERCENT else "")] + [summary[p].get(m) for p in phases] for m in names]
-    note = "mean ± 95 % interval half-width (n cases); S is the harmonic mean of ES, PS and NS."
+    note = "mean ± 95 % interval half-width (n cases)" + (
+        "; S is the harmonic mean of ES, PS and NS." if "S" in names else ".")
     for k, v in summary.items():  # metrics of the run rather than of a phase: the edit time
         if isinstance(v, dict) and _num(v.get("mean")):
             ci = f" ± {v['ci95']:.2f}" if _num(v.get("ci95")) else ""

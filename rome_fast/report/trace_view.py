@@ -211,6 +211,9 @@ def trace_view(run, warnings: Warnings, facts: Facts | None = None) -> dict:
     n_layers = next((d["kinds"][k]["shape"][1] for d in details for k in d["kinds"] if "shape" in d["kinds"][k]),
                     None)
     facts_info = {"facts": len(rows), "kinds": ", ".join(kinds), "layers": n_layers}
+    if run.kind == "trace":  # asked for by users; older runs' run.json lacks them
+        settings = {"backend": "not recorded", "versions": "not recorded",
+                    **(settings if isinstance(settings, dict) else {})}
     return dict(
         type="trace", label=run.label, title="Causal traces" if run.kind == "traces" else "Causal tracing run",
         settings={**facts_info, **(settings if isinstance(settings, dict) else {})},
