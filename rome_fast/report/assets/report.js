@@ -9,7 +9,7 @@
   window.addEventListener("unhandledrejection", function (e) { reportError(String(e.reason)); });
 
   var PLOT_CONFIG = { displaylogo: false, responsive: true };
-  var CHUNK = 250;  // rows drawn at a time: more as the table is scrolled, so sorting stays fast
+  var CHUNK = 100;  // rows drawn at a time: more as the table is scrolled, so sorting stays fast
   var DATA = JSON.parse(document.getElementById("rf-data").textContent);
   state.timings.parsed = performance.now();
   var collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
