@@ -29,7 +29,7 @@ def _no_browser(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: resolved before the runs are built, so a skip is quick
 def browser():
     try:
         import playwright.sync_api  # noqa: F401
@@ -74,7 +74,7 @@ def header_index(page, scope, label):
     return labels.index(label)
 
 
-def test_trace_report(trace_run, opened, tmp_path):
+def test_trace_report(browser, opened, trace_run, tmp_path):
     out = write_report(trace_run, tmp_path / "trace.html")
     r = opened(out)
     page, scope = r.page, "section[data-run-type=trace]"
@@ -138,7 +138,7 @@ def test_trace_report(trace_run, opened, tmp_path):
     assert "".join(t.rstrip("*") for t in ticks).startswith(XSS_SUBJECT)
 
 
-def test_eval_report(eval_run, opened, tmp_path):
+def test_eval_report(browser, opened, eval_run, tmp_path):
     out = write_report(eval_run, tmp_path / "eval.html")
     r = opened(out)
     page, scope = r.page, "section[data-run-type=eval]"
@@ -173,7 +173,7 @@ def test_eval_report(eval_run, opened, tmp_path):
     shot(r, "eval.png")
 
 
-def test_demo_and_folder_of_runs(trace_run, eval_run, opened, tmp_path):
+def test_demo_and_folder_of_runs(browser, opened, trace_run, eval_run, tmp_path):
     both = tmp_path / "both"
     demo = both / "demo"
     demo.mkdir(parents=True)
