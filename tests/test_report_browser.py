@@ -189,3 +189,36 @@ def test_demo_and_folder_of_runs(browser, opened, trace_run, eval_run, tmp_path)
     assert page.locator("section[data-run-type=trace] .rf-fact-heatmap g.hm image").count() == 3
     assert page.locator("section[data-run-type=eval] " + DATA_ROWS).count() == 4
     shot(r, "demo_and_eval.png")
+
+
+def test_long_table_draws_rows_as_it_scrolls(browser, opened, tmp_path):
+    """Rows are drawn 100 at a time; sorting and filtering still cover every fact."""
+    import torch
+
+    from rome_fast.trace.aggregate import case_path
+    from rome_fast.trace.results import TraceResult
+    rng = np.random.default_rng(0)
+    n = 230
+    for i in range(n):
+        tokens = ["F", f"act{i}", " is", " in"]
+        for kind in ("hidden", "mlp", "attn"):
+            TraceResult(scores=torch.as_tensor(rng.uniform(0.1, 0.9, (4, 3)), dtype=torch.float32), low_score=0.1,
+                        high_score=0.9, input_ids=torch.arange(4), input_tokens=tokens, subject_range=(0, 2),
+                        answer=" X", window=10, kind="" if kind == "hidden" else kind,
+                        ).save(case_path(tmp_path / "run" / "cases", i, kind))
+    r = opened(write_report(tmp_path / "run"))
+    page, scope = r.page, "section[data-run-type=trace]"
+    rows = page.locator(f"{scope} {DATA_ROWS}")
+    assert rows.count() == 100 and page.locator(f"{scope} .rf-count").text_content() == f"{n} of {n} facts"
+    for expect in (200, n):
+        page.locator(f"{scope} .rf-tablebox").evaluate("box => { box.scrollTop = box.scrollHeight; }")
+        page.wait_for_function(f"document.querySelectorAll('{scope} {DATA_ROWS}').length === {expect}")
+    col = header_index(page, scope, "MLP effect")
+    page.locator(f"{scope} table.rf-data th").nth(col).click()
+    assert rows.count() == 100
+    effects = [float(v) for v in cells(page, scope, col)]
+    best = max(float(TraceResult.load(case_path(tmp_path / "run" / "cases", i, "mlp")).scores.max()) - 0.1
+               for i in range(n))
+    assert effects[0] == pytest.approx(best, abs=1e-3) and effects == sorted(effects, reverse=True)
+    page.fill(f"{scope} .rf-toolbar input[type=search]", "act22")  # act22, act220…act229
+    assert rows.count() == 11

@@ -149,7 +149,7 @@
       if (tr && e.key === "Enter") self.select(Number(tr.dataset.row));
     });
     this.table.appendChild(this.body);
-    var box = el("div", { class: "rf-tablebox" }, this.table);
+    var box = this.box = el("div", { class: "rf-tablebox" }, this.table);
     this.sentinel = box.appendChild(el("div", { class: "rf-sentinel" }));
     container.appendChild(box);
     this.observer = new IntersectionObserver(function (entries) {
@@ -193,6 +193,7 @@
     this.order = this.visible();
     this.shown = 0;
     this.body.replaceChildren();
+    this.box.scrollTop = 0;  // a new order or filter starts at its top
     this.more();
     this.count.textContent = this.order.length + " of " + this.spec.rows.length + " " + this.spec.noun;
   };
