@@ -329,3 +329,20 @@ def test_writes_only_the_out_file(trace_run, tmp_path):
     assert out.is_file() and sorted(p.relative_to(trace_run) for p in trace_run.rglob("*")) == before
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert [p.name for p in out.parent.iterdir()] == ["r.html"]  # no temporary file left behind
+
+
+def test_malformed_case_files_do_not_stop_the_report(tmp_path):
+    out = tmp_path / "odd"
+    out.mkdir()
+    rr = {"prompt": "{:>99999999} {0.__class__} {}", "subject": "S", "target_new": "x"}
+    (out / "case_0.json").write_text(json.dumps({"case_id": 0, "requested_rewrite": rr,
+                                                 "post": {"rewrite_prompts_probs": "oops"}, "pre": 3}))
+    (out / "case_1.json").write_text(json.dumps({"case_id": 1, "requested_rewrite": [1],
+                                                 "post": {"rewrite_prompts_probs": [{"target_new": 1.0,
+                                                                                     "target_true": 2.0}]}}))
+    data = report_data(out)
+    run = run_of(data, "eval")
+    assert column(run, "prompt") == ["{:>99999999} {0.__class__} S", ""]  # shown, not formatted
+    assert any("case 0 (post)" in w for w in data["warnings"])
+    assert run["table"]["flags"] == [["ok"], ["ok"]] and column(run, "new_post") == [None, math.exp(-1.0)]
+    assert "no summary.json" in run["notes"][0]

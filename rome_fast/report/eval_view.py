@@ -43,15 +43,21 @@ def _generic_metrics(phase: dict) -> dict:
     return out
 
 
-def phase_scores(phase) -> dict:
-    """Per-case scores of one phase: the known ones (fractions; GE in nats) and any other numbers."""
+def phase_scores(phase, where: str = "", warnings: Warnings | None = None) -> dict:
+    """Per-case scores of one phase: the known ones (fractions; GE in nats) and any other numbers.
+    Known entries of the wrong shape are left out, with a warning."""
     if not isinstance(phase, dict):
         return {}
     out = {}
-    if any(f"{g}_prompts_probs" in phase for g in GROUPS):
-        out.update(M.counterfact_case_scores(phase))
-    if any(f"{g}_prompts_correct" in phase for g in GROUPS):
-        out.update(M.zsre_case_scores(phase))
+    try:
+        if any(f"{g}_prompts_probs" in phase for g in GROUPS):
+            out.update(M.counterfact_case_scores(phase))
+        if any(f"{g}_prompts_correct" in phase for g in GROUPS):
+            out.update(M.zsre_case_scores(phase))
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        out = {}
+        if warnings is not None:
+            warnings.add(where, f"probabilities or accuracies of an unexpected shape ({exc!r})")
     out.update(_generic_metrics(phase))
     return out
 
@@ -85,10 +91,7 @@ def _request(case: dict) -> dict:
     def target(key):
         t = rr.get(key)
         return str(t.get("str", "")) if isinstance(t, dict) else ("" if t is None else str(t))
-    try:
-        filled = prompt.format(subject) if "{}" in prompt else prompt
-    except (IndexError, KeyError, ValueError):
-        filled = prompt.replace("{}", subject)
+    filled = prompt.replace("{}", subject)  # not str.format: a prompt read from a file is no format string
     return dict(subject=subject, prompt=filled, target_true=target("target_true"), target_new=target("target_new"))
 
 
@@ -119,9 +122,14 @@ def _ordered(names) -> list[str]:
     return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
 
 
-def case_table(cases: list[dict]) -> tuple[dict, list[dict]]:
+def score_cases(cases: list[dict], warnings: Warnings | None = None) -> list[dict]:
+    """{phase: scores} of each case."""
+    return [{p: phase_scores(c.get(p), f"case {c.get('case_id')} ({p})", warnings) for p in PHASES}
+            for c in cases]
+
+
+def case_table(cases: list[dict], scored: list[dict]) -> tuple[dict, list[dict]]:
     """The cases table (one row per case) and each case's detail."""
-    scored = [{p: phase_scores(c.get(p)) for p in PHASES} for c in cases]
     metrics = _ordered({m for s in scored for m in s["post"]} - {"EM", "PM", "NM", "essence"})
     neighbour = [m for m in NEIGHBOURHOOD if any(m in s["pre"] for s in scored)]
     has_probs = any(isinstance(c.get("post"), dict) and "rewrite_prompts_probs" in c["post"] for c in cases)
@@ -221,13 +229,13 @@ def summary_figure(summary: dict):
     return fig
 
 
-def summarize_cases(cases: list[dict]) -> dict:
-    """The summary of `eval.runner.summarize`, computed in memory (for a run without summary.json)."""
-    zsre = any(isinstance(c.get("post"), dict) and "rewrite_prompts_correct" in c["post"] for c in cases)
-    per_case, keys = (M.zsre_case_scores, M.ZSRE_KEYS) if zsre else (M.counterfact_case_scores, M.CF_KEYS)
+def summarize_cases(cases: list[dict], scored: list[dict]) -> dict:
+    """The summary of `eval.runner.summarize`, computed in memory (for a run without summary.json)
+    from the cases' scores (`score_cases`)."""
+    zsre = any("Efficacy" in s["post"] for s in scored)
     out = {"dataset": "zsre" if zsre else "counterfact", "n": len(cases)}
     for p in PHASES:
-        out[p] = M.aggregate([per_case(c[p]) for c in cases if isinstance(c.get(p), dict)], keys)
+        out[p] = M.aggregate([s[p] for s in scored], M.ZSRE_KEYS if zsre else M.CF_KEYS)
     times = [c["time"] for c in cases if _num(c.get("time"))]
     if times:
         out["time"] = M.mean_std_ci(times, scale=1.0)
@@ -279,13 +287,14 @@ def eval_view(run, warnings: Warnings) -> dict:
     config = read_json(folder / "run.json", warnings) if (folder / "run.json").is_file() else None
     summary = read_json(folder / "summary.json", warnings) if (folder / "summary.json").is_file() else None
     notes = []
+    scored = score_cases(cases, warnings)
     if not isinstance(summary, dict):
-        summary = summarize_cases(cases) if cases else {}
+        summary = summarize_cases(cases, scored) if cases else {}
         notes.append("summary computed from the case files (the run has no summary.json yet)")
     elif _num(summary.get("n")) and summary["n"] != len(cases):
         notes.append(f"summary.json covers {summary['n']} cases; the folder holds {len(cases)} readable "
                      "case files (rerun `rome-fast eval-summary` to update it)")
-    table, details = case_table(cases)
+    table, details = case_table(cases, scored)
     figures = {}
     bars = summary_figure(summary)
     if bars is not None:
