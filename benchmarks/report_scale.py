@@ -86,31 +86,29 @@ def plotly_only_page(path: Path) -> None:
                     "</script></body></html>")
 
 
-def measure(browser, path: Path, loads: int, interact: bool) -> list[dict]:
-    out = []
-    for _ in range(loads):
-        r = OpenedReport(browser, path, timeout_ms=120000)
-        t = {**r.timings(), **r.cpu_ms()}
-        if interact:
-            if r.console_errors:
-                raise RuntimeError(f"the page logged errors: {r.console_errors}")
-            t["rows"] = r.page.locator("section[data-run-type=trace] table.rf-data tbody tr").count()
-            t["ready"] = max(t["table"], t["firstFigure"])
-            t.update(r.page.evaluate("""async () => {
-                const table = window.rfReport.tables[0], out = {};
-                let t0 = performance.now();
-                await table.select(table.spec.rows.length >> 1);
-                out.click_heatmaps_ms = performance.now() - t0;
-                const col = table.spec.columns.findIndex(c => c.key === 'mlp_effect');
-                t0 = performance.now(); table.sortBy(col); out.sort_ms = performance.now() - t0;
-                t0 = performance.now(); table.search.value = 'tower';
-                table.search.dispatchEvent(new Event('input')); out.search_ms = performance.now() - t0;
-                out.search_rows = table.body.children.length;
-                return out;
-            }"""))
-        out.append(t)
-        r.close()
-    return out
+def measure(browser, path: Path, interact: bool) -> dict:
+    """One fresh load of `path`: its timings and CPU times, and with `interact` the table's."""
+    r = OpenedReport(browser, path, timeout_ms=120000)
+    t = {**r.timings(), **r.cpu_ms()}
+    if interact:
+        if r.console_errors:
+            raise RuntimeError(f"the page logged errors: {r.console_errors}")
+        t["rows"] = r.page.locator("section[data-run-type=trace] table.rf-data tbody tr").count()
+        t["ready"] = max(t["table"], t["firstFigure"])
+        t.update(r.page.evaluate("""async () => {
+            const table = window.rfReport.tables[0], out = {};
+            let t0 = performance.now();
+            await table.select(table.spec.rows.length >> 1);
+            out.click_heatmaps_ms = performance.now() - t0;
+            const col = table.spec.columns.findIndex(c => c.key === 'mlp_effect');
+            t0 = performance.now(); table.sortBy(col); out.sort_ms = performance.now() - t0;
+            t0 = performance.now(); table.search.value = 'tower';
+            table.search.dispatchEvent(new Event('input')); out.search_ms = performance.now() - t0;
+            out.search_rows = table.body.children.length;
+            return out;
+        }"""))
+    r.close()
+    return t
 
 
 def median(runs: list[dict], key: str) -> float:
@@ -138,8 +136,10 @@ def main(argv=None) -> int:
         load_before = os.getloadavg()[0]
         with chromium() as browser:
             version = browser.version
-            runs = measure(browser, report, args.loads, interact=True)
-            floor = measure(browser, floor_page, args.loads, interact=False)
+            runs, floor = [], []
+            for _ in range(args.loads):  # interleaved: both pages see the same machine
+                runs.append(measure(browser, report, interact=True))
+                floor.append(measure(browser, floor_page, interact=False))
         load_after = os.getloadavg()[0]
         size = report.stat().st_size
         floor_size = floor_page.stat().st_size
@@ -162,10 +162,13 @@ def main(argv=None) -> int:
                                        renderer=median(runs, "renderer_cpu_ms")),
         plotly_only_page_median_ms=dict(plotly_js_ran=median(floor, "script"),
                                         main_thread_cpu=median(floor, "main_thread_cpu_ms")),
+        report_over_plotly_only=dict(wall=round(median(runs, "ready") / median(floor, "script"), 2),
+                                     main_thread_cpu=round(median(runs, "main_thread_cpu_ms")
+                                                           / median(floor, "main_thread_cpu_ms"), 2)),
         note=("times in ms from navigation start, medians of fresh page loads in one browser; "
               "time_to_interactive = facts table rendered and first figure drawn; script_start = when "
               "the report's own script starts, after plotly.js has been parsed and run; "
-              "plotly_only_page = the same plotly.js alone in a page, loaded in the same run: the floor "
+              "plotly_only_page = the same plotly.js alone in a page, loaded in turn with the report: the floor "
               "of any page that inlines it. cpu_until_ready = CPU time of the page's main thread and "
               "renderer process until ready (Chrome's ThreadTime, ProcessTime): close to what the load "
               "takes on an idle machine, while the wall times include waiting for the CPU. Taken on a "
