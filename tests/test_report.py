@@ -346,3 +346,13 @@ def test_malformed_case_files_do_not_stop_the_report(tmp_path):
     assert any("case 0 (post)" in w for w in data["warnings"])
     assert run["table"]["flags"] == [["ok"], ["ok"]] and column(run, "new_post") == [None, math.exp(-1.0)]
     assert "no summary.json" in run["notes"][0]
+
+
+def test_demo_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "tiny:gpt2", "--kind", "hidden", "--samples", "2", "--no-edit",
+                 "--out", str(out)]) == 0
+    assert f"report (open it in a browser): {out / 'report.html'}" in capsys.readouterr().out
+    run = run_of(report_data(out), "trace")
+    assert column(run, "id") == ["eiffel_tower"] and column(run, "subject") == ["Eiffel Tower"]
+    assert run["settings"]["noise std"] > 0
