@@ -56,6 +56,11 @@ def opened(browser):
         assert r.console_errors == [], r.console_errors
         assert r.dialogs == []  # no alert() from a subject or prompt
         assert all(u.startswith(("file:", "data:", "blob:", "about:")) for u in r.requests), r.requests
+        # every trace drawn is of a type the inlined (partial) plotly.js bundle has
+        missing = r.page.evaluate("""() => { const known = Plotly.PlotSchema.get().traces;
+            return Array.from(document.querySelectorAll('.js-plotly-plot'))
+                .flatMap(gd => gd.data.map(t => t.type || 'scatter')).filter(t => !(t in known)); }""")
+        assert missing == [], missing
         r.close()
 
 
