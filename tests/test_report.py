@@ -300,7 +300,7 @@ def test_strings_cannot_close_the_script(trace_run, eval_run, tmp_path):
     assert json.loads(text) == {"s": XSS_SUBJECT + "<!-- \u2028 &amp;"}
     for folder in (trace_run, eval_run):
         page = write_report(folder, tmp_path / f"{folder.name}.html").read_text()
-        assert len(re.findall(r"<script", page, re.I)) == 3  # plotly.js, the data, the report's script
+        assert len(re.findall(r"<script", page, re.I)) == 3  # the data, plotly.js (inert text), the report's script
         data = page.split('<script type="application/json" id="rf-data">')[1].split("</script>")[0]
         assert "<" not in data and "alert(1)" in data  # there, but as escaped JSON text
 

@@ -143,6 +143,29 @@ def test_trace_report(browser, opened, trace_run, tmp_path):
     assert "".join(t.rstrip("*") for t in ticks).startswith(XSS_SUBJECT)
 
 
+def test_tables_are_drawn_before_plotly_runs(browser, trace_run, tmp_path):
+    """plotly.js, most of a load's CPU time, runs only once the facts table is on screen: at the
+    moment it defines window.Plotly the rows are there, and the figures drawn afterwards do not
+    move the table."""
+    out = write_report(trace_run, tmp_path / "trace.html")
+    table_top = "document.querySelector('table.rf-data').getBoundingClientRect().top + window.scrollY"
+    r = OpenedReport(browser, out, init_script="""
+        Object.defineProperty(window, 'Plotly', {configurable: true, set(v) {
+            window.rfAtPlotly = {rows: document.querySelectorAll('table.rf-data tbody tr').length,
+                                 top: %s, t: performance.now()};
+            Object.defineProperty(window, 'Plotly', {value: v, writable: true, configurable: true});
+        }});""" % table_top)
+    try:
+        at = r.page.evaluate("window.rfAtPlotly")
+        t = r.timings()
+        assert at["rows"] == len(FACTS)
+        assert t["table"] < t["painted"] < at["t"] <= t["plotly"] < t["firstFigure"]
+        assert r.page.locator("[data-figure] .main-svg").count() >= 2 and r.console_errors == []
+        assert r.page.evaluate(table_top) == pytest.approx(at["top"], abs=1)
+    finally:
+        r.close()
+
+
 def test_eval_report(browser, opened, eval_run, tmp_path):
     out = write_report(eval_run, tmp_path / "eval.html")
     r = opened(out)

@@ -3,7 +3,8 @@
 
 The plotly.js inlined is the vendored official "cartesian" partial bundle (assets/plotly-cartesian.*,
 its version and sha256 in plotly-cartesian.json), not the full bundle of Plotly's Python package:
-it has every trace type the report draws, in a third of the bytes and of the time to start."""
+it has every trace type the report draws, in a third of the bytes and of the time to start. It sits
+in the page as inert text, which report.js runs once the tables are on screen."""
 from __future__ import annotations
 
 import html
@@ -108,8 +109,8 @@ def render_html(data: dict) -> str:
         "<nav class=\"rf-nav\" id=\"rf-nav\"></nav></header>",
         "<main id=\"rf-main\"><div class=\"rf-errors\" id=\"rf-errors\"></div>",
         "<noscript>This report needs JavaScript to draw its tables and figures.</noscript></main>",
-        f"<script>{library}</script>",
         f"<script type=\"application/json\" id=\"rf-data\">{script_json(data)}</script>",
+        f"<script type=\"text/plain\" id=\"rf-plotly\">{library}</script>",  # run by report.js
         f"<script>{_asset('report.js')}</script></body></html>\n"])
 
 
