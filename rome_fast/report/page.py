@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def _asset(name: str) -> str:
 PLOTLY_JS = "plotly-cartesian"  # assets/PLOTLY_JS.min.js, .json (version, sha256), .LICENSE
 
 
+@lru_cache(maxsize=1)
 def plotly_js() -> tuple[str, dict]:
     """The plotly.js bundle the page inlines, and its record (package, version, sha256, ...)."""
     return _asset(f"{PLOTLY_JS}.min.js"), json.loads(_asset(f"{PLOTLY_JS}.json"))
