@@ -306,9 +306,10 @@ def test_strings_cannot_close_the_script(trace_run, eval_run, tmp_path):
 
 
 def test_vendored_plotly_js_is_the_recorded_release(trace_run, eval_run, tmp_path):
-    """The inlined plotly.js is the partial bundle its record names (version, sha256), the same
-    plotly.js release as the Python package that builds the figures, with every trace type the
-    report draws; the page inlines it, once, and says which it is."""
+    """The inlined plotly.js is the partial bundle its record names (version, sha256), of the same
+    major release as the plotly.js of the Python package that builds the figures (a new major one
+    may drop attributes the figures use: then update the bundle), with every trace type the report
+    draws; the page inlines it, once, and says which it is."""
     import hashlib
 
     import plotly.offline
@@ -316,7 +317,8 @@ def test_vendored_plotly_js_is_the_recorded_release(trace_run, eval_run, tmp_pat
     assert hashlib.sha256(library.encode("utf-8")).hexdigest() == record["sha256"]
     version = re.compile(r"plotly\.js (?:\([^)]*\) )?v(\d+\.\d+\.\d+)")
     assert version.search(library[:300]).group(1) == record["version"]
-    assert version.search(plotly.offline.get_plotlyjs()[:300]).group(1) == record["version"]
+    python_major = version.search(plotly.offline.get_plotlyjs()[:300]).group(1).split(".")[0]
+    assert python_major == record["version"].split(".")[0]
     drawn = {"heatmap"}  # each fact's heat maps, drawn by the page's script
     for folder in (trace_run, eval_run):
         for run in report_data(folder)["runs"]:
