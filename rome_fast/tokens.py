@@ -101,7 +101,7 @@ def _n_leading_specials(tokenizer) -> int:
 
 def get_words_idxs_in_templates(tokenizer, context_templates: Sequence[str],
                                 words: Sequence[str], subtoken: str = "last") -> list[list[int]]:
-    """Token index of each word in its template (REFERENCE.md §2.3): the prefix, word and suffix are
+    """Token index of each word in its template (docs/editing.md, "Keys"): the prefix, word and suffix are
     tokenised separately; 'last' = len(prefix) + len(word) - 1, 'first' = len(prefix),
     'first_after_last' = len(prefix) + len(word) (the last subject token if nothing follows)."""
     if len(context_templates) != len(words):

@@ -203,14 +203,15 @@ def test_first_step_loss_and_update_by_hand(setup, fam, path):
 
     width = info.v_init.numel()
     zero = torch.zeros(width, requires_grad=True)
+    was = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         nll0, kl0 = _hand_loss(model, tok, fam, hp, LAYER, req, s["templates"], zero)
         nll0.backward()
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, g in zip(model.parameters(), was):
+            p.requires_grad_(g)
     g = zero.grad
     with torch.no_grad():
         ids, at = _subject_row(tok, s["templates"][0], req["prompt"], req["subject"])

@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 
 import torch
 
-LAYOUTS = ("in_out", "out_in")
+from .sites import edit_sites
+from .solve_update import LAYOUTS, rank_k_update_
 
 
 @dataclass
@@ -66,7 +67,6 @@ class WeightDelta:
     @torch.no_grad()
     def apply_(self, model) -> None:
         """W += the update, in place, with the compiled rank-k kernel where it can run."""
-        from .solve_update import rank_k_update_
         W = model.get_parameter(self.name)
         rank_k_update_(W, self.U.to(W.device), self.R.to(W.device), self.layout)
 
@@ -80,7 +80,6 @@ class EditBackend:
     def weight_names(self, model, hparams) -> list[str]:
         """The parameters an edit with `hparams` may change (snapshotted by `apply_edits`): by
         default the rewrite weight of every layer in hparams.layers, from the model's adapter."""
-        from .sites import edit_sites
         return [s.weight for s in edit_sites(model, hparams)]
 
     def check_requests(self, model, tok, requests: list, hparams) -> list:

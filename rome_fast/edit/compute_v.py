@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .compute_u import key_indices, module_io_at, right_padded
 from .nethook import TraceDict
-from .requests import check_key_mode
+from .requests import check_key_mode, target_token_ids
 from .sites import edit_sites
 
 KL_PROMPT = "{} is a"
@@ -31,13 +31,6 @@ class ValueInfo:
     lookup_idxs: list = field(default_factory=list)
     u: torch.Tensor | None = None      # the left vector (filled in by execute_rome)
     k_bar: torch.Tensor | None = None  # the template-averaged key u was built from
-
-
-def target_token_ids(tok, target: str) -> list[int]:
-    ids = tok(target, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    return ids
 
 
 def _escape(text: str) -> str:

@@ -28,6 +28,7 @@ from .compute_u import module_io_at
 from .compute_v import ValueInfo
 from .covariance import describe, edit_covariance
 from .fast_compute_v import optimize_value
+from .fast_stats import layer_stats_fast
 from .rome import ROMEBackend, execute_with
 from .solve_update import CovarianceFactor, factor_key, get_factor, rank_k_update_, rome_update_
 from .stats import context_length, corpus_ds_name, stats_model_name, stats_path
@@ -36,8 +37,6 @@ from .stats import context_length, corpus_ds_name, stats_model_name, stats_path
 def layer_factor(model, tok, hparams, layer: int, stats_dir, corpus, progress=True, device=None):
     """The cached, checked factor of C = E[kkᵀ] for `layer`: statistics are read (or collected,
     by the one-pass collector) and checked (covariance.py) only on a cache miss."""
-    from .fast_stats import layer_stats_fast
-
     a = adapter_for(model)
     layer_name = a.rewrite_name(layer)
     model_name = stats_model_name(model)

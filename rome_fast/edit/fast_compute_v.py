@@ -18,8 +18,8 @@ import torch
 from ..models import adapter_for
 from ..models.base import KVRecorder
 from .compute_u import key_indices, right_padded
-from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector, target_token_ids
-from .requests import check_key_mode
+from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector
+from .requests import check_key_mode, target_token_ids
 
 
 class _PrefixReplay:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 from ..tokens import split_template
+from .compute_u import key_indices
 
 KEY_MODES = ("reference", "r-rome")
 
@@ -55,9 +56,6 @@ def normalize_request(request: dict) -> dict:
 def check_requests(tok, requests, fact_token: str) -> list[dict]:
     """Every request normalised and checked against the tokenizer (the target tokenises to
     something, the key token can be found); the first bad one is a ValueError naming it."""
-    from .compute_u import key_indices
-    from .compute_v import target_token_ids
-
     if isinstance(requests, dict):
         requests = [requests]
     out = []
@@ -70,3 +68,11 @@ def check_requests(tok, requests, fact_token: str) -> list[dict]:
             raise ValueError(f"request {i}: {exc}") from None
         out.append(r)
     return out
+
+
+def target_token_ids(tok, target: str) -> list[int]:
+    """The target's token ids, without special tokens (it continues a prompt)."""
+    ids = tok(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
