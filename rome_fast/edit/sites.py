@@ -3,9 +3,11 @@
 Hyperparameter files in the reference's format name modules (`rewrite_module_tmp`,
 `mlp_module_tmp`, `layer_module_tmp`, `attn_module_tmp`, `ln_f_module`, `lm_head_module`). Here
 they are optional: left out (None), the adapter's are used; given, each must name the adapter's
-own module (or a spelling of it from an older transformers release, or a module tied to it, such
-as GPT-2's `transformer.wte` for the head), so a preset file loads unchanged and a typo or a
-module from another family is a clear error instead of an edit of the wrong weight."""
+own module (or a spelling of it from an older transformers release, or, for the head, the token
+embedding, which the reference's GPT-2 files name as GPT-2 ties the two), so a preset file loads
+unchanged and a typo or a module from another family is a clear error instead of an edit of the
+wrong weight. Only the rewrite and MLP modules are used by editing; the others are checked so
+that a file written for another model is not taken for this one's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,7 +71,9 @@ def check_module_names(model, hparams, layers=None) -> None:
             continue
         expected = getattr(a, attr)
         getter = a.lm_head if field == "lm_head_module" else a.final_norm
-        if not _same_module(model, a, given, expected, getter):
+        # the reference's GPT-2 files name the token embedding as the head (GPT-2 ties the two)
+        also = a.embed_name if field == "lm_head_module" else None
+        if given != also and not _same_module(model, a, given, expected, getter):
             _mismatch(model, a, field, given, expected, what)
 
 
