@@ -433,10 +433,3 @@ def test_factor_cache(tmp_path):
     assert len(calls) == 3
     assert su.get_factor(key, load, dtype=torch.float32).factor.dtype == torch.float32
     su.clear_factor_cache()
-
-
-def test_infer_layout():
-    assert su.infer_layout(torch.empty(6, 4), 6, 4) == "in_out"
-    assert su.infer_layout(torch.empty(4, 6), 6, 4) == "out_in"
-    with pytest.raises(ValueError, match="matches neither"):
-        su.infer_layout(torch.empty(5, 5), 6, 4)

@@ -1,4 +1,4 @@
-"""Solve and weight update of a ROME edit (REFERENCE.md §2.4–2.6, DESIGN.md §4).
+"""Solve and weight update of a ROME edit (docs/editing.md, "The update").
 
 The reference inverts the second moment C = E[kkᵀ] in fp32 (`torch.inverse`), takes
 u = C⁻¹k̄ / ‖C⁻¹k̄‖, right = (v* − y*) / ⟨k*, u⟩ and adds the materialised d_k×d_v matrix u ⊗ right
@@ -30,18 +30,28 @@ log = logging.getLogger(__name__)
 # Factor of C and its cache
 
 
+class NotPositiveDefinite(ValueError):
+    """C is not symmetric positive definite (`CovarianceFactor(..., allow_lu=False)`)."""
+
+    def __init__(self, message: str, column: int):
+        super().__init__(message)
+        self.column = column
+
+
 class CovarianceFactor:
     """C = E[kkᵀ] factored once for many solves.
 
     Factors in float64 (the factorisation is where the accuracy is lost on an ill-conditioned C):
-    Cholesky when C is symmetric positive definite, else LU with partial pivoting. `kind` says
-    which, `cond_estimate` gives a cheap lower bound on cond(C) from the factor's diagonal, and
-    `note` explains a fallback. The factor is kept on `device` in `dtype` (float64 by default;
-    float32 halves the memory and the per-solve reads at a cost of ~cond(C)·1e-7 relative error).
+    Cholesky when C is symmetric positive definite, else LU with partial pivoting — unless
+    allow_lu=False (what editing asks for: a second moment that is not positive definite is
+    refused, see docs/editing.md), which raises `NotPositiveDefinite` instead. `kind` says which,
+    `cond_estimate` gives a cheap lower bound on cond(C) from the factor's diagonal, and `note`
+    explains a fallback. The factor is kept on `device` in `dtype` (float64 by default; float32
+    halves the memory and the per-solve reads at a cost of ~cond(C)·1e-7 relative error).
     """
 
     def __init__(self, C: torch.Tensor, device: Union[str, torch.device, None] = None,
-                 dtype: torch.dtype = torch.float64):
+                 dtype: torch.dtype = torch.float64, allow_lu: bool = True):
         if C.dim() != 2 or C.shape[0] != C.shape[1]:
             raise ValueError(f"rome_fast: C must be a square matrix, got shape {tuple(C.shape)}")
         if dtype not in (torch.float32, torch.float64):
@@ -66,6 +76,8 @@ class CovarianceFactor:
         else:
             self.note = (f"C is not symmetric (max |C - Cᵀ| / max |C| = {asym:.1e})" if asym > 1e-6
                          else f"C is not positive definite (Cholesky failed at column {int(info)})")
+            if not allow_lu:
+                raise NotPositiveDefinite(f"rome_fast: {self.note}", int(info))
             LU, piv, info = torch.linalg.lu_factor_ex(C64)
             if int(info) > 0:
                 raise ValueError(f"rome_fast: C is singular: {self.note}, and LU found an exact "
@@ -118,14 +130,15 @@ def get_factor(key: Hashable, C: Union[torch.Tensor, Callable[[], torch.Tensor]]
                device: Union[str, torch.device, None] = None,
                dtype: torch.dtype = torch.float64) -> CovarianceFactor:
     """The cached factor for `key` (see `factor_key`), factoring C on a miss. C may be a zero-argument
-    callable so the statistics are loaded only when the factor is not cached."""
+    callable so the statistics are loaded only when the factor is not cached; it may return the
+    factor itself (built on `device` in `dtype`), e.g. after checks of its own."""
     full = (key, str(torch.device(device)) if device is not None else None, dtype)
     hit = _CACHE.get(full)
     if hit is not None:
         _CACHE.move_to_end(full)
         return hit
     mat = C() if callable(C) else C
-    fac = CovarianceFactor(mat, device=device, dtype=dtype)
+    fac = mat if isinstance(mat, CovarianceFactor) else CovarianceFactor(mat, device=device, dtype=dtype)
     _CACHE[full] = fac
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -134,18 +147,3 @@ def get_factor(key: Hashable, C: Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 def clear_factor_cache() -> None:
     _CACHE.clear()
-
-
-# ----------------------------------------------------------------------------------------------
-# Weight update
-
-
-def infer_layout(W: torch.Tensor, d_k: int, d_v: int) -> str:
-    """The reference's `upd_matrix_match_shape`: as-is ([d_k, d_v]) first, then transposed."""
-    if tuple(W.shape) == (d_k, d_v):
-        return "in_out"
-    if tuple(W.shape) == (d_v, d_k):
-        return "out_in"
-    raise ValueError(f"rome_fast: W {tuple(W.shape)} matches neither [d_k, d_v] = [{d_k}, {d_v}] "
-                     "nor its transpose")
-
