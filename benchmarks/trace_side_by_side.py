@@ -105,7 +105,9 @@ def reference_fact(mt, ids, rng, noise, kinds, samples, window):
     return out
 
 
-def main(argv=None):
+def main(argv=None, mt=None):
+    """`mt`: a model the caller built (benchmarks/gpu_bench.py), used in place of --model/--random
+    (which then only names it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--random", help="a randomly initialised model of this shape (gpt2-xl, llama-7b, …)")
@@ -122,6 +124,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--flop-facts", type=int, default=1, help="facts whose FLOPs are counted (a re-run)")
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the measured n×n×n matmul")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -133,7 +136,9 @@ def main(argv=None):
     kinds = KINDS if args.kinds == "all" else tuple(args.kinds.split(","))
 
     from rome_fast.models import ModelAndTokenizer, load_model
-    if args.random:
+    if mt is not None:
+        model_name = f"random {args.random}" if args.random else args.model
+    elif args.random:
         from rome_fast.models.random_init import random_model
         family = args.family or ("llama" if "llama" in args.random else
                                  "gptj" if "gpt-j" in args.random else "gpt2")
@@ -182,7 +187,7 @@ def main(argv=None):
         with FlopCounterMode(display=False) as fc:
             engine.trace(flop_facts, kinds=kinds, window=args.window)
         flops_per_fact = fc.get_total_flops() / len(flop_facts)
-        rate = matmul_rate(device, dtype)
+        rate = matmul_rate(device, dtype, n=args.matmul_n)
         all_res = per_kind["all"][1]
         rows = []
         for kind in kinds + ("all",):
