@@ -5,7 +5,7 @@
 #   gpu_table.md       the README table built from it
 #   gpu_suite.log      everything printed, each step's wall time
 #   parts.tar.gz       the raw per-step files (the junit XML of the tests among them)
-# Each step has a time limit and the suite a deadline (--budget, default 420 s), so one slow step
+# Each step has a time limit and the suite a deadline (--budget, default 400 s), so one slow step
 # cannot eat the rest; a failed step is recorded and the suite goes on.
 #
 #   OUT=/path/to/empty/dir bash benchmarks/gpu_suite.sh              # on the GPU machine
@@ -38,7 +38,7 @@ if [ -z "${OUT:-}" ]; then
     exit 2
 fi
 case "$BUDGET" in
-    "") BUDGET=$([ "$MODE" = gpu ] && echo 420 || echo 240) ;;
+    "") BUDGET=$([ "$MODE" = gpu ] && echo 400 || echo 240) ;;
     *[!0-9]*) echo "gpu_suite.sh: --budget takes whole seconds, got '$BUDGET'" >&2; exit 2 ;;
 esac
 
@@ -47,6 +47,7 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone obeys OMP_NUM_THREADS
 PARTS=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX") || exit 2
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -109,7 +110,7 @@ skip_step() {  # NAME REASON
 }
 
 suite() {
-    echo "gpu_suite.sh: mode $MODE, budget ${BUDGET}s, $(nproc) cores, python $PY, parts in $PARTS"
+    echo "gpu_suite.sh: mode $MODE, budget ${BUDGET}s, $CORES cores, python $PY, parts in $PARTS"
     git log -1 --format='tree at commit %h (%cd): %s' 2>/dev/null
     git status --porcelain 2>/dev/null | head -20 | sed 's/^/  uncommitted: /'
     local BENCH=(benchmarks/gpu_bench.py --parts "$PARTS")
@@ -145,7 +146,7 @@ PYEOF
         fi
         if [ "$SLUG" != no-gpu ]; then
             ARCH=${ROME_FAST_CUDA_ARCH:-$ARCH}
-            run_step build 240 env ROME_FAST_CUDA=1 ROME_FAST_CUDA_ARCH="$ARCH" MAX_JOBS="$(nproc)" \
+            run_step build 240 env ROME_FAST_CUDA=1 ROME_FAST_CUDA_ARCH="$ARCH" MAX_JOBS="$CORES" \
                 "$PY" setup.py build_ext --inplace
             run_step core 60 "$PY" -c "import json, sys, rome_fast; i = rome_fast.backend_info(); print(json.dumps(i)); sys.exit(0 if i['cuda_ext'] else 'the CUDA core is not loaded')"
             run_step tests 150 "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider \
@@ -185,7 +186,7 @@ PYEOF
         cat "$OUT/gpu_table.md"
     fi
     tar -czf "$OUT/parts.tar.gz" -C "$PARTS" . || FAILED+=(archive)
-    echo "gpu_suite.sh: done in $(($(date +%s) - START))s of ${BUDGET}s; results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+    echo "gpu_suite.sh: done in $(($(date +%s) - START))s of ${BUDGET}s; results in $OUT: $(cd "$OUT" && echo *)"
     if [ "${#FAILED[@]}" -gt 0 ]; then
         echo "gpu_suite.sh: FAILED or skipped steps: ${FAILED[*]}"
         return 1
