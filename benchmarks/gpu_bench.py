@@ -59,9 +59,9 @@ MODELS = {"gpt2-xl": "gpt2", "llama-7b": "llama"}  # shape (random_init.SHAPES) 
 # What each step runs, on a GPU and in the CPU quick mode.
 PLAN = {
     ("trace", "gpt2-xl"): dict(facts=8, reference_facts=2, kinds="all", dtypes="float32,bfloat16",
-                               matmul_n=8192),
+                               matmul_n=8192, together_only=True),
     ("trace", "llama-7b"): dict(facts=8, reference_facts=1, kinds="hidden", dtypes="bfloat16",
-                                matmul_n=8192),
+                                matmul_n=8192, together_only=True),
     ("edit", "gpt2-xl"): dict(edits=2, v_steps=None, layer=None),
     ("edit", "llama-7b"): dict(edits=2, v_steps=None, layer=5),
     ("stats", "gpt2-xl"): dict(texts=128, words=(30, 1500)),
@@ -70,7 +70,7 @@ PLAN = {
 }
 QUICK = {
     ("trace", "gpt2-xl"): dict(facts=3, reference_facts=1, kinds="all", dtypes="float32,bfloat16",
-                               matmul_n=128),
+                               matmul_n=128, together_only=True),
     ("trace", "llama-7b"): dict(facts=2, reference_facts=1, kinds="hidden", dtypes="bfloat16",
                                 matmul_n=128),
     ("edit", "gpt2-xl"): dict(edits=1, v_steps=3, layer=1),
@@ -222,7 +222,7 @@ def step_trace(args, model: str, plan: dict, device) -> dict:
     argv = ["--random", size, "--family", family, "--facts", str(plan["facts"]),
             "--reference-facts", str(plan["reference_facts"]), "--kinds", plan["kinds"],
             "--dtypes", plan["dtypes"], "--device", str(device), "--matmul-n", str(plan["matmul_n"]),
-            "--out", str(raw_out)]
+            "--out", str(raw_out)] + (["--together-only"] if plan.get("together_only") else [])
     report = tsb.main(argv, mt=mt)
     n_ref = report["reference_facts"]
     rows, targets, by_dtype = [], [], {}
