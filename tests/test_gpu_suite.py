@@ -32,6 +32,7 @@ def quick_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # shares one quick run of the suite (~25 s)
 def test_quick_mode_runs_end_to_end(quick_run):
     out, proc = quick_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -44,6 +45,7 @@ def test_quick_mode_runs_end_to_end(quick_run):
     assert {"steps.jsonl", "trace_gpt2-xl.json", "trace_raw_gpt2-xl.json", "update.json"} <= names
 
 
+@pytest.mark.slow  # shares one quick run of the suite (~25 s)
 def test_quick_results_have_every_target_and_profile(quick_run):
     out, _ = quick_run
     res = json.loads((out / "gpu_cpu-quick.json").read_text())
@@ -65,6 +67,7 @@ def test_quick_results_have_every_target_and_profile(quick_run):
     assert res["tests"]["ran"] is False
 
 
+@pytest.mark.slow  # shares one quick run of the suite (~25 s)
 def test_table_lists_each_target(quick_run):
     out, _ = quick_run
     table = (out / "gpu_table.md").read_text()
