@@ -4,7 +4,7 @@
 
 Prints markdown: a line on the run (device, torch, CUDA core, tests), each target with its
 reference and fast figures, the measured value and met / missed / not measured, then (unless
---targets-only) every other measured row. Reads JSON only: no torch needed."""
+--targets-only) every other measured row and the MEMIT rows. Reads JSON only: no torch needed."""
 from __future__ import annotations
 
 import argparse
@@ -84,7 +84,26 @@ def table(res: dict, targets_only: bool = False) -> str:
                 lines.append(f"| {model} | {cell(r['label'])} | {fmt(r.get('reference'), r.get('unit', ''))} | "
                              f"{fmt(r.get('fast'), r.get('unit', ''))} | {fmt(r.get('ratio'), 'x')} | "
                              f"{cell('; '.join(e for e in extra if e))} |")
+        lines += memit_rows(res.get("memit") or {})
     return "\n".join(lines) + "\n"
+
+
+def memit_rows(memit: dict) -> list[str]:
+    """benchmarks/memit_gpu.py's rows (one file per invocation), as far as they are there."""
+    rows = [(name, r) for name, m in memit.items() if isinstance(m, dict)
+            for r in m.get("rows", []) if isinstance(r, dict)]
+    if not rows:
+        return []
+    out = ["", "| MEMIT run | model | edits | backend | setup | z | layers | total | speedup | rel. diff |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        sec = r.get("seconds") or {}
+        diff = r.get("rel_diff_update_max")
+        out.append(f"| {cell(name)} | {cell(memit[name].get('model', ''))} | {r.get('edits', '')} | "
+                   f"{cell(r.get('backend', ''))} | "
+                   + " | ".join(fmt(sec.get(k), "s") for k in ("setup", "z", "layers", "total"))
+                   + f" | {fmt(r.get('speedup'), 'x')} | {'' if diff is None else f'{diff:.1e}'} |")
+    return out
 
 
 def main(argv=None) -> int:

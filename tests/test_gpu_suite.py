@@ -123,6 +123,14 @@ def test_merge_of_nothing_and_a_failed_step(tmp_path):
     assert res["tests"]["ran"] is False and res["steps"] == []
     table = gpu_table.table(json.loads((tmp_path / "r.json").read_text()))
     assert "failed: RuntimeError: CUDA out of memory" in table
+    # MEMIT's own file (benchmarks/memit_gpu.py) is carried along and tabled
+    (tmp_path / "memit_gpu.json").write_text(json.dumps({"model": "random GPT-J-shaped", "rows": [
+        {"edits": 100, "backend": "reference", "seconds": {"setup": 1.0, "z": 20.0, "layers": 4.0, "total": 25.0},
+         "speedup": 3.2, "rel_diff_update_max": 2e-6}]}))
+    res = gpu_bench.merge(tmp_path, tmp_path / "r.json", "gpu")
+    assert res["memit"]["memit_gpu"]["rows"][0]["edits"] == 100
+    assert "| memit_gpu | random GPT-J-shaped | 100 | reference | 1 s | 20 s | 4 s | 25 s | 3.2x | 2.0e-06 |" \
+        in gpu_table.table(res)
     (tmp_path / "bad.json").write_text("{not json")
     assert gpu_table.main([str(tmp_path / "bad.json")]) == 2
 
