@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..tokens import get_words_idxs_in_templates
+from .corpus import local_corpus
 from .nethook import Trace
 from .stats import corpus_ds_name, layer_stats, stats_model_name
 
@@ -107,6 +108,7 @@ def compute_u(model, tok, request: dict, hparams, layer: int, context_templates,
     u = k_bar
     if hparams.mom2_adjustment:
         if inv_cov is None:
+            corpus = local_corpus(corpus, hparams.mom2_dataset)  # mom2_dataset may be a text file
             inv_cov = get_inv_cov(model, tok, hparams.rewrite_module_tmp.format(layer), stats_dir,
                                   corpus_ds_name(corpus, hparams.mom2_dataset), hparams.mom2_n_samples,
                                   hparams.mom2_dtype, corpus, model_name, progress)

@@ -23,6 +23,7 @@ import torch
 from ..models import adapter_for
 from .compute_u import module_io_at
 from .compute_v import ValueInfo
+from .corpus import local_corpus
 from .fast_compute_v import optimize_value
 from .rome import KEY_MODES, _rewrite, normalize_request, prepare_edit, register_backend, weight_layout
 from .solve_update import factor_key, get_factor, rank_k_update_, rome_update_
@@ -37,6 +38,7 @@ def layer_factor(model, tok, hparams, layer: int, stats_dir, corpus, progress=Tr
 
     layer_name = hparams.rewrite_module_tmp.format(layer)
     model_name = stats_model_name(model)
+    corpus = local_corpus(corpus, hparams.mom2_dataset)  # mom2_dataset may be a text file
     ds_name = corpus_ds_name(corpus, hparams.mom2_dataset)
     path = None
     if stats_dir is not None:
