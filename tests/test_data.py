@@ -93,12 +93,13 @@ def test_bundled_files_are_package_data():
         assert name in (ROOT / "rome_fast" / "data" / "SOURCES.md").read_text()
 
 
-def test_fetch_downloads_once_and_pins_the_hash(cache, server):
+def test_fetch_downloads_once_and_pins_the_hash(cache, server, capsys):
     body = json.dumps(CF).encode()
     server.files["counterfact.json"] = body
-    path = D.fetch("counterfact.json", progress=False)
+    path = D.fetch("counterfact.json")  # with the progress bar
     assert path == cache / "counterfact.json" and path.read_bytes() == body
     digest = hashlib.sha256(body).hexdigest()
+    assert f"counterfact.json: sha256 {digest} -> {path}" in capsys.readouterr().err
     assert (cache / "counterfact.json.sha256").read_text().split()[0] == digest
     assert D.fetch("counterfact.json", progress=False) == path
     assert server.hits == ["counterfact.json"]  # the second call did not download

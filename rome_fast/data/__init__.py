@@ -24,6 +24,7 @@ import hashlib
 import http.client
 import json
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -107,6 +108,8 @@ def fetch(name: str, dest_dir=None, progress: bool = True, timeout: float = 60.0
         _check_content(name, tmp, where=url)
     if not expected:
         _write_atomic(_pin_path(dest), f"{digest}  {name}\n".encode())
+    if progress:
+        print(f"{name}: sha256 {digest} -> {dest}", file=sys.stderr)
     return dest
 
 
