@@ -40,8 +40,9 @@ def _add_info(sub) -> None:
 from .trace.commands import add_parsers as _add_trace  # noqa: E402  (trace, demo)
 from .eval.commands import add_parsers as _add_eval  # noqa: E402  (eval, eval-summary)
 from .edit.commands import add_parsers as _add_edit  # noqa: E402  (stats, edit)
+from .report.commands import add_parsers as _add_report  # noqa: E402  (report)
 
-SUBCOMMANDS = [_add_info, _add_trace, _add_eval, _add_edit]
+SUBCOMMANDS = [_add_info, _add_trace, _add_eval, _add_edit, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

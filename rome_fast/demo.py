@@ -159,6 +159,8 @@ def run_demo(args) -> int:
     print(f"\nheat maps and results in {out}/ (eiffel_tower*.png / .pdf / .npz); trace {time.time() - t0:.0f} s")
     if not args.no_edit:
         _edit_step(mt, out, args.corpus, args.stats_samples)
+    from .report import write_report
+    print(f"\nreport (open it in a browser): {write_report(out)}")
     return 0
 
 
