@@ -20,6 +20,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionstart(session):
+    """A broken C++ build fails the suite instead of skipping the kernel tests and passing on the
+    plain-PyTorch fallbacks; ROME_FAST_NO_EXT=1 tests that path on purpose."""
+    from rome_fast import backend_info
+    info = backend_info()
+    if not info["cpu_ext"] and os.environ.get("ROME_FAST_NO_EXT") != "1":
+        pytest.exit("rome_fast's compiled core is not loaded (" + "; ".join(info.get("why", [])) +
+                    "). Set ROME_FAST_NO_EXT=1 to test the plain-PyTorch path on purpose.",
+                    returncode=1)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models' forwards are dominated by thread hand-offs: one thread is faster, and on a

@@ -12,7 +12,7 @@ import torch
 
 from rome_fast.cli import main
 from rome_fast.report import report_data, write_report
-from rome_fast.report.page import script_json
+from rome_fast.report.page import plotly_js, script_json
 from rome_fast.report.runs import find_runs
 
 from cf_cases import COMPACT_CASES
@@ -300,9 +300,32 @@ def test_strings_cannot_close_the_script(trace_run, eval_run, tmp_path):
     assert json.loads(text) == {"s": XSS_SUBJECT + "<!-- \u2028 &amp;"}
     for folder in (trace_run, eval_run):
         page = write_report(folder, tmp_path / f"{folder.name}.html").read_text()
-        assert len(re.findall(r"<script", page, re.I)) == 3  # plotly.js, the data, the report's script
+        assert len(re.findall(r"<script", page, re.I)) == 3  # the data, plotly.js (inert text), the report's script
         data = page.split('<script type="application/json" id="rf-data">')[1].split("</script>")[0]
         assert "<" not in data and "alert(1)" in data  # there, but as escaped JSON text
+
+
+def test_vendored_plotly_js_is_the_recorded_release(trace_run, eval_run, tmp_path):
+    """The inlined plotly.js is the partial bundle its record names (version, sha256), of the same
+    major release as the plotly.js of the Python package that builds the figures (a new major one
+    may drop attributes the figures use: then update the bundle), with every trace type the report
+    draws; the page inlines it, once, and says which it is."""
+    import hashlib
+
+    import plotly.offline
+    library, record = plotly_js()
+    assert hashlib.sha256(library.encode("utf-8")).hexdigest() == record["sha256"]
+    version = re.compile(r"plotly\.js (?:\([^)]*\) )?v(\d+\.\d+\.\d+)")
+    assert version.search(library[:300]).group(1) == record["version"]
+    python_major = version.search(plotly.offline.get_plotlyjs()[:300]).group(1).split(".")[0]
+    assert python_major == record["version"].split(".")[0]
+    drawn = {"heatmap"}  # each fact's heat maps, drawn by the page's script
+    for folder in (trace_run, eval_run):
+        for run in report_data(folder)["runs"]:
+            drawn |= {t.type for fig in run.get("figures", {}).values() for t in fig.data}
+    assert drawn == {"heatmap", "scatter", "bar"} and drawn <= set(record["trace_types"])
+    page = write_report(trace_run, tmp_path / "r.html").read_text()
+    assert page.count(library) == 1 and f"plotly.js {record['version']}" in page
 
 
 def test_plotly_labels_from_files_are_text(trace_run, tmp_path):

@@ -56,6 +56,11 @@ def opened(browser):
         assert r.console_errors == [], r.console_errors
         assert r.dialogs == []  # no alert() from a subject or prompt
         assert all(u.startswith(("file:", "data:", "blob:", "about:")) for u in r.requests), r.requests
+        # every trace drawn is of a type the inlined (partial) plotly.js bundle has
+        missing = r.page.evaluate("""() => { const known = Plotly.PlotSchema.get().traces;
+            return Array.from(document.querySelectorAll('.js-plotly-plot'))
+                .flatMap(gd => gd.data.map(t => t.type || 'scatter')).filter(t => !(t in known)); }""")
+        assert missing == [], missing
         r.close()
 
 
@@ -136,6 +141,29 @@ def test_trace_report(browser, opened, trace_run, tmp_path):
     page.wait_for_function("document.querySelector('.rf-detail').dataset.drawn === '4'")
     ticks = page.locator(f"{scope} .rf-fact-heatmap[data-kind=hidden] .ytick").all_text_contents()
     assert "".join(t.rstrip("*") for t in ticks).startswith(XSS_SUBJECT)
+
+
+def test_tables_are_drawn_before_plotly_runs(browser, trace_run, tmp_path):
+    """plotly.js, most of a load's CPU time, runs only once the facts table is on screen: at the
+    moment it defines window.Plotly the rows are there, and the figures drawn afterwards do not
+    move the table."""
+    out = write_report(trace_run, tmp_path / "trace.html")
+    table_top = "document.querySelector('table.rf-data').getBoundingClientRect().top + window.scrollY"
+    r = OpenedReport(browser, out, init_script="""
+        Object.defineProperty(window, 'Plotly', {configurable: true, set(v) {
+            window.rfAtPlotly = {rows: document.querySelectorAll('table.rf-data tbody tr').length,
+                                 top: %s, t: performance.now()};
+            Object.defineProperty(window, 'Plotly', {value: v, writable: true, configurable: true});
+        }});""" % table_top)
+    try:
+        at = r.page.evaluate("window.rfAtPlotly")
+        t = r.timings()
+        assert at["rows"] == len(FACTS)
+        assert t["table"] < t["painted"] < at["t"] <= t["plotly"] < t["firstFigure"]
+        assert r.page.locator("[data-figure] .main-svg").count() >= 2 and r.console_errors == []
+        assert r.page.evaluate(table_top) == pytest.approx(at["top"], abs=1)
+    finally:
+        r.close()
 
 
 def test_eval_report(browser, opened, eval_run, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def statistics_corpus(corpus, model_spec, model, hp, stats_dir):
     to pass."""
     import importlib.util
 
+    from ..models import adapter_for
     from ..models.loading import EMBEDDED_ALIASES
     from .corpus import default_corpus, local_corpus
     from .stats import stats_model_name, stats_path
@@ -49,7 +51,7 @@ def statistics_corpus(corpus, model_spec, model, hp, stats_dir):
     if local is not None:
         return str(local)
     cached = stats_path(stats_dir, stats_model_name(model), hp.mom2_dataset,
-                        hp.rewrite_module_tmp.format(hp.layers[0]), hp.mom2_dtype, ("mom2",),
+                        adapter_for(model).rewrite_name(hp.layers[0]), hp.mom2_dtype, ("mom2",),
                         hp.mom2_n_samples, act_dtype=hp.mom2_act_dtype)
     if cached.is_file():
         return None
@@ -88,7 +90,12 @@ def cmd_stats(args) -> int:
                               batch_tokens=args.batch_tokens, corpus=corpus) for n in names}
     dt = time.time() - t0
     for name, st in got.items():
-        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} -> {st.path}")
+        count, width = st.mom2.count, st.mom2.mom2.shape[0]
+        print(f"{name}: {count} keys of width {width} -> {st.path}")
+        if count < width:
+            print(f"rome-fast: warning: {name}: {count} keys for a key width of {width} give a singular C, "
+                  f"which editing refuses. Collect at least {width} keys (ten times as many for a "
+                  f"well-conditioned C) from more texts (--samples) or a bigger --corpus", file=sys.stderr)
     print(f"{len(names)} layer(s) in {dt:.1f} s ({got[names[0]].mom2.count / dt:.0f} tokens/s incl. loading)")
     return 0
 
@@ -97,18 +104,19 @@ def cmd_edit(args) -> int:
     from ..models import load_model
     from .demo import greedy_completion, hparams_for, target_probability
     from .hparams import ROMEHyperParams
-    from .rome import apply_rome_to_model, normalize_request
+    from .requests import normalize_request
+    from .rome import apply_rome_to_model
     from .templates import get_context_templates
 
+    # everything that needs no model is checked before the model loads
     request = normalize_request({"prompt": args.prompt, "subject": args.subject,
                                  "target_new": {"str": args.target}})
+    hp = ROMEHyperParams.from_json(args.hparams) if args.hparams else None
+    if hp is not None and args.layer is not None:
+        hp.layers = [args.layer]
     mt = load_model(args.model, device=args.device)
     model, tok = mt.model, mt.tokenizer
-    if args.hparams:
-        hp = ROMEHyperParams.from_json(args.hparams)
-        if args.layer is not None:
-            hp.layers = [args.layer]
-    else:
+    if hp is None:
         hp = hparams_for(mt, args.layer)
     stats_dir = _stats_dir(args)
     corpus, hp = _corpus(args, mt, hp, stats_dir)
@@ -145,6 +153,8 @@ def cmd_edit(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from .backend import backend_names
+
     s = sub.add_parser("stats", help="second-moment statistics of a layer's MLP keys (cached)")
     s.add_argument("--model", default="smollm2-135m", help="hub id, local path, .gguf, or smollm2-135m")
     s.add_argument("--layer", type=int, nargs="+", required=True, help="layer number(s)")
@@ -175,7 +185,7 @@ def add_parsers(sub) -> None:
                    help="texts for the statistics (default: the preset's mom2_n_samples, 100000)")
     e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
     e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
-    e.add_argument("--backend", default="fast", choices=["reference", "fast"], help="ROME implementation")
+    e.add_argument("--backend", default="fast", choices=backend_names("rome"), help="ROME implementation")
     e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")
     e.add_argument("--probe", action="append", help="another prompt to complete before/after (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=8)

@@ -75,7 +75,8 @@ def run_edit_demo(mt, stats_dir=None, out=None, corpus=None, hparams=None, sampl
     statistics (default: `default_corpus()`, WikiText-2 as shipped with the package). out: a text
     stream (default stdout) or a path, where the result dict is also written as JSON."""
     from .corpus import default_corpus
-    from .rome import apply_rome_to_model, restore_weights
+    from .backend import restore_weights
+    from .rome import apply_rome_to_model
     from .stats import default_stats_dir
     from .templates import get_context_templates
 

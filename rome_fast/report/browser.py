@@ -44,7 +44,7 @@ class OpenedReport:
     """A report loaded in a page, with what the page said: console messages, uncaught errors,
     dialogs (an injected alert() would show here) and every URL it requested."""
 
-    def __init__(self, browser, path, viewport=(1400, 1000), timeout_ms: int = 60000):
+    def __init__(self, browser, path, viewport=(1400, 1000), timeout_ms: int = 60000, init_script: str = ""):
         self.messages: list[tuple[str, str]] = []
         self.errors: list[str] = []
         self.dialogs: list[str] = []
@@ -56,6 +56,8 @@ class OpenedReport:
         self.page.on("request", lambda r: self.requests.append(r.url))
         self.cdp = self.page.context.new_cdp_session(self.page)
         self.cdp.send("Performance.enable")  # CPU time, see cpu_ms()
+        if init_script:  # runs in the page before any of its own scripts
+            self.page.add_init_script(init_script)
         self.page.goto(Path(path).resolve().as_uri())
         self.page.wait_for_function("window.rfReport && window.rfReport.ready", timeout=timeout_ms)
 
@@ -70,10 +72,13 @@ class OpenedReport:
 
     def timings(self) -> dict:
         """Milliseconds from navigation start: the page's own marks (script start, table
-        rendered, first and all figures drawn) and the browser's DOMContentLoaded and load."""
+        rendered, first and all figures drawn) and the browser's first contentful paint,
+        DOMContentLoaded and load."""
         return self.page.evaluate("""() => {
             const nav = performance.getEntriesByType('navigation')[0];
-            return Object.assign({domContentLoaded: nav.domContentLoadedEventEnd, load: nav.loadEventEnd},
+            const fcp = performance.getEntriesByName('first-contentful-paint')[0];
+            return Object.assign({firstContentfulPaint: fcp ? fcp.startTime : null,
+                                  domContentLoaded: nav.domContentLoadedEventEnd, load: nav.loadEventEnd},
                                  window.rfReport.timings);
         }""")
 

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..kernels import add_noise_, restore_rows_
+from ..ops import add_noise_, restore_rows_
 from ..models import first_tensor
 from ..models.base import KVRecorder
 
