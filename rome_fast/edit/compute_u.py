@@ -8,6 +8,7 @@ import torch
 
 from ..models import adapter_for
 from ..tokens import get_words_idxs_in_templates
+from .corpus import local_corpus
 from .covariance import describe, edit_covariance
 from .nethook import Trace
 from .sites import edit_sites
@@ -114,6 +115,7 @@ def compute_u(model, tok, request: dict, hparams, layer: int, context_templates,
     u = k_bar
     if hparams.mom2_adjustment:
         if inv_cov is None:
+            corpus = local_corpus(corpus, hparams.mom2_dataset)  # mom2_dataset may be a text file
             inv_cov = get_inv_cov(model, tok, adapter_for(model).rewrite_name(layer), stats_dir,
                                   corpus_ds_name(corpus, hparams.mom2_dataset), hparams.mom2_n_samples,
                                   hparams.mom2_dtype, corpus, model_name, progress, hparams.mom2_ridge)

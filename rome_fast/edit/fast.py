@@ -26,6 +26,7 @@ from ..models import adapter_for
 from .backend import WeightDelta, apply_edits, register_backend, restore_weights
 from .compute_u import module_io_at
 from .compute_v import ValueInfo
+from .corpus import local_corpus
 from .covariance import describe, edit_covariance
 from .fast_compute_v import optimize_value
 from .fast_stats import layer_stats_fast
@@ -40,6 +41,7 @@ def layer_factor(model, tok, hparams, layer: int, stats_dir, corpus, progress=Tr
     a = adapter_for(model)
     layer_name = a.rewrite_name(layer)
     model_name = stats_model_name(model)
+    corpus = local_corpus(corpus, hparams.mom2_dataset)  # mom2_dataset may be a text file
     ds_name = corpus_ds_name(corpus, hparams.mom2_dataset)
     device = device or next(model.parameters()).device
     path = None

@@ -18,6 +18,7 @@ import torch
 from .backend import EditBackend, WeightDelta, apply_edits, register_backend, restore_weights
 from .compute_u import compute_u, get_inv_cov
 from .compute_v import compute_v
+from .corpus import local_corpus
 from .requests import KEY_MODES, check_key_mode, check_requests, normalize_request  # noqa: F401
 from .sites import edit_sites
 from .stats import corpus_ds_name, default_stats_dir
@@ -69,6 +70,7 @@ class ROMEBackend(EditBackend):
             context_templates = get_context_templates(model, tok, hparams.context_template_length_params, seed)
         if stats_dir is None and not isinstance(corpus, (list, tuple)):
             stats_dir = default_stats_dir()
+        corpus = local_corpus(corpus, hparams.mom2_dataset)  # mom2_dataset may be a text file
         covariance = {}
         for site in sites:
             given = inv_cov.get(site.layer) if isinstance(inv_cov, dict) else inv_cov
