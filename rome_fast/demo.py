@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+from .data import bundled
 from .models.loading import load_model_spec
 from .trace.api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow
 from .trace.kinds import KINDS, get_kind, kind_names
@@ -21,7 +21,7 @@ DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 DEMO_SUBJECT = "Eiffel Tower"
 DEFAULT_OUT = "rome_fast_out/demo"
 
-# Used for σ when the known-facts file is not found: subjects of the same kind as known_1000's.
+# A few well-known subjects of the same kind as known_1000's (tests use them for a quick σ).
 BUILTIN_SUBJECTS = (
     "Vinson Massif", "Beats Music", "Audible.com", "Catalonia", "Michael Jordan", "Danielle Darrieux",
     "Toyota", "Apple", "Miles Davis", "Lionel Messi", "Mount Everest", "The Louvre", "Colosseum",
@@ -31,28 +31,12 @@ BUILTIN_SUBJECTS = (
 )
 
 
-def find_known_facts() -> Path | None:
-    """known_1000.json from $ROME_FAST_DATA, the project's shared data folder, or ./data."""
-    candidates = []
-    if os.environ.get("ROME_FAST_DATA"):
-        candidates.append(Path(os.environ["ROME_FAST_DATA"]))
-    root = Path(__file__).resolve().parents[1]
-    candidates += [root.parent / "shared" / "data", root / "data", Path.cwd() / "data"]
-    for folder in candidates:
-        path = folder / "known_1000.json" if folder.suffix != ".json" else folder
-        if path.is_file():
-            return path
-    return None
-
-
 def noise_subjects(data: str | None = None) -> tuple[list[str], str]:
-    """(subjects for σ, a sentence saying where they came from)."""
-    path = Path(data) if data else find_known_facts()
-    if path is not None:
-        facts = load_facts(path)
-        return [f["subject"] for f in facts], f"the {len(facts)} subjects of {path}"
-    return list(BUILTIN_SUBJECTS), (f"a built-in list of {len(BUILTIN_SUBJECTS)} subjects "
-                                    "(known_1000.json not found; set ROME_FAST_DATA to its folder)")
+    """(subjects for σ, a sentence saying where they came from): those of the known-facts file
+    `data`, by default known_1000.json as shipped with the package."""
+    path = Path(data) if data else bundled("known_1000.json")
+    facts = load_facts(path)
+    return [f["subject"] for f in facts], f"the {len(facts)} subjects of {path}"
 
 
 def interpret(results: dict, n_layers: int) -> list[str]:
@@ -89,6 +73,8 @@ def run_demo(args) -> int:
     import torch
 
     kinds = kind_names(args.kind)
+    if args.stats_samples is not None and args.stats_samples < 1:
+        raise ValueError(f"--stats-samples must be at least 1, got {args.stats_samples}")
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,19 +117,18 @@ def run_demo(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nheat maps and results in {out}/ (eiffel_tower*.png / .pdf / .npz); trace {time.time() - t0:.0f} s")
     if not args.no_edit:
-        _edit_step(mt, out, args.corpus)
+        _edit_step(mt, out, args.corpus, args.stats_samples)
+    from .report import write_report
+    print(f"\nreport (open it in a browser): {write_report(out)}")
     return 0
 
 
-def _edit_step(mt, out: Path, corpus) -> None:
+def _edit_step(mt, out: Path, corpus, stats_samples=None) -> None:
     """ROME at the site the trace found: the Eiffel Tower moved to Rome, before/after completions,
     then the original weights back. Key statistics are computed once (a few minutes) and cached."""
     from .edit.demo import run_edit_demo
     print("\nEditing the fact with ROME: 'The Eiffel Tower is located in the city of' -> ' Rome'")
-    try:
-        run_edit_demo(mt, out=out / "edit.json", corpus=corpus)
-    except (ValueError, FileNotFoundError) as exc:  # no preset for this model, or no corpus
-        print(f"edit skipped: {exc}")
+    run_edit_demo(mt, out=out / "edit.json", corpus=corpus, sample_size=stats_samples)
 
 
 def add_parsers(sub) -> None:
@@ -155,9 +140,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS))
     p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
-    p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: found automatically)")
+    p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: known_1000.json, "
+                                  "shipped with the package)")
     p.add_argument("--no-edit", action="store_true", help="trace only, skip the ROME edit step")
-    p.add_argument("--corpus", help="text file for the edit's key statistics (default: WikiText-2 "
-                   "from the shared data folder when present)")
+    p.add_argument("--corpus", help="text file for the edit's key statistics (default: WikiText-2, "
+                                    "shipped with the package; $ROME_FAST_CORPUS overrides)")
+    p.add_argument("--stats-samples", type=int, help="texts of the corpus for the key statistics "
+                   "(default: the preset's 100000, i.e. all of WikiText-2; fewer is faster and cruder)")
     p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
     p.set_defaults(func=run_demo)

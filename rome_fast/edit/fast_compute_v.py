@@ -1,5 +1,5 @@
-"""Fast value optimisation: the reference's compute_v (REFERENCE.md §2.5), same rows, loss, Adam
-steps, clamp and early stop, with exact savings only (DESIGN.md §4):
+"""Fast value optimisation: the reference's compute_v, same rows, loss, Adam steps, clamp and
+early stop, with exact savings only (docs/editing.md, "The fast backend"):
 
 * δ enters at the MLP output of the edit layer L, so the blocks below L are constant: they run
   once, and every step starts from the cached input of block L.
@@ -18,7 +18,8 @@ import torch
 from ..models import adapter_for
 from ..models.base import KVRecorder, KVReplay, mask_like
 from .compute_u import key_indices, right_padded
-from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector, target_token_ids
+from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector
+from .requests import check_key_mode, target_token_ids
 
 
 def value_rows(tok, request: dict, context_templates, fact_token: str, device):
@@ -41,7 +42,7 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
     n_t, n_rows, N = len(target_ids), ids.shape[0], a.num_layers
     if not 0 <= layer < N:
         raise ValueError(f"edit layer {layer} is outside the model's {N} layers")
-    mlp = model.get_submodule(hparams.mlp_module_tmp.format(layer))
+    mlp = a.mlp(layer)  # δ enters at its output
     for i in range(n_rows):
         if not 0 <= lookup[i] < lengths[i]:
             raise ValueError(f"lookup index {lookup[i]} is outside row {i} of length {lengths[i]}")
@@ -130,8 +131,7 @@ def fast_compute_v(model, tok, request: dict, hparams, layer: int, left_vector: 
                    context_templates, key_mode: str = "reference", k_bar: torch.Tensor | None = None,
                    return_info: bool = False, adapter=None):
     """Drop-in for `compute_v` (same arguments, same returns) on the fast value optimisation."""
-    if key_mode not in ("reference", "r-rome"):
-        raise ValueError(f"unknown key_mode {key_mode!r}: 'reference' or 'r-rome'")
+    check_key_mode(key_mode)
     v_init, delta, losses, steps, lookup = optimize_value(model, tok, request, hparams, layer,
                                                           context_templates, adapter)
     return right_vector(model, tok, request, hparams, layer, left_vector, context_templates, key_mode,

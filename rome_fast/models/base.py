@@ -130,6 +130,9 @@ class ModelAdapter:
     final_norm_name: ClassVar[str] = ""
     lm_head_name: ClassVar[str] = ""
     weight_layout: ClassVar[str] = "out_in"  # nn.Linear stores (out, in); GPT-2 Conv1D (in, out)
+    # older spellings of this family's module names (from earlier transformers releases, as in the
+    # reference's hyperparameter files) -> today's
+    legacy_names: ClassVar[dict] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -147,8 +150,23 @@ class ModelAdapter:
     @property
     def key_size(self) -> int:
         """Width of the MLP key (the rewrite module's input)."""
-        w = self.rewrite_module(0).weight
-        return w.shape[0] if self.weight_layout == "in_out" else w.shape[1]
+        return self.linear_io(self.rewrite_name(0))[0]
+
+    @property
+    def value_size(self) -> int:
+        """Width of the rewrite module's output: the MLP output added to the residual stream."""
+        return self.linear_io(self.rewrite_name(0))[1]
+
+    def linear_io(self, name: str) -> tuple[int, int]:
+        """(input width, output width) of a linear layer inside a block, read from its weight in
+        the family's `weight_layout`."""
+        try:
+            w = getattr(self.model.get_submodule(name), "weight", None)
+        except AttributeError:
+            raise ValueError(f"the {self.family} model has no module {name!r}") from None
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise ValueError(f"module {name!r} is not a linear layer (no 2-D weight)")
+        return (w.shape[0], w.shape[1]) if self.weight_layout == "in_out" else (w.shape[1], w.shape[0])
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -172,6 +190,10 @@ class ModelAdapter:
 
     def rewrite_name(self, layer: int) -> str:
         return self.rewrite_template.format(layer)
+
+    def rewrite_weight_name(self, layer: int) -> str:
+        """The parameter an edit of `layer` changes (stored in `weight_layout`)."""
+        return self.rewrite_name(layer) + ".weight"
 
     def module_name(self, kind: str | None, layer: int) -> str:
         """The reference's `layername(model, num, kind)`: block, 'mlp', 'attn' or 'embed'."""

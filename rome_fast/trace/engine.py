@@ -16,8 +16,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..hooks import TraceDict, first_tensor
-from ..kernels import add_noise_, restore_rows_
 from ..models.base import BlockContext, KVRecorder, KVReplay
+from ..ops import add_noise_, restore_rows_
 from .kinds import TraceKind, get_kind, kind_names
 
 
