@@ -7,6 +7,16 @@ import json
 import time
 from pathlib import Path
 
+from .data import bundled
+from .models.loading import load_model_spec
+from .trace.api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow
+from .trace.kinds import KINDS, get_kind, kind_names
+from .trace.noise import collect_embedding_std
+from .trace.plots import plot_trace_heatmap
+from .trace.results import TraceResult
+from .trace.runner import load_facts
+from .trace.summary import best_cells, layer_band, summarize_trace
+
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 DEMO_SUBJECT = "Eiffel Tower"
 DEFAULT_OUT = "rome_fast_out/demo"
@@ -19,58 +29,14 @@ BUILTIN_SUBJECTS = (
     "Nintendo", "BBC", "Pablo Picasso", "Albert Einstein", "Amazon River", "Kenya", "Honda Civic",
     "Windows 10", "Sydney Opera House", "Volkswagen", "Mozart",
 )
-KIND_NAMES = {"hidden": "Hidden states (one layer restored)", "mlp": "MLP outputs (10-layer window)",
-              "attn": "Attention outputs (10-layer window)"}
 
 
 def noise_subjects(data: str | None = None) -> tuple[list[str], str]:
     """(subjects for σ, a sentence saying where they came from): those of the known-facts file
     `data`, by default known_1000.json as shipped with the package."""
-    from .data import bundled
-    from .trace.runner import load_facts
-
     path = Path(data) if data else bundled("known_1000.json")
     facts = load_facts(path)
     return [f["subject"] for f in facts], f"the {len(facts)} subjects of {path}"
-
-
-def _band(layer: int, n_layers: int) -> str:
-    third = layer * 3 // max(1, n_layers)
-    return ("early", "middle", "late")[min(third, 2)]
-
-
-def _cells(r) -> dict:
-    """Best cell at the subject tokens and at the last token, with the share of the drop restored."""
-    gap = r.high_score - r.low_score
-    share = (lambda p: (p - r.low_score) / gap if gap > 0 else float("nan"))
-    subj = r.scores[r.subject_range[0]:r.subject_range[1]]
-    flat = int(subj.argmax())
-    st, sl = divmod(flat, subj.shape[1])
-    st += r.subject_range[0]
-    last = r.scores[-1]
-    ll = int(last.argmax())
-    # the first layer from which restoring the last token alone brings back half of the drop
-    half = [L for L in range(len(last)) if share(float(last[L])) >= 0.5]
-    return dict(subject=(st, sl, float(r.scores[st, sl]), share(float(r.scores[st, sl]))),
-                last=(len(r.scores) - 1, ll, float(last[ll]), share(float(last[ll]))),
-                last_half_from=half[0] if half else None)
-
-
-def summarize_trace(result, kind: str, n_layers: int | None = None) -> list[str]:
-    """Readable lines about one trace: its peak, the best subject cell and the last token."""
-    from .trace.results import TraceResult
-
-    r = result if isinstance(result, TraceResult) else TraceResult.from_dict(result)
-    if not r.correct_prediction:
-        return [f"{KIND_NAMES[kind]}: skipped, the model predicted {r.answer!r}, not the expected answer"]
-    n_layers = n_layers or r.scores.shape[1]
-    c = _cells(r)
-    t, layer, score = r.peak()
-    lines = [f"{KIND_NAMES[kind]}: strongest at {r.input_tokens[t]!r} (token {t}), layer {layer}, p = {score:.3f}"]
-    for label, (tok, lay, p, frac) in (("subject", c["subject"]), ("last token", c["last"])):
-        lines.append(f"    best at the {label}: {r.input_tokens[tok]!r} layer {lay} ({_band(lay, n_layers)}), "
-                     f"p = {p:.3f}, {frac:.0%} of the drop restored")
-    return lines
 
 
 def interpret(results: dict, n_layers: int) -> list[str]:
@@ -79,12 +45,12 @@ def interpret(results: dict, n_layers: int) -> list[str]:
     for kind, r in results.items():
         if not r.correct_prediction:
             continue
-        c = _cells(r)
+        c = best_cells(r)
         st, sl, _, sfrac = c["subject"]
         lt, ll, _, lfrac = c["last"]
         tok = r.input_tokens[st]
         if kind == "hidden":
-            out.append(f"- Hidden states: restoring one vector, at the subject token {tok!r} in {_band(sl, n_layers)} "
+            out.append(f"- Hidden states: restoring one vector, at the subject token {tok!r} in {layer_band(sl, n_layers)} "
                        f"layers, brings back {sfrac:.0%} of the drop: the fact is recalled while the subject "
                        "is read.")
             if c["last_half_from"] is not None:
@@ -106,14 +72,7 @@ def interpret(results: dict, n_layers: int) -> list[str]:
 def run_demo(args) -> int:
     import torch
 
-    from .trace.api import calculate_hidden_flow
-    from .trace.commands import load_model_spec
-    from .trace.noise import collect_embedding_std
-    from .trace.plots import plot_trace_heatmap
-    from .trace.results import TraceResult
-    from .trace.runner import _kinds
-
-    kinds = _kinds(args.kind)
+    kinds = kind_names(args.kind)
     if args.stats_samples is not None and args.stats_samples < 1:
         raise ValueError(f"--stats-samples must be at least 1, got {args.stats_samples}")
     out = Path(args.out)
@@ -132,9 +91,9 @@ def run_demo(args) -> int:
     for kind in kinds:
         t1 = time.time()
         res = calculate_hidden_flow(mt, DEMO_PROMPT, DEMO_SUBJECT, samples=args.samples, noise=noise,
-                                    kind=None if kind == "hidden" else kind, backend=args.backend)
+                                    kind=kind, backend=args.backend)
         r = TraceResult.from_dict(res)
-        stem = out / f"eiffel_tower{'' if kind == 'hidden' else '_' + kind}"
+        stem = out / f"eiffel_tower{get_kind(kind).suffix}"
         r.save(stem.with_suffix(".npz"))
         plot_trace_heatmap(r, savepdf=stem.with_suffix(".pdf"), modelname=mt.name)
         results[kind] = r
@@ -173,14 +132,12 @@ def _edit_step(mt, out: Path, corpus, stats_samples=None) -> None:
 
 
 def add_parsers(sub) -> None:
-    from .trace.api import DEFAULT_BACKEND
-
     p = sub.add_parser("demo", help="trace 'The Eiffel Tower is located in the city of' on the embedded model",
                        description=__doc__)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--kind", default="all", choices=["all", "hidden", "mlp", "attn"],
-                   help="which states to restore (default all three; one kind is ~3x faster)")
-    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=["reference", "fast"])
+    p.add_argument("--kind", default="all", choices=["all", *KINDS],
+                   help="which states to restore (default all; one kind is that many times faster)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS))
     p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: known_1000.json, "

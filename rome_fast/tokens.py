@@ -1,5 +1,5 @@
 """Token-level helpers with the reference's names: batching prompts, decoding, and locating a
-subject's tokens (REFERENCE.md §1.3) and its key position (§2.3)."""
+subject's tokens (docs/tracing.md) and its key position (docs/editing.md)."""
 from __future__ import annotations
 
 import string

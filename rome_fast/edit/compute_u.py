@@ -8,9 +8,9 @@ import torch
 
 from ..models import adapter_for
 from ..tokens import get_words_idxs_in_templates
+from ..hooks import Trace
 from .corpus import local_corpus
 from .covariance import describe, edit_covariance
-from .nethook import Trace
 from .sites import edit_sites
 from .stats import corpus_ds_name, layer_stats, stats_model_name
 
@@ -55,7 +55,7 @@ def module_io_at(model, tok, module_name: str, templates, subject: str, fact_tok
     for s in range(0, len(templates), CHUNK):
         part = templates[s:s + CHUNK]
         ids, mask = right_padded(tok, [t.format(subject) for t in part], device)
-        with Trace(model, module_name, retain_input=True, retain_output=True, stop=stop) as tr:
+        with Trace(model, module_name, retain_input=True, retain_output=True, detach=True, stop=stop) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(part), device=device)
         at = torch.tensor(idxs[s:s + CHUNK], device=device)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .compute_u import key_indices, module_io_at, right_padded
-from .nethook import TraceDict
+from ..hooks import TraceDict
 from .requests import check_key_mode, target_token_ids
 from .sites import edit_sites
 
@@ -122,7 +122,7 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
     tmask = (targets != -100).float()
 
     def forward():
-        with TraceDict(model, [mlp_name], edit_output=add_delta):
+        with TraceDict(model, [mlp_name], retain_output=False, edit_output=add_delta):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         kl_logp = torch.log_softmax(logits[n_rw + torch.arange(len(all_prompts) - n_rw, device=device),
                                            at[n_rw:]], dim=-1)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.base import cache_argument, returned_cache
+
 DEMO_REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
                 "target_new": {"str": " Rome"}}
 DEMO_PROBES = ["The Eiffel Tower is located in the city of",
@@ -27,8 +29,8 @@ def greedy_completion(model, tok, prompt: str, max_new_tokens: int = 8) -> str:
     for _ in range(max_new_tokens):
         res = model(input_ids=cur, attention_mask=torch.ones(1, ids.shape[1] + len(out), dtype=torch.long,
                                                               device=device),
-                    past_key_values=past, use_cache=True)
-        past = res.past_key_values
+                    use_cache=True, **{cache_argument(model): past})
+        past = returned_cache(res)
         nxt = int(res.logits[0, -1].argmax())
         out.append(nxt)
         cur = torch.tensor([[nxt]], device=device)

@@ -16,38 +16,10 @@ from __future__ import annotations
 import torch
 
 from ..models import adapter_for
-from ..models.base import KVRecorder
+from ..models.base import KVRecorder, KVReplay, mask_like
 from .compute_u import key_indices, right_padded
 from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector
 from .requests import check_key_mode, target_token_ids
-
-
-class _PrefixReplay:
-    """A KV-cache stand-in for the suffix runs: prepends the recorded prefix keys/values (the
-    4-D mask hides, per row, the prefix columns at or after that row's suffix start)."""
-
-    def __init__(self, recorded: KVRecorder, width: int):
-        self.recorded, self.width = recorded, width
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        if self.width == 0:
-            return key, value
-        return (torch.cat([self.recorded.keys[layer_idx], key], dim=-2),
-                torch.cat([self.recorded.values[layer_idx], value], dim=-2))
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width
-
-
-def _mask_like(allowed: torch.Tensor, like) -> torch.Tensor:
-    """A boolean (rows, 1, q, kv) mask in the format of the attention implementation's own
-    materialised mask: boolean (sdpa) or additive float (eager)."""
-    if isinstance(like, torch.Tensor) and like.dtype != torch.bool:
-        out = torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device)
-        return out.masked_fill_(~allowed, torch.finfo(like.dtype).min)
-    if like is not None and not isinstance(like, torch.Tensor):
-        raise ValueError(f"the fast value optimisation needs a tensor attention mask, got {type(like).__name__}")
-    return allowed
 
 
 def value_rows(tok, request: dict, context_templates, fact_token: str, device):
@@ -113,8 +85,8 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
     suf_ok = cols[None, :] <= cols[:, None]                                  # (S, S) causal
     allowed = torch.cat([pre_ok[:, None, :].expand(-1, S, -1),
                          suf_ok[None].expand(n_rows, -1, -1)], dim=2)[:, None]
-    sctx.attention_mask = _mask_like(allowed, sctx.attention_mask)
-    sctx.past = _PrefixReplay(rec, P)
+    sctx.attention_mask = mask_like(allowed, sctx.attention_mask)
+    sctx.past = KVReplay(rec, width=P)
 
     rows = torch.arange(n_rows, device=device)
     at = torch.tensor(lookup, device=device) - st                             # δ's column per row

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .corpus import resolve_corpus
-from .nethook import module_input_size
+from ..hooks import module_input_size
 
 MAX_CONTEXT = 2048       # cap on article length (Llama-style configs claim 8k-128k positions)
 ARTICLES_PER_BATCH = 100  # the reference's DataLoader batch, sorted by length within it
@@ -178,7 +178,7 @@ def collect_mom2(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
     in `layer_names`, in one pass that stops after the deepest of them: {name: SecondMoment}."""
     from tqdm.auto import tqdm
 
-    from .nethook import TraceDict, in_execution_order
+    from ..hooks import TraceDict, in_execution_order
 
     if isinstance(layer_names, str):
         layer_names = [layer_names]
@@ -201,7 +201,7 @@ def collect_mom2(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
                     mask[r, :len(ids[i])] = 1
                 pos = torch.arange(width).unsqueeze(0).expand(len(group), width)
                 batch, mask, pos = batch.to(device), mask.to(device), pos.to(device)
-                with TraceDict(model, order, retain_input=True, stop=True) as tr:
+                with TraceDict(model, order, retain_output=False, retain_input=True, detach=True, stop=True) as tr:
                     model(input_ids=batch, attention_mask=mask, position_ids=pos, use_cache=False)
                 keep = mask.bool()
                 for n in order:  # keys at non-padding tokens only

@@ -8,6 +8,8 @@ import unicodedata
 
 import torch
 
+from ..models.base import cache_argument, returned_cache
+
 _CACHE: dict = {}
 
 
@@ -33,8 +35,8 @@ def sample_top_k(model, start_id: int, n: int, max_out_len: int, top_k: int = 5,
     cur = ids
     while ids.shape[1] < max_out_len:
         mask = torch.ones_like(ids)
-        out = model(input_ids=cur, attention_mask=mask, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=cur, attention_mask=mask, use_cache=True, **{cache_argument(model): past})
+        past = returned_cache(out)
         probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
         top_p, top_i = torch.topk(probs, top_k, dim=-1)
         pick = torch.multinomial((top_p / top_p.sum(-1, keepdim=True)).cpu(), 1, generator=generator)

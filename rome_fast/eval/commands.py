@@ -47,7 +47,7 @@ def _cmd_eval(args) -> int:
     if args.key_mode != "reference":
         editor_kwargs["key_mode"] = args.key_mode
     from .. import distributed
-    from ..trace.commands import load_model_spec
+    from ..models import load_model_spec
     info = distributed.init()  # a no-op unless torchrun started several processes
     try:
         # under torchrun each rank on its own GPU; alone, the usual default

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..trace.aggregate import KIND_SUFFIX
+from ..trace.kinds import KINDS as _TRACE_KINDS
 from ..trace.results import TraceResult
 
-KINDS = tuple(KIND_SUFFIX)  # hidden, mlp, attn
-_CASE_NPZ = re.compile(r"^knowledge_(.+?)(_mlp|_attn)?\.npz$")
-_SINGLE_NPZ = re.compile(r"^(.+?)(_mlp|_attn)?\.npz$")
+KINDS = tuple(_TRACE_KINDS)  # the registered tracing kinds: hidden, mlp, attn
+_SUFFIXES = "(" + "|".join(re.escape(k.suffix) for k in _TRACE_KINDS.values() if k.suffix) + ")?"
+_CASE_NPZ = re.compile(rf"^knowledge_(.+?){_SUFFIXES}\.npz$")
+_SINGLE_NPZ = re.compile(rf"^(.+?){_SUFFIXES}\.npz$")
 _EVAL_CASE = re.compile(r"^case_(\d+)\.json$")
-_SUFFIX_KIND = {v: k for k, v in KIND_SUFFIX.items()}
+_SUFFIX_KIND = {k.suffix: k.name for k in _TRACE_KINDS.values()}
 RUN_ORDER = ("trace", "traces", "edit", "eval")
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..trace.aggregate import BUCKETS, KIND_STYLE, aggregate_results
+from ..trace.aggregate import BUCKETS, aggregate_results
+from ..trace.kinds import get_kind
 from ..trace.results import TraceResult
 from .runs import KINDS, Facts, Warnings, plotly_text, read_json, read_single_traces, read_trace_cases
 
-KIND_NAME = {k: KIND_STYLE[k][2] for k in KINDS}  # hidden state, MLP, Attn
+KIND_NAME = {k: get_kind(k).label for k in KINDS}  # hidden state, MLP, Attn
 PEAK_PLACES = ("last subject token", "subject", "first after subject", "further", "last token")
 SCORE_SCALE = 65535  # scores travel as uint16 p·65535: resolution 1.5e-5, 2 bytes a cell
 
@@ -19,7 +20,7 @@ SCORE_SCALE = 65535  # scores travel as uint16 p·65535: resolution 1.5e-5, 2 by
 def colorscale(kind: str) -> list:
     """The paper's colour map of a kind (Purples, Greens, Reds) as a Plotly colour scale."""
     import plotly.colors
-    colors = getattr(plotly.colors.sequential, KIND_STYLE[kind][0])
+    colors = getattr(plotly.colors.sequential, get_kind(kind).cmap)
     return [[i / (len(colors) - 1), c] for i, c in enumerate(colors)]
 
 
@@ -150,7 +151,7 @@ def aie_figures(aggs: dict, model: str | None) -> dict:
             colorbar=dict(x=domain_end + 0.005, thickness=8, len=0.9),
             hovertemplate="%{y}<br>layer %{x}<br>AIE %{z:.4f} ± %{customdata:.4f}<extra>" + KIND_NAME[k] + "</extra>"),
             row=1, col=i)
-        heat.update_xaxes(title_text=KIND_STYLE[k][1], row=1, col=i)
+        heat.update_xaxes(title_text=get_kind(k).aie_xlabel, row=1, col=i)
         heat.update_yaxes(autorange="reversed", showticklabels=i == 1, row=1, col=i)
         for j, bucket in enumerate(BUCKETS):
             if a.count[j] == 0:
@@ -166,7 +167,7 @@ def aie_figures(aggs: dict, model: str | None) -> dict:
                 showlegend=i == 1, line=dict(color=color, width=1.5), customdata=a.ci95[j],
                 hovertemplate="layer %{x}: AIE %{y:.4f} ± %{customdata:.4f}<extra>" + bucket + "</extra>"),
                 row=1, col=i)
-        lines.update_xaxes(title_text=KIND_STYLE[k][1], row=1, col=i)
+        lines.update_xaxes(title_text=get_kind(k).aie_xlabel, row=1, col=i)
     lines.update_yaxes(title_text="AIE (p)", row=1, col=1)
     suffix = f" — {plotly_text(model)}" if model else ""
     heat.update_layout(title=dict(text="Average indirect effect by token position" + suffix, x=0),
@@ -217,7 +218,7 @@ def trace_view(run, warnings: Warnings, facts: Facts | None = None) -> dict:
     return dict(
         type="trace", label=run.label, title="Causal traces" if run.kind == "traces" else "Causal tracing run",
         settings={**facts_info, **(settings if isinstance(settings, dict) else {})},
-        kinds=[dict(key=k, name=KIND_NAME[k], colorscale=colorscale(k), xlabel=KIND_STYLE[k][1]) for k in kinds],
+        kinds=[dict(key=k, name=KIND_NAME[k], colorscale=colorscale(k), xlabel=get_kind(k).aie_xlabel) for k in kinds],
         summary=kind_summary_table(aggs) if aggs else None,
         figures=aie_figures(aggs, model) if aggs else {},
         table=dict(columns=fact_columns(kinds), rows=rows, flags=flags, filters=fact_filters(kinds),
