@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         "statistics": {"corpus": shown(corpus) if args.corpus else
                        "WikiText-2 raw test split as bundled (rome_fast/data/wikitext-2-raw-test.txt.gz)",
                        "corpus_sha256": sha256(corpus),
-                       "computed_in_this_run": True, "files": stats_files,
+                       "computed_by": "this script, into its work folder (no pre-existing cache)", "files": stats_files,
                        "mom2_n_samples": run["hparams"]["mom2_n_samples"] if run.get("hparams") else None},
         "hparams": run.get("hparams"),
         "generation": run.get("generation"),
