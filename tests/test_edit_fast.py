@@ -545,6 +545,11 @@ def test_mom2_ridge_regularises_only_when_asked(setup, tmp_path, backend):
 
 
 # ---- statistics ---------------------------------------------------------------------------------
+# A bf16 forward (act_dtype) against the exact fp32 statistics, |ΔC|_F / |C|_F: measured at most
+# 9.8e-3 on the tiny models (5 families, seeds 1-3, layers 0-2; fp16 1.2e-3) and 6.3e-3 on the
+# embedded model (benchmarks/results/edit_cpu.json): each key comes through bf16 blocks whose
+# every output is rounded to 8 significant bits (2^-9 = 2e-3 relative a rounding).
+BF16_STATS_REL = 2e-2
 @pytest.mark.parametrize("fam", ["gpt2", "llama"])
 def test_fast_stats_one_pass_packed_equals_reference(setup, fam):
     s = setup[fam]
@@ -565,7 +570,7 @@ def test_fast_stats_one_pass_packed_equals_reference(setup, fam):
     bf = collect_mom2_fast(model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, act_dtype="bfloat16",
                            progress=False)[names[0]]
     assert bf.mom2.dtype == torch.float32 and rel(bf.mom2, collect_mom2(
-        model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, progress=False)[names[0]].mom2) < 5e-2
+        model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, progress=False)[names[0]].mom2) < BF16_STATS_REL
 
 
 def test_fast_stats_cache_is_interchangeable(setup, tmp_path):
@@ -599,7 +604,7 @@ def test_half_precision_stats_have_their_own_files(setup, tmp_path):
     bf = layer_stats_fast(model, tok, name, tmp_path, "c", sample_size=30, corpus=corpus, progress=False,
                           act_dtype="bfloat16")
     assert bf.path != exact.path and bf.path.name.endswith("_act-bfloat16.npz")
-    assert not torch.equal(bf.mom2.mom2, exact.mom2.mom2) and rel(bf.mom2.mom2, exact.mom2.mom2) < 5e-2
+    assert not torch.equal(bf.mom2.mom2, exact.mom2.mom2) and rel(bf.mom2.mom2, exact.mom2.mom2) < BF16_STATS_REL
     # the exact file is untouched, and each is read back from its own file
     again = layer_stats_fast(model, tok, name, tmp_path, "c", sample_size=30, corpus=["unused"], progress=False)
     assert torch.equal(again.mom2.mom2, exact.mom2.mom2)
