@@ -23,9 +23,8 @@ from rome_fast.models import ModelAndTokenizer
 from rome_fast.models.llama import _rms_norm
 from rome_fast.models.random_init import random_model
 from rome_fast.trace.api import calculate_hidden_flow
-from rome_fast.trace.engine import FactInput, TraceEngine
-from rome_fast.trace.noise import draw_noise
-from rome_fast.tokens import find_token_range
+from rome_fast.trace.engine import TraceEngine
+from test_trace_engine import FACTS, KIND_NAMES, NOISE, WINDOW, _facts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,11 +32,7 @@ HALF = [torch.bfloat16, torch.float16]
 LOGITS_VS_FP32 = {torch.bfloat16: 8e-2, torch.float16: 1e-2}
 ENGINE_VS_REFERENCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 ENGINE_VS_FP32 = {torch.bfloat16: 0.15, torch.float16: 0.02}
-PROMPT = "The Eiffel Tower is located in the city of"
-FACTS = [(PROMPT, "Eiffel Tower"), ("Miles Davis plays the", "Miles Davis"),
-         ("The official language of Brazil", "Brazil")]
-NOISE, WINDOW = 0.6, 3
-KIND_NAMES = {None: "hidden", "mlp": "mlp", "attn": "attn"}
+PROMPT = FACTS[0][0]
 
 
 def _pair(family, dtype, attn, seed=3):
@@ -81,20 +76,12 @@ def _ctx(mt, ids):
     return mt.adapter.prepare(mt.adapter.embed(ids), None, None)[1]
 
 
-def _facts(mt, samples=4):
-    out = []
-    for prompt, subject in FACTS:
-        ids = mt.tokenizer.encode(prompt)
-        b, e = find_token_range(mt.tokenizer, ids, subject)
-        out.append(FactInput(ids, (b, e), draw_noise(samples, e - b, mt.adapter.hidden_size, NOISE)))
-    return out
-
-
 @pytest.mark.parametrize("family,attn,dtype", [("llama", "sdpa", torch.bfloat16), ("llama", "sdpa", torch.float16),
                                                ("gpt2", "eager", torch.bfloat16)])  # fp16 is slow on CPUs
 def test_engine_throughput_mode(family, attn, dtype):
     """A half model is traced in its own precision: scores (fp32) close to the reference path run
-    on the same half model, and to the fp32 model's, with the same answers."""
+    on the same half model, and to the fp32 model's, with the same answers (test_trace_engine's
+    facts and noise)."""
     mt32, mt = _pair(family, dtype, attn)
     kinds = ("hidden", "mlp", "attn")
     half = TraceEngine(mt).trace(_facts(mt), kinds=kinds, window=WINDOW)
