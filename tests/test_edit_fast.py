@@ -35,19 +35,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tiny_models, tmp_path_factory):
     """Per family: model, tokenizer, hparams (6 value steps), seeded templates, and statistics
     collected once by the reference path into a cache both paths read."""
+    return {fam: _prepare(tiny_models[fam], tmp_path_factory.mktemp(f"fast-stats-{fam}")) for fam in FAMILIES}
+
+
+def _prepare(mt, stats_dir):
     corpus = synthetic_corpus()
-    out = {}
-    for fam in FAMILIES:
-        mt = tiny_models[fam]
-        hp = ROMEHyperParams.for_model(mt.model, layer=LAYER)
-        hp = dataclasses.replace(hp, v_num_grad_steps=6, mom2_n_samples=300, mom2_dataset="synthetic",
-                                 context_template_length_params=[[4, 3], [6, 2]])
-        templates = get_context_templates(mt.model, mt.tokenizer, hp.context_template_length_params, seed=0)
-        stats_dir = tmp_path_factory.mktemp(f"fast-stats-{fam}")
-        st = layer_stats(mt.model, mt.tokenizer, hp.rewrite_module_tmp.format(LAYER), stats_dir,
-                         "corpus", sample_size=300, corpus=corpus, progress=False)
-        out[fam] = dict(mt=mt, hp=hp, templates=templates, stats_dir=stats_dir, corpus=corpus, st=st)
-    return out
+    hp = ROMEHyperParams.for_model(mt.model, layer=LAYER)
+    hp = dataclasses.replace(hp, v_num_grad_steps=6, mom2_n_samples=300, mom2_dataset="synthetic",
+                             context_template_length_params=[[4, 3], [6, 2]])
+    templates = get_context_templates(mt.model, mt.tokenizer, hp.context_template_length_params, seed=0)
+    st = layer_stats(mt.model, mt.tokenizer, hp.rewrite_module_tmp.format(LAYER), stats_dir,
+                     "corpus", sample_size=300, corpus=corpus, progress=False)
+    return dict(mt=mt, hp=hp, templates=templates, stats_dir=stats_dir, corpus=corpus, st=st)
 
 
 def rel(a, b):
@@ -64,7 +63,19 @@ def _w(s):
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_value_optimisation_matches_reference(setup, fam):
-    s = setup[fam]
+    _check_value_optimisation(setup[fam])
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_value_optimisation_matches_reference_with_sdpa(tiny_model, tmp_path, fam):
+    """sdpa attention: the fast optimisation's boolean masks over [cached prefix | suffix] (eager
+    models get additive float masks)."""
+    mt = tiny_model(fam, attn="sdpa")
+    assert mt.model.config._attn_implementation == "sdpa"
+    _check_value_optimisation(_prepare(mt, tmp_path))
+
+
+def _check_value_optimisation(s):
     model, tok, hp = s["mt"].model, s["mt"].tokenizer, s["hp"]
     u = compute_u(model, tok, REQS[0] | {"target_new": {"str": " Rome"}}, hp, LAYER, s["templates"],
                   stats_dir=s["stats_dir"], corpus=s["corpus"], progress=False)
