@@ -59,7 +59,12 @@ def test_structure(tiny_models, family):
 @pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", RANDOM_FAMILIES)
 def test_blockwise_run_reproduces_logits(tiny_model, family, attn):
-    mt = tiny_model(family, attn=attn)
+    try:
+        mt = tiny_model(family, attn=attn)
+    except ValueError as exc:  # older transformers (4.56) have no sdpa attention for GPT-J
+        if "does not support an attention implementation" not in str(exc):
+            raise
+        pytest.skip(f"this transformers has no {attn} attention for {family}")
     tok = mt.tokenizer
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
