@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     cli_args = ["eval", "--dataset", "counterfact", "--data", str(args.data), "--limit", str(args.limit),
                 "--backend", args.backend, "--corpus", str(corpus), "--stats-dir", str(stats),
                 "--out", str(cases), "--quiet"] + (["--skip-generation"] if args.skip_generation else [])
+    resumed = len(list(cases.glob("case_*.json"))) if cases.is_dir() else 0
     t0 = time.perf_counter()
     rc = cli(cli_args)
     if rc:
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
         "machine": {"arch": platform.machine(), "threads": torch.get_num_threads(),
                     "note": "CPU, shared machine (other jobs running): times are indicative only"},
         "wall_s": wall,
+        "cases_finished_before_this_run": resumed,  # a resumed run: wall_s covers the rest only
         **summary,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
