@@ -122,11 +122,11 @@ def _norm(name: str) -> str:
     return name.replace("/", "_").lower()
 
 
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+def list_presets(preset_dir: Path = PRESET_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(preset_dir).glob("*.json"))
 
 
-def _preset_path(name: str) -> Path | None:
+def _preset_path(name: str, preset_dir: Path = PRESET_DIR) -> Path | None:
     """Match a preset by name, case-insensitively, with or without the hub owner, allowing a
     suffix after '-': 'openai-community/gpt2-xl' -> gpt2-xl, 'EleutherAI/gpt-j-6B' ->
     EleutherAI_gpt-j-6B, 'HuggingFaceTB/SmolLM2-135M-Instruct' and the embedded model's cache
@@ -136,10 +136,10 @@ def _preset_path(name: str) -> Path | None:
     key = _norm(str(name).rstrip("/"))
     key = {"smollm2": "smollm2-135m", "default": "smollm2-135m"}.get(key, key)
     short = key.rsplit("_", 1)[-1]
-    for stem in list_presets():
+    for stem in list_presets(preset_dir):
         s = _norm(stem)
         for cand in (s, s.rsplit("_", 1)[-1]):
             for k in (key, short):
                 if k == cand or k.startswith(cand + "-"):
-                    return PRESET_DIR / f"{stem}.json"
+                    return Path(preset_dir) / f"{stem}.json"
     return None

@@ -1,0 +1,230 @@
+"""The target vectors z of many requests, optimised together (the fast path of `compute_z`).
+
+Exact savings only: every request has its own δ_j, its own Adam state, early stop and clamp, and
+gets the z the reference's one-request loop gives (up to rounding):
+
+* δ_j enters at block L's output (L = the z layer), so blocks 0..L are constant: they run once,
+  without autograd, over every row of every request of a group.
+* Causal attention, and δ added at each row's lookup index s: a row's positions before
+  min(s, first target position) never change. Their keys/values in blocks L+1..N−1 are recorded
+  once (`prepare_suffix_run`); each step runs those blocks only on the rows' suffixes, with the
+  prefix replayed from the cache. The KL row needs one position.
+* The unembedding runs only where the loss reads it (target positions, the KL row's position).
+* All the requests of a group share one forward/backward per step. Their losses are summed, and
+  since δ_j touches only request j's rows, the gradient of δ_j is that of request j's own loss.
+  One Adam over the [g, d] parameter is request-wise Adam: Adam is elementwise, and every request
+  still running has taken the same number of steps. A request that stops (loss < 0.05) keeps its δ
+  (it is copied back after the shared step), and its rows leave the batch.
+* Groups are sized to a memory budget; requests are independent, so grouping changes nothing."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...models import adapter_for
+from ..fast_compute_v import prepare_suffix_run
+from .compute_z import ZInfo, loss_layer, z_rows
+
+STOP_LOSS = 5e-2
+CPU_BUDGET = 2 << 30  # bytes of autograd activations per group on a CPU
+
+
+def _bytes_per_token(a, first_layer: int, key_size: int) -> int:
+    """A rough size of what one suffix token keeps for the backward pass across blocks
+    first_layer..N−1 (attention and MLP activations, fp32)."""
+    return 4 * max(1, a.num_layers - first_layer) * (14 * a.hidden_size + 5 * key_size)
+
+
+def _budget(device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.4)
+    return CPU_BUDGET
+
+
+class _Request:
+    """A request's rows, their suffix spans, and where its loss reads."""
+
+    def __init__(self, tok, request, templates, fact_token, device):
+        ids, mask, lengths, lookup, target_ids, n_rw = z_rows(tok, request, templates, fact_token, device)
+        self.ids, self.lengths, self.lookup, self.target_ids, self.n_rw = ids, lengths, lookup, target_ids, n_rw
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        n_t = len(target_ids)
+        for i, (lk, ln) in enumerate(zip(lookup, lengths)):
+            if not 0 <= lk < ln:
+                raise ValueError(f"lookup index {lk} is outside row {i} of length {ln} for subject "
+                                 f"{request['subject']!r}")
+        # rewriting rows need logits at ℓ−n_t … ℓ−1; the KL row at its lookup index only
+        self.start = [min(lookup[i], lengths[i] - n_t) for i in range(n_rw)] + [lookup[n_rw]]
+        self.end = lengths[:n_rw] + [lookup[n_rw] + 1]
+        self.width = max(e - s for s, e in zip(self.start, self.end))
+
+    @property
+    def rows(self) -> int:
+        return self.n_rw + 1
+
+
+def compute_zs(model, tok, requests, hparams, context_templates, adapter=None, z_batch: int | None = None,
+               progress: bool = False) -> list[ZInfo]:
+    """One ZInfo per request (z = h_init + δ at the z layer), optimised in groups of up to
+    `z_batch` requests (default: as many as fit a memory budget)."""
+    a = adapter or adapter_for(model)
+    device = next(model.parameters()).device
+    L = hparams.z_layer
+    items = [_Request(tok, r, context_templates, hparams.fact_token, device) for r in requests]
+    if z_batch is None:
+        per_req = max(it.rows * it.width for it in items)
+        z_batch = max(1, _budget(device) // (per_req * _bytes_per_token(a, L + 1, a.key_size)))
+    # similar widths together (less padding); the results do not depend on the grouping
+    order = sorted(range(len(items)), key=lambda j: (items[j].width, len(items[j].ids[0])))
+    out: list = [None] * len(items)
+    groups = [order[s:s + z_batch] for s in range(0, len(order), z_batch)]
+    from tqdm.auto import tqdm
+    for group in tqdm(groups, desc=f"z ({len(items)} requests)", unit="group", disable=not progress):
+        for j, info in zip(group, _optimise_group(model, a, [items[j] for j in group], hparams)):
+            out[j] = info
+    return out
+
+
+def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
+    device = next(model.parameters()).device
+    L, N = hparams.z_layer, a.num_layers
+    loss_at = loss_layer(hparams, L, N)
+    g = len(items)
+    # the group's rows, right-padded to one width; per row: its request, and per request its row 0
+    T = max(it.ids.shape[1] for it in items)
+    ids = torch.cat([F.pad(it.ids, (0, T - it.ids.shape[1]), value=it.pad_id) for it in items])
+    lengths = [x for it in items for x in it.lengths]
+    mask = (torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
+    start = [x for it in items for x in it.start]
+    end = [x for it in items for x in it.end]
+    lookup = [x for it in items for x in it.lookup]
+    req = torch.tensor([j for j, it in enumerate(items) for _ in range(it.rows)], device=device)
+    first_row = [sum(it.rows for it in items[:j]) for j in range(g)]
+    kl_row = torch.tensor([first_row[j] + it.n_rw for j, it in enumerate(items)], device=device)
+
+    with torch.no_grad():
+        emb = a.embed(ids)
+        h, ctx = a.prepare(emb, mask, full_mask=True)
+        for l in range(L + 1):
+            h = a.run_block(l, h, ctx)
+        h_init = torch.stack([h[first_row[j], lookup[first_row[j]]] for j in range(g)]).float()
+    h_suf, sctx = prepare_suffix_run(a, emb, mask, lengths, h, start, end, L + 1)
+    del h, emb
+
+    st = torch.tensor(start, device=device)
+    at = torch.tensor(lookup, device=device) - st                    # δ's column per row
+    # loss positions: each rewriting row's target columns (ℓ−n_t−s … ℓ−1−s) and ids
+    t_row, t_col, t_id = [], [], []
+    for j, it in enumerate(items):
+        n_t = len(it.target_ids)
+        for i in range(it.n_rw):
+            r = first_row[j] + i
+            t_row += [r] * n_t
+            t_col += list(range(lengths[r] - n_t - start[r], lengths[r] - start[r]))
+            t_id += it.target_ids
+    t_row, t_col, t_id = (torch.tensor(x, device=device) for x in (t_row, t_col, t_id))
+    n_t_row = torch.tensor([len(items[int(req[r])].target_ids) for r in range(len(lengths))], device=device)
+    n_rw_req = torch.tensor([it.n_rw for it in items], device=device, dtype=torch.float32)
+
+    delta = torch.zeros(g, h_suf.shape[2], dtype=torch.float32, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    h_norm = h_init.norm(dim=1)
+    max_norm = hparams.clamp_norm_factor * h_norm
+    active = torch.ones(g, dtype=torch.bool, device=device)
+    losses = [[] for _ in range(g)]
+    steps = [0] * g
+    kl_init = None
+    was_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        sub = None
+        for it_ in range(hparams.v_num_grad_steps):
+            if sub is None:  # (re)build the batch of the requests still running
+                sub = _Subset(active, req, h_suf, sctx, at, t_row, t_col, t_id, kl_row, n_t_row)
+            opt.zero_grad()
+            with torch.enable_grad():
+                x = sub.h.index_put((sub.rows, sub.at), delta[sub.req_of_row].to(sub.h.dtype), accumulate=True)
+                x_loss = x if loss_at == L else None
+                for l in range(L + 1, N):
+                    x = a.run_block(l, x, sub.ctx)
+                    if l == loss_at:
+                        x_loss = x
+                picked = torch.cat([x_loss[sub.t_row, sub.t_col], x[sub.kl_row, 0]])
+                logp = torch.log_softmax(a.head(picked).float(), dim=-1)
+                nt = len(sub.t_id)
+                tok_logp = logp[:nt].gather(1, sub.t_id[:, None])[:, 0]
+                per_row = torch.zeros(sub.n_rows, device=device).index_add(0, sub.t_row, tok_logp)
+                nll_row = -per_row / sub.n_t_row
+                ids_act = sub.ids
+                # (a KL row has no target positions: its nll_row is 0)
+                nll = torch.zeros(g, device=device).index_add(0, sub.req_of_row, nll_row)[ids_act] / n_rw_req[ids_act]
+                kl_logp = logp[nt:]
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()          # every request runs at step 0
+                kl = hparams.kl_factor * (kl_logp.exp() * (kl_logp - kl_init[ids_act])).sum(-1)
+                wd = hparams.v_weight_decay * delta[ids_act].norm(dim=1) / h_norm[ids_act] ** 2
+                loss = nll + kl + wd
+            for k, j in enumerate(ids_act.tolist()):
+                losses[j].append((nll[k].item(), kl[k].item(), wd[k].item()))
+            go_on = loss.detach() >= STOP_LOSS
+            if it_ == hparams.v_num_grad_steps - 1:
+                break  # the last iteration only evaluates
+            if not bool(go_on.any()):
+                break
+            loss[go_on].sum().backward()
+            keep = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                running = torch.zeros(g, dtype=torch.bool, device=device)
+                running[ids_act[go_on]] = True
+                delta[~running] = keep[~running]          # a stopped request's δ no longer changes
+                norms = delta.norm(dim=1)
+                over = running & (norms > max_norm)
+                delta[over] *= (max_norm[over] / norms[over])[:, None]
+            for j in ids_act[go_on].tolist():
+                steps[j] += 1
+            if not bool(go_on.all()):
+                active, sub = running, None
+    finally:
+        for p, w in zip(model.parameters(), was_grad):
+            p.requires_grad_(w)
+    d = delta.detach()
+    return [ZInfo(h_init[j] + d[j], h_init[j], d[j].clone(), losses[j], steps[j],
+                  items[j].lookup) for j in range(g)]
+
+
+class _Subset:
+    """The rows of the requests still running, re-indexed (their h, context and loss positions)."""
+
+    def __init__(self, active, req, h_suf, sctx, at, t_row, t_col, t_id, kl_row, n_t_row):
+        device = h_suf.device
+        self.ids = torch.nonzero(active)[:, 0]                       # running requests, ascending
+        keep_row = active[req]
+        rows = torch.nonzero(keep_row)[:, 0]
+        new_index = torch.full((len(req),), -1, dtype=torch.long, device=device)
+        new_index[rows] = torch.arange(len(rows), device=device)
+        full = bool(keep_row.all())
+        self.h = h_suf if full else h_suf[rows]
+        self.ctx = sctx if full else _select(sctx, rows)
+        self.n_rows = len(rows)
+        self.rows = torch.arange(self.n_rows, device=device)
+        self.at = at[rows]
+        self.req_of_row = req[rows]
+        t_keep = keep_row[t_row]
+        self.t_row, self.t_col, self.t_id = new_index[t_row[t_keep]], t_col[t_keep], t_id[t_keep]
+        self.kl_row = new_index[kl_row[active[req[kl_row]]]]
+        self.n_t_row = n_t_row[rows].float()
+
+
+def _select(ctx, rows):
+    sub = ctx.select(rows)
+    sub.past = ctx.past.select(rows)
+    return sub
+
+
+def z_matrix(infos) -> torch.Tensor:
+    """[d, n] of the z vectors."""
+    return torch.stack([i.z for i in infos], 1)
+

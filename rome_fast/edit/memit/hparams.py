@@ -1,0 +1,172 @@
+"""MEMIT hyperparameters with the reference's JSON field names (docs/memit.md §Hyperparameters).
+
+`MEMITHyperParams.from_name("gpt2-xl")` loads a bundled preset; `from_json(path)` reads any
+reference-format file. Unknown keys are an error (a typo must not fall back to a default), except
+the known extras: `model_name` (AlphaEdit's copies of the MEMIT files carry it) and
+`mom2_act_dtype` (this package's half-precision statistics option)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..hparams import _preset_path, list_presets as _list_presets
+
+PRESET_DIR = Path(__file__).resolve().parent / "hparams"
+FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
+# names people call the Llama-3 preset by that the hub-name matcher does not catch
+_ALIASES = {"llama-3-8b": "Meta-Llama-3-8B", "llama3-8b": "Meta-Llama-3-8B"}
+
+
+@dataclass
+class MEMITHyperParams:
+    layers: list[int]
+    layer_selection: str = "all"           # read, as in the reference, but unused
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_loss_layer: int = -1
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    mom2_adjustment: bool = True
+    mom2_update_weight: float = 15000.0    # λ in  ΔW = R Kᵀ (λC + KKᵀ)⁻¹
+    rewrite_module_tmp: str = "transformer.h.{}.mlp.c_proj"
+    layer_module_tmp: str = "transformer.h.{}"
+    mlp_module_tmp: str = "transformer.h.{}.mlp"
+    attn_module_tmp: str = "transformer.h.{}.attn"
+    ln_f_module: str = "transformer.ln_f"
+    lm_head_module: str = "transformer.wte"
+    mom2_dataset: str = "wikipedia"
+    mom2_n_samples: int | None = 100000    # None: every text of the corpus
+    mom2_dtype: str = "float32"
+    # extras (not in the reference's class)
+    model_name: str | None = None          # AlphaEdit's files name the model; not used here
+    mom2_act_dtype: str | None = None      # fast statistics forward in bf16/fp16 (own cache files)
+
+    def __post_init__(self):
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        self.layers = [int(x) for x in self.layers]
+        if not self.layers:
+            raise ValueError("hparams.layers must name at least one layer")
+        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            raise ValueError(f"hparams.layers must be strictly ascending (MEMIT updates them bottom up "
+                             f"and optimises z at the last one), got {self.layers}")
+        if self.fact_token not in FACT_TOKENS:
+            raise ValueError(f"unknown fact_token {self.fact_token!r}: one of {FACT_TOKENS}")
+        if self.mom2_dtype not in ("float32", "float64"):
+            raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
+        if self.mom2_act_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"mom2_act_dtype must be None, 'bfloat16' or 'float16', not {self.mom2_act_dtype!r}")
+        lam = float(self.mom2_update_weight)
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"mom2_update_weight (λ) must be a finite number >= 0, got {self.mom2_update_weight!r}")
+        if int(self.v_num_grad_steps) < 1:
+            raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
+            if "{}" not in getattr(self, name):
+                raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
+
+    @property
+    def z_layer(self) -> int:
+        """Where the target vectors z live: the residual stream after the last edited layer."""
+        return self.layers[-1]
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for extra in ("model_name", "mom2_act_dtype"):  # the reference's fields only, unless used
+            if d[extra] is None:
+                del d[extra]
+        return d
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=4) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MEMITHyperParams":
+        if not isinstance(data, dict):
+            raise ValueError(f"MEMIT hyperparameters must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; expected a subset of {sorted(known)}")
+        missing = sorted({"layers"} - set(data))
+        if missing:
+            raise ValueError(f"MEMIT hyperparameters need {missing}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path) -> "MEMITHyperParams":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_name(cls, name: str) -> "MEMITHyperParams":
+        """A bundled preset by model name: 'gpt2-xl', 'EleutherAI/gpt-j-6B',
+        'meta-llama/Meta-Llama-3-8B' (or 'llama-3-8b'), 'smollm2-135m', ... (case-insensitive)."""
+        path = preset_path(name)
+        if path is None:
+            raise ValueError(f"no MEMIT preset for {name!r}; bundled presets: {', '.join(list_presets())}")
+        return cls.from_json(path)
+
+    @classmethod
+    def for_model(cls, model, name: str | None = None, layers=None) -> "MEMITHyperParams":
+        """The preset matching `name` (or the model's config name) if there is one, otherwise the
+        reference's GPT-J values with module names from the model's adapter (then `layers` is
+        required). `layers` overrides the preset's; v_loss_layer becomes the last layer."""
+        from ...models import adapter_for
+
+        adapter = adapter_for(model)
+        for candidate in (name, getattr(model.config, "_name_or_path", None)):
+            if candidate and preset_path(candidate) is not None:
+                hp = cls.from_name(candidate)
+                break
+        else:
+            if layers is None:
+                raise ValueError(f"no MEMIT preset for {name or model.config._name_or_path!r}: "
+                                 "give the layers to edit")
+            hp = cls(layers=list(layers), rewrite_module_tmp=adapter.rewrite_template,
+                     layer_module_tmp=adapter.layer_template, mlp_module_tmp=adapter.mlp_template,
+                     attn_module_tmp=adapter.attn_template, ln_f_module=adapter.final_norm_name,
+                     lm_head_module=adapter.lm_head_name)
+        if layers is not None:
+            hp = dataclasses.replace(hp, layers=list(layers))
+        check_layers(hp, adapter.num_layers)
+        hp.v_loss_layer = adapter.num_layers - 1
+        return hp
+
+
+def check_layers(hp: MEMITHyperParams, num_layers: int) -> None:
+    """Edited layers and the loss layer must exist in a `num_layers`-layer model."""
+    bad = [l for l in hp.layers if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"edit layer(s) {bad} of hparams.layers {hp.layers} are outside the model's "
+                         f"{num_layers} layers (0..{num_layers - 1})")
+    if hp.v_loss_layer >= num_layers:
+        raise ValueError(f"hparams.v_loss_layer {hp.v_loss_layer} is outside the model's {num_layers} "
+                         f"layers (use {num_layers - 1}, the last)")
+
+
+def list_presets() -> list[str]:
+    return _list_presets(PRESET_DIR)
+
+
+def preset_path(name: str) -> Path | None:
+    path = _preset_path(name, PRESET_DIR)
+    if path is None and name:
+        short = str(name).rstrip("/").replace("/", "_").lower().rsplit("_", 1)[-1]
+        for alias, stem in _ALIASES.items():
+            if short == alias or short.startswith(alias + "-"):
+                return PRESET_DIR / f"{stem}.json"
+    return path
