@@ -12,6 +12,7 @@ from .compute_u import key_indices, module_io_at, right_padded
 from .nethook import TraceDict
 
 KL_PROMPT = "{} is a"
+STOP_LOSS = 5e-2  # the value optimisation stops once loss < STOP_LOSS
 
 
 @dataclass
@@ -64,7 +65,7 @@ def optimise_delta(model, hparams, delta: torch.Tensor, state: dict, forward) ->
             wd = hparams.v_weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
             loss = nll + kl + wd
             losses.append((nll.item(), kl.item(), wd.item()))
-            if loss.item() < 5e-2:
+            if loss.item() < STOP_LOSS:
                 break
             if it == hparams.v_num_grad_steps - 1:
                 break  # the last iteration only evaluates (at most v_num_grad_steps-1 steps)

@@ -77,13 +77,14 @@ def generation_prompts(record: EvalRecord) -> list[str]:
 
 def case_metrics(mt, record: EvalRecord, skip_generation: bool = False, seed: int = 0,
                  tfidf: Optional[G.TfIdf] = None, snippets: Optional[dict] = None,
-                 batch_size: int = M.DEFAULT_BATCH) -> dict:
-    """CounterFact: NLLs of new/true per prompt kind (+ generations, GE, and RS / essence score
-    when TF-IDF and snippets are given); zsRE: teacher-forced token accuracies."""
+                 batch_size: int = M.DEFAULT_BATCH, accuracy: bool = False) -> dict:
+    """CounterFact: NLLs of new/true per prompt kind (+ the teacher-forced accuracies with
+    accuracy=True; + generations, GE, and RS / essence score when TF-IDF and snippets are given);
+    zsRE: teacher-forced token accuracies."""
     model, tok = mt.model, mt.tokenizer
     if record.dataset == "zsre":
         return M.zsre_correct(model, tok, record, batch_size)
-    out = M.counterfact_probs(model, tok, record, batch_size)
+    out = M.counterfact_probs(model, tok, record, batch_size, accuracy=accuracy)
     if skip_generation:
         return out
     texts = G.generate(model, tok, generation_prompts(record), max_out_len=100, top_k=5,
@@ -132,7 +133,7 @@ def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams", "key_mode",
-                    "sequential"):
+                    "sequential", "method", "num_edits", "generation_interval"):
             if key in old and old[key] != config.get(key):
                 raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}; "
                                  "use another --out folder (or delete this one) to start afresh")
@@ -173,7 +174,8 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
              *, seed: int = 0, check_restore: Optional[bool] = None, tfidf: Optional[G.TfIdf] = None,
              snippets: Optional[dict] = None, backend: Optional[str] = None,
              editor_kwargs: Optional[dict] = None, batch_size: int = M.DEFAULT_BATCH,
-             summary: bool = True, sequential: bool = False) -> Optional[dict]:
+             summary: bool = True, sequential: bool = False, method: str = "rome",
+             num_edits: Optional[int] = None, generation_interval: int = 1) -> Optional[dict]:
     """Evaluate edits of `records` (EvalRecords or a data file path) on `mt` and write the case
     files to `out_dir`; returns `summarize(out_dir)` (None with summary=False).
 
@@ -189,7 +191,12 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     sequential=True: the edits accumulate (no restore between cases, as a model edited fact after
     fact): per case, "pre" is measured on the model with the earlier cases' edits and "post" after
     this one's ("edits" counts them); the original weights come back at the end. One process
-    only, and not resumable (the accumulated edits are not saved): `out_dir` must hold no cases."""
+    only, and not resumable (the accumulated edits are not saved): `out_dir` must hold no cases.
+
+    num_edits=N (or a method other than "rome"): the mass-editing protocol of `chunked.py`:
+    records in chunks of N edited together (`sequential`: chunks accumulate, resumably), with
+    the teacher-forced accuracies; `editor` is then `edit(mt, requests) -> original weights`.
+    generation_interval=k: generation metrics only for records with case_id % k == 0."""
     if dataset not in ("counterfact", "zsre"):
         raise ValueError(f"unknown dataset {dataset!r}; use 'counterfact' or 'zsre'")
     if isinstance(records, (str, Path)):
@@ -198,15 +205,22 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     for r in records:
         if r.dataset != dataset:
             raise ValueError(f"case {r.case_id} is a {r.dataset} record, not {dataset}")
+    extra = {}
+    if (editor_kwargs or {}).get("key_mode", "reference") != "reference":
+        extra["key_mode"] = editor_kwargs["key_mode"]
+    if num_edits is not None or method != "rome":
+        from .chunked import evaluate_chunks
+        return evaluate_chunks(mt, dataset, records, hparams, out_dir, method=method, num_edits=num_edits or 1,
+                               sequential=sequential, editor=editor, backend=backend, editor_kwargs=editor_kwargs,
+                               skip_generation=skip_generation, generation_interval=generation_interval, seed=seed,
+                               tfidf=tfidf, snippets=snippets, batch_size=batch_size, progress=progress,
+                               summary=summary, config_extra=extra)
     if editor is None:
         editor = rome_editor(hparams, backend, **(editor_kwargs or {}))
     check = _debug_default() if check_restore is None else check_restore
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = distributed.current()
-    extra = {}
-    if (editor_kwargs or {}).get("key_mode", "reference") != "reference":
-        extra["key_mode"] = editor_kwargs["key_mode"]
     if sequential:
         if info.distributed:
             raise ValueError("sequential evaluation accumulates edits on one model: run it in one "
@@ -293,7 +307,7 @@ def _evaluate_sequential(mt, dataset, records, hparams, out_dir, editor, skip_ge
 
 def _load_cases(out_dir: Path) -> list[dict]:
     cases = []
-    for p in out_dir.glob("case_*.json"):
+    for p in [*out_dir.glob("case_*.json"), *out_dir.glob("chunk_*/case_*.json")]:
         try:
             cases.append(json.loads(p.read_text(encoding="utf-8")))
         except json.JSONDecodeError as exc:  # cannot come from our atomic writes
@@ -309,7 +323,7 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     cases = _load_cases(out_dir)
     if not cases:
         raise FileNotFoundError(f"no case_*.json files in {out_dir}")
-    zsre = "rewrite_prompts_correct" in cases[0]["post"]
+    zsre = "rewrite_prompts_probs" not in cases[0]["post"]
     per_case = M.zsre_case_scores if zsre else M.counterfact_case_scores
     keys = M.ZSRE_KEYS if zsre else M.CF_KEYS
     result = {"dataset": "zsre" if zsre else "counterfact", "n": len(cases), "dir": str(out_dir)}
@@ -320,6 +334,14 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     if run.is_file():
         cfg = json.loads(run.read_text(encoding="utf-8"))
         result["model"] = cfg.get("model")
+        if "num_edits" in cfg:  # a chunked (mass-editing) run
+            from .chunked import finished_chunks
+            chunks = finished_chunks(out_dir).values()
+            edits, secs = sum(c["num_edits"] for c in chunks), sum(c["edit_seconds"] for c in chunks)
+            result["chunks"] = {"method": cfg.get("method"), "num_edits": cfg["num_edits"],
+                                "sequential": cfg.get("sequential", False), "chunks": len(chunks), "edits": edits,
+                                "dropped_conflicts": sum(len(c.get("dropped", [])) for c in chunks),
+                                "edit_seconds": secs, "seconds_per_edit": secs / edits if edits else None}
         if cfg.get("generation"):
             result["notes"] = {"GE": "n-gram entropy ×100 of generations from " + cfg["generation"]["prompts"]}
     _write_json_atomic(out_dir / "summary.json", result)
@@ -331,7 +353,8 @@ def summarize(out_dir, print_table: bool = True) -> dict:
 def format_summary(s: dict) -> str:
     """The summary as a table: mean (95 % CI) per metric, rows pre / post."""
     cols = (["Efficacy", "Paraphrase", "Specificity"] if s["dataset"] == "zsre" else
-            ["S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS"])
+            ["S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "rewrite_acc", "paraphrase_acc",
+             "neighborhood_acc"])
     cols = [c for c in cols if any(c in s[p] for p in ("pre", "post"))]
 
     def cell(v):
@@ -346,7 +369,14 @@ def format_summary(s: dict) -> str:
     lines = [f"{s['dataset']}: {s['n']} cases in {s['dir']}" +
              (f", model {s['model']}" if s.get("model") else "")]
     lines += ["  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in rows]
-    lines.append(f"edit time {s['time']['mean']:.2f} s/case; values ×100, 95 % CI in parentheses")
+    c = s.get("chunks")
+    if c:
+        lines.append(f"{c['method']}: {c['edits']} edits in {c['chunks']} chunk(s) of up to {c['num_edits']}"
+                     f"{' (sequential)' if c['sequential'] else ''}, edit time {c['edit_seconds']:.1f} s "
+                     f"({c['seconds_per_edit'] or 0:.2f} s/edit); {c['dropped_conflicts']} conflicting "
+                     "request(s) dropped; values ×100, 95 % CI in parentheses")
+    else:
+        lines.append(f"edit time {s['time']['mean']:.2f} s/case; values ×100, 95 % CI in parentheses")
     for k, v in (s.get("notes") or {}).items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines)

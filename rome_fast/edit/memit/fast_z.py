@@ -18,6 +18,8 @@ gets the z the reference's one-request loop gives (up to rounding):
 * Groups are sized to a memory budget; requests are independent, so grouping changes nothing."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +27,6 @@ from ...models import adapter_for
 from ..fast_compute_v import prepare_suffix_run
 from .compute_z import ZInfo, loss_layer, z_rows
 
-STOP_LOSS = 5e-2
 CPU_BUDGET = 2 << 30  # bytes of autograd activations per group on a CPU
 
 
@@ -40,6 +41,10 @@ def _budget(device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.4)
     return CPU_BUDGET
+
+
+# the module (rome_fast.edit re-exports a function under its name): STOP_LOSS is read at each step
+_value = importlib.import_module("..compute_v", __package__)
 
 
 class _Request:
@@ -168,7 +173,7 @@ def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
                 loss = nll + kl + wd
             for k, j in enumerate(ids_act.tolist()):
                 losses[j].append((nll[k].item(), kl[k].item(), wd[k].item()))
-            go_on = loss.detach() >= STOP_LOSS
+            go_on = loss.detach() >= _value.STOP_LOSS
             if it_ == hparams.v_num_grad_steps - 1:
                 break  # the last iteration only evaluates
             if not bool(go_on.any()):
