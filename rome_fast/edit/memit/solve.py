@@ -42,15 +42,25 @@ def _singular(what: str, lam: float) -> SingularSystemError:
                                "collect more statistics or raise λ")
 
 
+def _lu_solve(A: torch.Tensor, K: torch.Tensor, what: str, lam: float) -> torch.Tensor:
+    """A⁻¹K by LU with partial pivoting (what torch.linalg.solve does), refusing a singular A: an
+    exact zero pivot, or one below d·ε of the largest (rounding alone can make a singular
+    matrix's pivots nonzero, and the solve then returns large garbage)."""
+    LU, piv, info = torch.linalg.lu_factor_ex(A)
+    diag = LU.diagonal().abs()
+    if int(info) != 0 or float(diag.min()) <= A.shape[0] * torch.finfo(A.dtype).eps * float(diag.max()):
+        raise _singular(what, lam)
+    X = torch.linalg.lu_solve(LU, piv, K)
+    if not bool(torch.isfinite(X).all()):
+        raise _singular(what, lam)
+    return X
+
+
 def solve_reference(C: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Tensor:
-    """torch.linalg.solve(λC + KKᵀ, K) in float64, as the reference."""
+    """solve(λC + KKᵀ, K) by LU in float64, as the reference."""
     K = K.double()
     check_lambda(lam, K.shape[1], K.shape[0])
-    A = lam * C.double() + K @ K.T
-    X, info = torch.linalg.solve_ex(A, K)
-    if int(info) != 0 or not bool(torch.isfinite(X).all()):
-        raise _singular("λC + KKᵀ", lam)
-    return X
+    return _lu_solve(lam * C.double().to(K.device) + K @ K.T, K, "λC + KKᵀ", lam)
 
 
 def moment_from_factor(factor: CovarianceFactor) -> torch.Tensor:
@@ -91,7 +101,4 @@ def solve(factor: CovarianceFactor, K: torch.Tensor, lam: float, method: str = "
     chol, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return torch.cholesky_solve(K, chol)
-    X, info = torch.linalg.solve_ex(A, K)                          # not positive definite: LU, as the reference
-    if int(info) != 0 or not bool(torch.isfinite(X).all()):
-        raise _singular("λC + KKᵀ", lam)
-    return X
+    return _lu_solve(A, K, "λC + KKᵀ", lam)                        # not positive definite: LU, as the reference
