@@ -96,7 +96,7 @@ def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
     L, N = hparams.z_layer, a.num_layers
     loss_at = loss_layer(hparams, L, N)
     g = len(items)
-    # the group's rows, right-padded to one width; per row: its request, and per request its row 0
+    # the group's rows, right-padded to one width; per row: its request
     T = max(it.ids.shape[1] for it in items)
     ids = torch.cat([F.pad(it.ids, (0, T - it.ids.shape[1]), value=it.pad_id) for it in items])
     lengths = [x for it in items for x in it.lengths]
@@ -104,9 +104,12 @@ def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
     start = [x for it in items for x in it.start]
     end = [x for it in items for x in it.end]
     lookup = [x for it in items for x in it.lookup]
-    req = torch.tensor([j for j, it in enumerate(items) for _ in range(it.rows)], device=device)
+    req = [j for j, it in enumerate(items) for _ in range(it.rows)]
     first_row = [sum(it.rows for it in items[:j]) for j in range(g)]
-    kl_row = torch.tensor([first_row[j] + it.n_rw for j, it in enumerate(items)], device=device)
+    targets = {}  # rewriting row -> target ids (its loss reads the last len(ids) positions)
+    for j, it in enumerate(items):
+        for i in range(it.n_rw):
+            targets[first_row[j] + i] = it.target_ids
 
     with torch.no_grad():
         emb = a.embed(ids)
@@ -114,25 +117,15 @@ def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
         for l in range(L + 1):
             h = a.run_block(l, h, ctx)
         h_init = torch.stack([h[first_row[j], lookup[first_row[j]]] for j in range(g)]).float()
-    h_suf, sctx = prepare_suffix_run(a, emb, mask, lengths, h, start, end, L + 1)
+    # rows of similar suffix width run together (less padding; rows never see each other)
+    buckets = [_Bucket(a, rows, emb, mask, h, lengths, start, end, lookup, req, targets, L + 1)
+               for rows in _by_width([e - s for s, e in zip(start, end)])]
     del h, emb
-
-    st = torch.tensor(start, device=device)
-    at = torch.tensor(lookup, device=device) - st                    # δ's column per row
-    # loss positions: each rewriting row's target columns (ℓ−n_t−s … ℓ−1−s) and ids
-    t_row, t_col, t_id = [], [], []
-    for j, it in enumerate(items):
-        n_t = len(it.target_ids)
-        for i in range(it.n_rw):
-            r = first_row[j] + i
-            t_row += [r] * n_t
-            t_col += list(range(lengths[r] - n_t - start[r], lengths[r] - start[r]))
-            t_id += it.target_ids
-    t_row, t_col, t_id = (torch.tensor(x, device=device) for x in (t_row, t_col, t_id))
-    n_t_row = torch.tensor([len(items[int(req[r])].target_ids) for r in range(len(lengths))], device=device)
+    req_t = torch.tensor(req, device=device)
+    n_t_row = torch.tensor([len(targets.get(r, [0])) for r in range(len(req))], device=device, dtype=torch.float32)
     n_rw_req = torch.tensor([it.n_rw for it in items], device=device, dtype=torch.float32)
 
-    delta = torch.zeros(g, h_suf.shape[2], dtype=torch.float32, device=device, requires_grad=True)
+    delta = torch.zeros(g, h_init.shape[1], dtype=torch.float32, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     h_norm = h_init.norm(dim=1)
     max_norm = hparams.clamp_norm_factor * h_norm
@@ -144,31 +137,37 @@ def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        sub = None
+        running_buckets = buckets
         for it_ in range(hparams.v_num_grad_steps):
-            if sub is None:  # (re)build the batch of the requests still running
-                sub = _Subset(active, req, h_suf, sctx, at, t_row, t_col, t_id, kl_row, n_t_row)
+            ids_act = torch.nonzero(active)[:, 0]
             opt.zero_grad()
             with torch.enable_grad():
-                x = sub.h.index_put((sub.rows, sub.at), delta[sub.req_of_row].to(sub.h.dtype), accumulate=True)
-                x_loss = x if loss_at == L else None
-                for l in range(L + 1, N):
-                    x = a.run_block(l, x, sub.ctx)
-                    if l == loss_at:
-                        x_loss = x
-                picked = torch.cat([x_loss[sub.t_row, sub.t_col], x[sub.kl_row, 0]])
-                logp = torch.log_softmax(a.head(picked).float(), dim=-1)
-                nt = len(sub.t_id)
-                tok_logp = logp[:nt].gather(1, sub.t_id[:, None])[:, 0]
-                per_row = torch.zeros(sub.n_rows, device=device).index_add(0, sub.t_row, tok_logp)
-                nll_row = -per_row / sub.n_t_row
-                ids_act = sub.ids
-                # (a KL row has no target positions: its nll_row is 0)
-                nll = torch.zeros(g, device=device).index_add(0, sub.req_of_row, nll_row)[ids_act] / n_rw_req[ids_act]
+                t_h, t_row, t_id, kl_h, kl_req = [], [], [], [], []
+                for b in running_buckets:
+                    x = b.h.index_put((b.local, b.at), delta[b.req].to(b.h.dtype), accumulate=True)
+                    x_loss = x if loss_at == L else None
+                    for l in range(L + 1, N):
+                        x = a.run_block(l, x, b.ctx)
+                        if l == loss_at:
+                            x_loss = x
+                    t_h.append(x_loss[b.t_local, b.t_col])
+                    t_row.append(b.t_row)
+                    t_id.append(b.t_id)
+                    kl_h.append(x[b.kl_local, 0])
+                    kl_req.append(b.kl_req)
+                t_row, t_id, kl_req = torch.cat(t_row), torch.cat(t_id), torch.cat(kl_req)
+                logp = torch.log_softmax(a.head(torch.cat(t_h + kl_h)).float(), dim=-1)
+                nt = len(t_id)
+                tok_logp = logp[:nt].gather(1, t_id[:, None])[:, 0]
+                per_row = torch.zeros(len(req), device=device).index_add(0, t_row, tok_logp)
+                nll_req = torch.zeros(g, device=device).index_add(0, req_t, -per_row / n_t_row)
+                nll = nll_req[ids_act] / n_rw_req[ids_act]
                 kl_logp = logp[nt:]
-                if kl_init is None:
-                    kl_init = kl_logp.detach().clone()          # every request runs at step 0
-                kl = hparams.kl_factor * (kl_logp.exp() * (kl_logp - kl_init[ids_act])).sum(-1)
+                if kl_init is None:  # every request runs at step 0
+                    kl_init = torch.zeros(g, kl_logp.shape[1], device=device)
+                    kl_init[kl_req] = kl_logp.detach()
+                kl_each = (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(-1)
+                kl = hparams.kl_factor * torch.zeros(g, device=device).index_add(0, kl_req, kl_each)[ids_act]
                 wd = hparams.v_weight_decay * delta[ids_act].norm(dim=1) / h_norm[ids_act] ** 2
                 loss = nll + kl + wd
             for k, j in enumerate(ids_act.tolist()):
@@ -190,8 +189,9 @@ def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
                 delta[over] *= (max_norm[over] / norms[over])[:, None]
             for j in ids_act[go_on].tolist():
                 steps[j] += 1
-            if not bool(go_on.all()):
-                active, sub = running, None
+            if not bool(go_on.all()):  # the stopped requests' rows leave the batch
+                active = running
+                running_buckets = [s for s in (b.subset(active) for b in buckets) if s is not None]
     finally:
         for p, w in zip(model.parameters(), was_grad):
             p.requires_grad_(w)
@@ -200,33 +200,67 @@ def _optimise_group(model, a, items, hparams) -> list[ZInfo]:
                   items[j].lookup) for j in range(g)]
 
 
-class _Subset:
-    """The rows of the requests still running, re-indexed (their h, context and loss positions)."""
-
-    def __init__(self, active, req, h_suf, sctx, at, t_row, t_col, t_id, kl_row, n_t_row):
-        device = h_suf.device
-        self.ids = torch.nonzero(active)[:, 0]                       # running requests, ascending
-        keep_row = active[req]
-        rows = torch.nonzero(keep_row)[:, 0]
-        new_index = torch.full((len(req),), -1, dtype=torch.long, device=device)
-        new_index[rows] = torch.arange(len(rows), device=device)
-        full = bool(keep_row.all())
-        self.h = h_suf if full else h_suf[rows]
-        self.ctx = sctx if full else _select(sctx, rows)
-        self.n_rows = len(rows)
-        self.rows = torch.arange(self.n_rows, device=device)
-        self.at = at[rows]
-        self.req_of_row = req[rows]
-        t_keep = keep_row[t_row]
-        self.t_row, self.t_col, self.t_id = new_index[t_row[t_keep]], t_col[t_keep], t_id[t_keep]
-        self.kl_row = new_index[kl_row[active[req[kl_row]]]]
-        self.n_t_row = n_t_row[rows].float()
+def _by_width(widths, min_rows: int = 8) -> list[list[int]]:
+    """Row indices bucketed by suffix width; a bucket of fewer than `min_rows` rows joins the
+    next wider one (each bucket costs a pass through the blocks)."""
+    order = sorted(range(len(widths)), key=lambda r: widths[r])
+    buckets, cur = [], []
+    for k, r in enumerate(order):
+        cur.append(r)
+        last = k == len(order) - 1
+        if last or (widths[order[k + 1]] != widths[r] and len(cur) >= min_rows):
+            buckets.append(cur)
+            cur = []
+    return buckets
 
 
-def _select(ctx, rows):
-    sub = ctx.select(rows)
-    sub.past = ctx.past.select(rows)
-    return sub
+class _Bucket:
+    """Some rows of a group, as one suffix batch: their hidden states and context, where δ goes,
+    and where their loss reads (target positions; the KL rows' one position)."""
+
+    def __init__(self, a, rows, emb, mask, h, lengths, start, end, lookup, req, targets, first_layer, _view=None):
+        if _view is not None:
+            self.__dict__.update(_view)
+            return
+        device = h.device
+        idx = torch.tensor(rows, device=device)
+        self.rows = idx                                                  # group row ids
+        self.h, self.ctx = prepare_suffix_run(a, emb[idx], mask[idx], [lengths[r] for r in rows], h[idx],
+                                              [start[r] for r in rows], [end[r] for r in rows], first_layer)
+        self.req = torch.tensor([req[r] for r in rows], device=device)
+        self.local = torch.arange(len(rows), device=device)
+        self.at = torch.tensor([lookup[r] - start[r] for r in rows], device=device)  # δ's column
+        t_local, t_col, t_id = [], [], []
+        for i, r in enumerate(rows):
+            ids = targets.get(r, [])
+            t_local += [i] * len(ids)
+            t_col += range(lengths[r] - len(ids) - start[r], lengths[r] - start[r])
+            t_id += ids
+        self.t_local, self.t_col, self.t_id = (torch.tensor(x, dtype=torch.long, device=device)
+                                               for x in (t_local, t_col, t_id))
+        self.t_row = idx[self.t_local]
+        kl = [i for i, r in enumerate(rows) if r not in targets]
+        self.kl_local = torch.tensor(kl, dtype=torch.long, device=device)
+        self.kl_req = self.req[self.kl_local]
+
+    def subset(self, active_req: torch.Tensor) -> "_Bucket | None":
+        """The rows of the requests still running (None if there are none)."""
+        keep = active_req[self.req]
+        if bool(keep.all()):
+            return self
+        if not bool(keep.any()):
+            return None
+        local = torch.nonzero(keep)[:, 0]
+        new = torch.full_like(keep, -1, dtype=torch.long)
+        new[local] = torch.arange(len(local), device=local.device)
+        sub = self.ctx.select(local)
+        sub.past = self.ctx.past.select(local)
+        tk, kk = keep[self.t_local], keep[self.kl_local]
+        return _Bucket(*([None] * 12), _view=dict(
+            rows=self.rows[local], h=self.h[local], ctx=sub, req=self.req[local],
+            local=torch.arange(len(local), device=local.device), at=self.at[local],
+            t_local=new[self.t_local[tk]], t_col=self.t_col[tk], t_id=self.t_id[tk], t_row=self.t_row[tk],
+            kl_local=new[self.kl_local[kk]], kl_req=self.kl_req[kk]))
 
 
 def z_matrix(infos) -> torch.Tensor:
