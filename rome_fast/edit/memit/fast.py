@@ -55,13 +55,18 @@ class MEMITFast(MEMITBackend):
 
     def edit(self, model, tok, requests, hparams, context_templates=None, stats_dir=None, corpus=None,
              cov=None, seed: int = 0, progress: bool = True, z_batch: int | None = None,
-             return_info: dict | None = None) -> list[WeightDelta]:
-        """The updates of `requests`, left in the model. return_info: a dict to fill with the
-        z step's ZInfo list ("z") and per-layer details ("layers")."""
+             zs: list | None = None, return_info: dict | None = None) -> list[WeightDelta]:
+        """The updates of `requests`, left in the model. zs: their target vectors, computed
+        before (`compute_zs` on this model, with these hparams and templates), e.g. to try
+        several λ or lower layers with one z step. return_info: a dict to fill with the z
+        step's ZInfo list ("z") and per-layer details ("layers")."""
         requests = check_memit_requests(model, requests, hparams)
         adapter, layout, templates, d_k = prepare(model, tok, hparams, context_templates, seed)
         solvers = self.layer_solvers(model, tok, hparams, d_k, stats_dir, corpus, cov, progress)
-        zinfo = compute_zs(model, tok, requests, hparams, templates, adapter, z_batch, progress)
+        if zs is not None and len(zs) != len(requests):
+            raise ValueError(f"zs holds {len(zs)} target vectors for {len(requests)} requests")
+        zinfo = zs if zs is not None else compute_zs(model, tok, requests, hparams, templates, adapter, z_batch,
+                                                      progress)
         Z = z_matrix(zinfo)                                                   # [d, n]
         bare_first = templates[0] == ["{}"]
         m = len(hparams.layers)
