@@ -310,3 +310,19 @@ def test_presets_and_reference_files(tmp_path):
     assert MEMITHyperParams.from_json(tmp_path / "c.json") == hp
     with pytest.raises(ValueError, match="no MEMIT preset"):
         MEMITHyperParams.from_name("gpt-nonexistent")
+
+
+def test_gpu_benchmark_quick_mode(tmp_path):
+    """The GPU suite's entry point runs (a tiny GPT-J on the CPU) and the fast rows agree with the
+    reference row."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memit_gpu.py"
+    spec = importlib.util.spec_from_file_location("memit_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--out", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["edits"], r["backend"]) for r in rows] == [(8, "fast"), (8, "reference"), (16, "fast")]
+    assert rows[1]["rel_diff_update_max"] < TOL
+    assert all(set(r["seconds"]) == {"setup", "z", "layers", "total"} for r in rows)

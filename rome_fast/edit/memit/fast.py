@@ -14,6 +14,8 @@ Subclasses change the per-layer statistics and solve (`layer_solvers`, `solve_la
 work after a batch (`after_batch`): AlphaEdit's projected solve plugs in there."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..backend import WeightDelta, register_backend
@@ -60,13 +62,16 @@ class MEMITFast(MEMITBackend):
         before (`compute_zs` on this model, with these hparams and templates), e.g. to try
         several λ or lower layers with one z step. return_info: a dict to fill with the z
         step's ZInfo list ("z") and per-layer details ("layers")."""
+        clock = [time.perf_counter()]
         requests = check_memit_requests(model, requests, hparams)
         adapter, layout, templates, d_k = prepare(model, tok, hparams, context_templates, seed)
         solvers = self.layer_solvers(model, tok, hparams, d_k, stats_dir, corpus, cov, progress)
+        clock.append(time.perf_counter())
         if zs is not None and len(zs) != len(requests):
             raise ValueError(f"zs holds {len(zs)} target vectors for {len(requests)} requests")
         zinfo = zs if zs is not None else compute_zs(model, tok, requests, hparams, templates, adapter, z_batch,
                                                       progress)
+        clock.append(time.perf_counter())
         Z = z_matrix(zinfo)                                                   # [d, n]
         bare_first = templates[0] == ["{}"]
         m = len(hparams.layers)
@@ -87,7 +92,9 @@ class MEMITFast(MEMITBackend):
         for d in deltas:  # the factors, as the reference returns them: float64 on the CPU
             d.U, d.R = d.U.cpu(), d.R.cpu()
         if return_info is not None:
-            return_info.update(z=zinfo, layers=layers)
+            clock.append(time.perf_counter())
+            return_info.update(z=zinfo, layers=layers, seconds=dict(
+                setup=clock[1] - clock[0], z=clock[2] - clock[1], layers=clock[3] - clock[2]))
         return deltas
 
 

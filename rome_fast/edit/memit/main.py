@@ -12,6 +12,8 @@ For a batch of n requests and edited layers l_0 < … < l_{m−1} (the z layer L
    `apply_memit_to_model` adds them back."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ...models import adapter_for
@@ -86,11 +88,14 @@ def execute_memit(model, tok, requests, hparams, *, context_templates=None, stat
     context_templates: the two template groups (default: sampled from the model, seeded, cached).
     stats_dir / corpus: the statistics cache and the text to collect it from (default
     $ROME_FAST_CACHE/stats and hparams.mom2_dataset); cov: {layer: C} instead. With
-    return_info=True also returns {"z": [ZInfo per request], "layers": {layer: {...}}}."""
+    return_info=True also returns {"z": [ZInfo per request], "layers": {layer: {...}}, "seconds":
+    {"setup", "z", "layers"}}."""
+    clock = [time.perf_counter()]
     requests = check_memit_requests(model, requests, hparams)
     adapter, layout, templates, d_k = prepare(model, tok, hparams, context_templates, seed)
     # statistics first, so a missing or malformed file fails before the long z optimisation
     covs = layer_covs(model, tok, hparams, d_k, default_stats(stats_dir, corpus), corpus, cov, progress)
+    clock.append(time.perf_counter())
     names = weight_names(hparams)
     weights = {n: model.get_parameter(n) for n in names}
     saved = {n: w.detach().clone() for n, w in weights.items()}
@@ -100,6 +105,7 @@ def execute_memit(model, tok, requests, hparams, *, context_templates=None, stat
         zinfo = [compute_z(model, tok, r, hparams, hparams.z_layer, templates, return_info=True)[1]
                  for r in requests]
         info["z"] = zinfo
+        clock.append(time.perf_counter())
         Z = torch.stack([z.z for z in zinfo], 1)                                # [d, n]
         m = len(hparams.layers)
         for i, (layer, name) in enumerate(zip(hparams.layers, names)):
@@ -111,6 +117,8 @@ def execute_memit(model, tok, requests, hparams, *, context_templates=None, stat
                 weights[name][...] = saved[name] + _in_layout(R @ X.T, layout).to(saved[name].dtype)
             deltas[name] = (X.detach().cpu(), R.detach().cpu())
             info["layers"][layer] = {"K": K.detach().cpu(), "residual_norm": (Z - H).norm(dim=0).cpu()}
+        clock.append(time.perf_counter())
+        info["seconds"] = dict(setup=clock[1] - clock[0], z=clock[2] - clock[1], layers=clock[3] - clock[2])
     finally:
         with torch.no_grad():
             for n, w in saved.items():
