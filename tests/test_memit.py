@@ -326,3 +326,31 @@ def test_gpu_benchmark_quick_mode(tmp_path):
     assert [(r["edits"], r["backend"]) for r in rows] == [(8, "fast"), (8, "reference"), (16, "fast")]
     assert rows[1]["rel_diff_update_max"] < TOL
     assert all(set(r["seconds"]) == {"setup", "z", "layers", "total"} for r in rows)
+
+
+def test_cli_edit_memit(setup, tmp_path, capsys):
+    """rome-fast edit --method memit --requests FILE on a tiny model: before/after, and the saved
+    changes are the update."""
+    from safetensors.torch import load_file
+
+    from rome_fast.cli import main
+    s = setup["llama"]
+    (tmp_path / "reqs.json").write_text(json.dumps(requests(3)))
+    s["hp"].to_json(tmp_path / "hp.json")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(s["kw"]["corpus"]))
+    argv = ["edit", "--model", "tiny:llama", "--method", "memit", "--requests", str(tmp_path / "reqs.json"),
+            "--hparams", str(tmp_path / "hp.json"), "--corpus", str(tmp_path / "corpus.txt"),
+            "--stats-dir", str(tmp_path / "stats"), "--save-delta", str(tmp_path / "delta.safetensors")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "before:" in out and "after:" in out and "edited 3 fact(s)" in out
+    delta = load_file(str(tmp_path / "delta.safetensors"))
+    assert sorted(delta) == [f"model.layers.{l}.mlp.down_proj.weight" for l in LAYERS]
+    assert all(t.norm() > 0 for t in delta.values())
+    assert main(["edit", "--model", "tiny:llama", "--method", "memit", "--prompt", "{} is", "--subject", "x",
+                 "--target", "y"]) == 2
+    assert "--requests FILE" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "no subject slot", "subject": "x",
+                                                   "target_new": "y"}]))
+    assert main(["edit", "--model", "tiny:llama", "--method", "memit", "--requests", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: request 0: " in capsys.readouterr().err

@@ -31,14 +31,14 @@ def _corpus(args, mt, hp, stats_dir):
         hp = dataclasses.replace(hp, mom2_n_samples=args.samples)
     if args.corpus or not hp.mom2_adjustment:
         return args.corpus, hp
-    cached = stats_path(stats_dir, stats_model_name(mt.model), hp.mom2_dataset,
-                        hp.rewrite_module_tmp.format(hp.layers[0]), hp.mom2_dtype, ("mom2",),
-                        hp.mom2_n_samples)
-    if cached.is_file():
+    missing = [p for p in (stats_path(stats_dir, stats_model_name(mt.model), hp.mom2_dataset,
+                                      hp.rewrite_module_tmp.format(layer), hp.mom2_dtype, ("mom2",),
+                                      hp.mom2_n_samples) for layer in hp.layers) if not p.is_file()]
+    if not missing:
         return None, hp
     default = default_corpus() if str(args.model).lower() in EMBEDDED_ALIASES else None
     if default is None:
-        raise ValueError(f"no statistics cached at {cached}: give --corpus FILE (a text file, or a "
+        raise ValueError(f"no statistics cached at {missing[0]}: give --corpus FILE (a text file, or a "
                          "Hugging Face dataset name with `datasets` installed)")
     print(f"corpus: {default}")
     return str(default), hp
@@ -79,6 +79,12 @@ def cmd_stats(args) -> int:
 
 
 def cmd_edit(args) -> int:
+    if args.method == "memit":
+        from .memit.cli import cmd_edit_memit
+        return cmd_edit_memit(args)
+    if args.requests or not (args.prompt and args.subject and args.target):
+        raise ValueError("ROME edits one fact: give --prompt, --subject and --target (--requests FILE is "
+                         "for --method memit)")
     from ..models import load_model
     from .demo import greedy_completion, hparams_for, target_probability
     from .hparams import ROMEHyperParams
@@ -115,9 +121,15 @@ def cmd_edit(args) -> int:
                                       key_mode=args.key_mode, seed=args.seed, backend=args.backend)
     print(f"edited {', '.join(orig)} in {time.time() - t0:.1f} s")
     show("after:")
+    save_edit(args, model, orig, {"request": json.dumps(request), "hparams": json.dumps(hp.to_dict()),
+                                  "model": mt.name})
+    return 0
+
+
+def save_edit(args, model, orig: dict, meta: dict) -> None:
+    """--save-weights / --save-delta: the edited tensors, or their changes, as safetensors."""
     if args.save_weights or args.save_delta:
         from safetensors.torch import save_file
-        meta = {"request": json.dumps(request), "hparams": json.dumps(hp.to_dict()), "model": mt.name}
         if args.save_weights:  # only the tensors the edit changed
             save_file({n: model.get_parameter(n).detach().cpu().contiguous() for n in orig},
                       args.save_weights, metadata=meta)
@@ -126,7 +138,6 @@ def cmd_edit(args) -> int:
             save_file({n: (model.get_parameter(n).detach() - w).cpu().contiguous() for n, w in orig.items()},
                       args.save_delta, metadata=meta)
             print(f"weight deltas -> {args.save_delta} (add each to its weight)")
-    return 0
 
 
 def add_parsers(sub) -> None:
@@ -147,19 +158,22 @@ def add_parsers(sub) -> None:
                         "approximate statistics, cached under their own file name)")
     s.set_defaults(func=cmd_stats)
 
-    e = sub.add_parser("edit", help="rewrite one fact with ROME and show before/after")
+    e = sub.add_parser("edit", help="rewrite one fact with ROME (or many at once with MEMIT) and show before/after")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--prompt", required=True, help="with {} for the subject, e.g. '{} is located in'")
-    e.add_argument("--subject", required=True)
-    e.add_argument("--target", required=True, help="the new object, e.g. ' Rome'")
-    e.add_argument("--layer", type=int, default=None, help="edit layer (default: the preset's)")
-    e.add_argument("--hparams", help="a ROME hyperparameter JSON file (reference format)")
+    e.add_argument("--method", default="rome", choices=["rome", "memit"],
+                   help="rome: --prompt/--subject/--target; memit: --requests FILE, all edited at once")
+    e.add_argument("--requests", help="MEMIT: a JSON list of requests {prompt (with {}), subject, target_new}")
+    e.add_argument("--prompt", help="with {} for the subject, e.g. '{} is located in'")
+    e.add_argument("--subject")
+    e.add_argument("--target", help="the new object, e.g. ' Rome'")
+    e.add_argument("--layer", type=int, default=None, help="ROME edit layer (default: the preset's)")
+    e.add_argument("--hparams", help="a ROME (or MEMIT) hyperparameter JSON file (reference format)")
     e.add_argument("--corpus", help="text file for the statistics (default: WikiText-2 when found)")
     e.add_argument("--samples", type=int, default=None,
                    help="texts for the statistics (default: the preset's mom2_n_samples, 100000)")
     e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
     e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
-    e.add_argument("--backend", default="fast", choices=["reference", "fast"], help="ROME implementation")
+    e.add_argument("--backend", default="fast", choices=["reference", "fast"], help="implementation of --method")
     e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")
     e.add_argument("--probe", action="append", help="another prompt to complete before/after (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=8)
