@@ -9,12 +9,70 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 PRESET_DIR = Path(__file__).resolve().parent / "hparams"
 
 
+class ReferenceHParams:
+    """(De)serialisation shared by the editing methods' hyperparameter dataclasses: JSON files with
+    the reference's field names; the OPTIONAL extras are written only when set."""
+    METHOD: ClassVar[str] = ""
+    PRESETS: ClassVar[Path] = PRESET_DIR
+    OPTIONAL: ClassVar[tuple] = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in self.OPTIONAL:  # the reference's fields only, unless the option is used
+            if d.get(key) is None:
+                d.pop(key, None)
+        return d
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=4) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.METHOD} hyperparameters must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.METHOD} hyperparameter(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except TypeError as exc:  # a required field missing
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_name(cls, name: str):
+        """A bundled preset by model name: 'gpt2-xl', 'EleutherAI/gpt-j-6B' (or with '_'),
+        'smollm2-135m', ... (case-insensitive)."""
+        path = cls.preset_path(name)
+        if path is None:
+            raise ValueError(f"no {cls.METHOD} preset for {name!r}; bundled presets: "
+                             f"{', '.join(list_presets(cls.PRESETS))}")
+        return cls.from_json(path)
+
+    @classmethod
+    def preset_path(cls, name: str) -> Path | None:
+        return _preset_path(name, cls.PRESETS)
+
+
 @dataclass
-class ROMEHyperParams:
+class ROMEHyperParams(ReferenceHParams):
+    METHOD: ClassVar[str] = "ROME"
+    OPTIONAL: ClassVar[tuple] = ("mom2_act_dtype",)
+
     layers: list[int]
     fact_token: str = "subject_last"
     v_num_grad_steps: int = 20
@@ -54,42 +112,6 @@ class ROMEHyperParams:
             if "{}" not in getattr(self, name):
                 raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
 
-    # ---- (de)serialisation ----------------------------------------------------------------
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if d["mom2_act_dtype"] is None:  # the reference's fields only, unless the option is used
-            del d["mom2_act_dtype"]
-        return d
-
-    def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=4) + "\n")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ROMEHyperParams":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ROME hyperparameter(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, path) -> "ROMEHyperParams":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_name(cls, name: str) -> "ROMEHyperParams":
-        """A bundled preset by model name: 'gpt2-xl', 'EleutherAI/gpt-j-6B' (or with '_'),
-        'smollm2-135m', ... (case-insensitive)."""
-        path = _preset_path(name)
-        if path is None:
-            raise ValueError(f"no ROME preset for {name!r}; bundled presets: {', '.join(list_presets())}")
-        return cls.from_json(path)
-
     @classmethod
     def for_model(cls, model, name: str | None = None, layer: int | None = None) -> "ROMEHyperParams":
         """The preset matching `name` (or the model's config name) if there is one, otherwise the
@@ -99,7 +121,7 @@ class ROMEHyperParams:
 
         adapter = adapter_for(model)
         for candidate in (name, getattr(model.config, "_name_or_path", None)):
-            if candidate and _preset_path(candidate) is not None:
+            if candidate and cls.preset_path(candidate) is not None:
                 hp = cls.from_name(candidate)
                 break
         else:

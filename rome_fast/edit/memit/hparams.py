@@ -7,12 +7,12 @@ the known extras: `model_name` (AlphaEdit's copies of the MEMIT files carry it) 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from ..hparams import _preset_path, list_presets as _list_presets
+from ..hparams import ReferenceHParams, _preset_path, list_presets as _list_presets
 
 PRESET_DIR = Path(__file__).resolve().parent / "hparams"
 FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
@@ -21,7 +21,11 @@ _ALIASES = {"llama-3-8b": "Meta-Llama-3-8B", "llama3-8b": "Meta-Llama-3-8B"}
 
 
 @dataclass
-class MEMITHyperParams:
+class MEMITHyperParams(ReferenceHParams):
+    METHOD: ClassVar[str] = "MEMIT"
+    PRESETS: ClassVar[Path] = PRESET_DIR
+    OPTIONAL: ClassVar[tuple] = ("model_name", "mom2_act_dtype")
+
     layers: list[int]
     layer_selection: str = "all"           # read, as in the reference, but unused
     fact_token: str = "subject_last"
@@ -75,50 +79,21 @@ class MEMITHyperParams:
         """Where the target vectors z live: the residual stream after the last edited layer."""
         return self.layers[-1]
 
-    # ---- (de)serialisation ----------------------------------------------------------------
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for extra in ("model_name", "mom2_act_dtype"):  # the reference's fields only, unless used
-            if d[extra] is None:
-                del d[extra]
-        return d
-
-    def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=4) + "\n")
-
     @classmethod
     def from_dict(cls, data: dict) -> "MEMITHyperParams":
-        if not isinstance(data, dict):
-            raise ValueError(f"MEMIT hyperparameters must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; expected a subset of {sorted(known)}")
-        missing = sorted({"layers"} - set(data))
-        if missing:
-            raise ValueError(f"MEMIT hyperparameters need {missing}")
-        return cls(**data)
+        if isinstance(data, dict) and "layers" not in data:
+            raise ValueError("MEMIT hyperparameters need 'layers'")
+        return super().from_dict(data)
 
     @classmethod
-    def from_json(cls, path) -> "MEMITHyperParams":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
-
-    @classmethod
-    def from_name(cls, name: str) -> "MEMITHyperParams":
-        """A bundled preset by model name: 'gpt2-xl', 'EleutherAI/gpt-j-6B',
-        'meta-llama/Meta-Llama-3-8B' (or 'llama-3-8b'), 'smollm2-135m', ... (case-insensitive)."""
-        path = preset_path(name)
-        if path is None:
-            raise ValueError(f"no MEMIT preset for {name!r}; bundled presets: {', '.join(list_presets())}")
-        return cls.from_json(path)
+    def preset_path(cls, name: str) -> Path | None:
+        path = _preset_path(name, PRESET_DIR)
+        if path is None and name:
+            short = str(name).rstrip("/").replace("/", "_").lower().rsplit("_", 1)[-1]
+            for alias, stem in _ALIASES.items():
+                if short == alias or short.startswith(alias + "-"):
+                    return PRESET_DIR / f"{stem}.json"
+        return path
 
     @classmethod
     def for_model(cls, model, name: str | None = None, layers=None) -> "MEMITHyperParams":
@@ -129,7 +104,7 @@ class MEMITHyperParams:
 
         adapter = adapter_for(model)
         for candidate in (name, getattr(model.config, "_name_or_path", None)):
-            if candidate and preset_path(candidate) is not None:
+            if candidate and cls.preset_path(candidate) is not None:
                 hp = cls.from_name(candidate)
                 break
         else:
@@ -160,13 +135,3 @@ def check_layers(hp: MEMITHyperParams, num_layers: int) -> None:
 
 def list_presets() -> list[str]:
     return _list_presets(PRESET_DIR)
-
-
-def preset_path(name: str) -> Path | None:
-    path = _preset_path(name, PRESET_DIR)
-    if path is None and name:
-        short = str(name).rstrip("/").replace("/", "_").lower().rsplit("_", 1)[-1]
-        for alias, stem in _ALIASES.items():
-            if short == alias or short.startswith(alias + "-"):
-                return PRESET_DIR / f"{stem}.json"
-    return path

