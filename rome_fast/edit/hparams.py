@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 PRESET_DIR = Path(__file__).resolve().parent / "hparams"
+FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
 
 
 class ReferenceHParams:
@@ -20,6 +21,23 @@ class ReferenceHParams:
     METHOD: ClassVar[str] = ""
     PRESETS: ClassVar[Path] = PRESET_DIR
     OPTIONAL: ClassVar[tuple] = ()
+
+    def check_common(self) -> None:
+        """What every method checks: layers, key token, statistics precision, module templates."""
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        self.layers = [int(x) for x in self.layers]
+        if not self.layers:
+            raise ValueError("hparams.layers must name at least one layer")
+        if self.fact_token not in FACT_TOKENS:
+            raise ValueError(f"unknown fact_token {self.fact_token!r}: one of {FACT_TOKENS}")
+        if self.mom2_dtype not in ("float32", "float64"):
+            raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
+        if self.mom2_act_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"mom2_act_dtype must be None, 'bfloat16' or 'float16', not {self.mom2_act_dtype!r}")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
+            if "{}" not in getattr(self, name):
+                raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -67,6 +85,33 @@ class ReferenceHParams:
     def preset_path(cls, name: str) -> Path | None:
         return _preset_path(name, cls.PRESETS)
 
+    @classmethod
+    def for_model_layers(cls, model, name: str | None = None, layers=None):
+        """The preset matching `name` (or the model's config name), else the class defaults with
+        the module names of the model's adapter (then `layers` is required); `layers` overrides
+        the preset's; v_loss_layer becomes the last layer."""
+        from ..models import adapter_for
+
+        adapter = adapter_for(model)
+        for candidate in (name, getattr(model.config, "_name_or_path", None)):
+            if candidate and cls.preset_path(candidate) is not None:
+                hp = cls.from_name(candidate)
+                break
+        else:
+            if layers is None:
+                raise ValueError(f"no {cls.METHOD} preset for {name or model.config._name_or_path!r}: "
+                                 "give the layer(s) to edit")
+            hp = cls(layers=list(layers), rewrite_module_tmp=adapter.rewrite_template,
+                     layer_module_tmp=adapter.layer_template, mlp_module_tmp=adapter.mlp_template,
+                     attn_module_tmp=adapter.attn_template, ln_f_module=adapter.final_norm_name,
+                     lm_head_module=adapter.lm_head_name)
+        if layers is not None:
+            hp = dataclasses.replace(hp, layers=list(layers))
+        if not 0 <= min(hp.layers) <= max(hp.layers) < adapter.num_layers:
+            raise ValueError(f"edit layer(s) {hp.layers} out of range for a {adapter.num_layers}-layer model")
+        hp.v_loss_layer = adapter.num_layers - 1
+        return hp
+
 
 @dataclass
 class ROMEHyperParams(ReferenceHParams):
@@ -97,47 +142,14 @@ class ROMEHyperParams(ReferenceHParams):
     mom2_act_dtype: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
-        self.layers = [int(x) for x in self.layers]
-        if not self.layers:
-            raise ValueError("hparams.layers must name at least one layer")
-        if self.fact_token not in ("subject_last", "subject_first", "subject_first_after_last", "last"):
-            raise ValueError(f"unknown fact_token {self.fact_token!r}")
-        if self.mom2_dtype not in ("float32", "float64"):
-            raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
-        if self.mom2_act_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"mom2_act_dtype must be None, 'bfloat16' or 'float16', not {self.mom2_act_dtype!r}")
-        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
-            if "{}" not in getattr(self, name):
-                raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
+        self.check_common()
 
     @classmethod
     def for_model(cls, model, name: str | None = None, layer: int | None = None) -> "ROMEHyperParams":
         """The preset matching `name` (or the model's config name) if there is one, otherwise the
         shared reference values with module names from the model's adapter (then `layer` is
         required). `layer` overrides the preset's layer; v_loss_layer is the last layer."""
-        from ..models import adapter_for
-
-        adapter = adapter_for(model)
-        for candidate in (name, getattr(model.config, "_name_or_path", None)):
-            if candidate and cls.preset_path(candidate) is not None:
-                hp = cls.from_name(candidate)
-                break
-        else:
-            if layer is None:
-                raise ValueError(f"no ROME preset for {name or model.config._name_or_path!r}: "
-                                 "give the layer to edit")
-            hp = cls(layers=[layer], rewrite_module_tmp=adapter.rewrite_template,
-                     layer_module_tmp=adapter.layer_template, mlp_module_tmp=adapter.mlp_template,
-                     attn_module_tmp=adapter.attn_template, ln_f_module=adapter.final_norm_name,
-                     lm_head_module=adapter.lm_head_name)
-        if layer is not None:
-            hp.layers = [int(layer)]
-        if not 0 <= min(hp.layers) <= max(hp.layers) < adapter.num_layers:
-            raise ValueError(f"edit layer(s) {hp.layers} out of range for a {adapter.num_layers}-layer model")
-        hp.v_loss_layer = adapter.num_layers - 1
-        return hp
+        return cls.for_model_layers(model, name, None if layer is None else [int(layer)])
 
 
 def _norm(name: str) -> str:

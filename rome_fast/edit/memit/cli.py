@@ -10,7 +10,7 @@ from pathlib import Path
 def load_requests(path) -> list[dict]:
     """A JSON list of requests in ROME's format: {"prompt": "{} is located in", "subject": ...,
     "target_new": {"str": " Rome"}} (a bare string target is accepted)."""
-    from ..rome import normalize_request
+    from .main import normalize_requests
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"requests file not found: {path}")
@@ -18,15 +18,7 @@ def load_requests(path) -> list[dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: expected a non-empty JSON list of requests")
-    out = []
-    for i, r in enumerate(data):
-        try:
-            out.append(normalize_request(r))
-        except ValueError as exc:
-            raise ValueError(f"{path}: request {i}: {exc}") from None
-    return out
+    return normalize_requests(data, f"{path}: ")
 
 
 def cmd_edit_memit(args) -> int:

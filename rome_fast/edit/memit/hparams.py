@@ -15,7 +15,6 @@ from typing import ClassVar
 from ..hparams import ReferenceHParams, _preset_path, list_presets as _list_presets
 
 PRESET_DIR = Path(__file__).resolve().parent / "hparams"
-FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
 # names people call the Llama-3 preset by that the hub-name matcher does not catch
 _ALIASES = {"llama-3-8b": "Meta-Llama-3-8B", "llama3-8b": "Meta-Llama-3-8B"}
 
@@ -51,28 +50,15 @@ class MEMITHyperParams(ReferenceHParams):
     mom2_act_dtype: str | None = None      # fast statistics forward in bf16/fp16 (own cache files)
 
     def __post_init__(self):
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
-        self.layers = [int(x) for x in self.layers]
-        if not self.layers:
-            raise ValueError("hparams.layers must name at least one layer")
+        self.check_common()
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
             raise ValueError(f"hparams.layers must be strictly ascending (MEMIT updates them bottom up "
                              f"and optimises z at the last one), got {self.layers}")
-        if self.fact_token not in FACT_TOKENS:
-            raise ValueError(f"unknown fact_token {self.fact_token!r}: one of {FACT_TOKENS}")
-        if self.mom2_dtype not in ("float32", "float64"):
-            raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
-        if self.mom2_act_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"mom2_act_dtype must be None, 'bfloat16' or 'float16', not {self.mom2_act_dtype!r}")
         lam = float(self.mom2_update_weight)
         if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"mom2_update_weight (λ) must be a finite number >= 0, got {self.mom2_update_weight!r}")
         if int(self.v_num_grad_steps) < 1:
             raise ValueError(f"v_num_grad_steps must be at least 1, got {self.v_num_grad_steps}")
-        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
-            if "{}" not in getattr(self, name):
-                raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
 
     @property
     def z_layer(self) -> int:
@@ -100,26 +86,7 @@ class MEMITHyperParams(ReferenceHParams):
         """The preset matching `name` (or the model's config name) if there is one, otherwise the
         reference's GPT-J values with module names from the model's adapter (then `layers` is
         required). `layers` overrides the preset's; v_loss_layer becomes the last layer."""
-        from ...models import adapter_for
-
-        adapter = adapter_for(model)
-        for candidate in (name, getattr(model.config, "_name_or_path", None)):
-            if candidate and cls.preset_path(candidate) is not None:
-                hp = cls.from_name(candidate)
-                break
-        else:
-            if layers is None:
-                raise ValueError(f"no MEMIT preset for {name or model.config._name_or_path!r}: "
-                                 "give the layers to edit")
-            hp = cls(layers=list(layers), rewrite_module_tmp=adapter.rewrite_template,
-                     layer_module_tmp=adapter.layer_template, mlp_module_tmp=adapter.mlp_template,
-                     attn_module_tmp=adapter.attn_template, ln_f_module=adapter.final_norm_name,
-                     lm_head_module=adapter.lm_head_name)
-        if layers is not None:
-            hp = dataclasses.replace(hp, layers=list(layers))
-        check_layers(hp, adapter.num_layers)
-        hp.v_loss_layer = adapter.num_layers - 1
-        return hp
+        return cls.for_model_layers(model, name, layers)
 
 
 def check_layers(hp: MEMITHyperParams, num_layers: int) -> None:

@@ -33,16 +33,7 @@ def check_memit_requests(model, requests, hparams) -> list[dict]:
     and the hyperparameters against the model; ValueError naming the problem otherwise."""
     if not isinstance(hparams, MEMITHyperParams):
         raise TypeError(f"MEMIT needs MEMITHyperParams, got {type(hparams).__name__}")
-    if isinstance(requests, dict):
-        requests = [requests]
-    if not requests:
-        raise ValueError("no requests to edit: MEMIT needs at least one")
-    out = []
-    for i, r in enumerate(requests):
-        try:
-            out.append(normalize_request(r))
-        except ValueError as exc:
-            raise ValueError(f"request {i}: {exc}") from None
+    out = normalize_requests(requests)
     adapter = adapter_for(model)
     check_layers(hparams, adapter.num_layers)
     for layer in hparams.layers:
@@ -62,6 +53,21 @@ def check_memit_requests(model, requests, hparams) -> list[dict]:
         seen.setdefault(key, i)
     d_k = key_width(model, hparams, hparams.layers[0])
     check_lambda(float(hparams.mom2_update_weight), len(out), d_k)
+    return out
+
+
+def normalize_requests(requests, where: str = "") -> list[dict]:
+    """Normalised copies of a non-empty list of requests; ValueError naming the bad one."""
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not isinstance(requests, (list, tuple)) or not requests:
+        raise ValueError(f"{where}no requests to edit: MEMIT needs a non-empty list of requests")
+    out = []
+    for i, r in enumerate(requests):
+        try:
+            out.append(normalize_request(r))
+        except ValueError as exc:
+            raise ValueError(f"{where}request {i}: {exc}") from None
     return out
 
 
