@@ -55,10 +55,30 @@ def report(args) -> dict:
             row[phase] = {k: (v["mean"] if isinstance(v, dict) else v) for k, v in s[phase].items() if k in KEYS}
             row[phase + "_ci95"] = {k: v["ci95"] for k, v in s[phase].items() if k in KEYS and isinstance(v, dict)}
         res["methods"][method] = row
+    # the same cases for both, when one run is not finished (ROME one by one is the slow one)
+    done = {m: _cases(Path(args.work) / m) for m in res["methods"]}
+    if len(done) == 2 and len(set(map(len, done.values()))) > 1:
+        common = set(done["memit"]) & set(done["rome"])
+        res["common_cases"] = {"cases": len(common), "methods": {m: _aggregate([c[i] for i in sorted(common)])
+                                                                 for m, c in done.items()}}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"memit_counterfact{args.cases}_smollm2.json")
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"-> {out}")
     return res
+
+
+def _cases(folder: Path) -> dict:
+    from rome_fast.eval.runner import _load_cases
+    return {c["case_id"]: c for c in _load_cases(folder)}
+
+
+def _aggregate(cases: list) -> dict:
+    from rome_fast.eval import metrics as M
+    out = {}
+    for phase in ("pre", "post"):
+        agg = M.aggregate([M.counterfact_case_scores(c[phase]) for c in cases])
+        out[phase] = {k: (v["mean"] if isinstance(v, dict) else v) for k, v in agg.items() if k in KEYS}
+    return out
 
 
 def main(argv=None) -> int:
