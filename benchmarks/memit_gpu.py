@@ -39,7 +39,7 @@ def synthetic_requests(n: int) -> list[dict]:
 
 
 def random_covs(model, hp, device, seed: int = 0) -> dict:
-    from rome_fast.edit.nethook import module_input_size
+    from rome_fast.hooks import module_input_size
     g = torch.Generator(device=device).manual_seed(seed)
     covs = {}
     for layer in hp.layers:

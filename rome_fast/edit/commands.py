@@ -2,15 +2,26 @@
 
 Statistics are cached under --stats-dir (default $ROME_FAST_CACHE/stats, i.e.
 ~/.cache/rome_fast/stats) in the reference's layout, so reference .npz files placed there load.
-Without --corpus the embedded model uses WikiText-2 from the project's shared data folder when
-it is there ($ROME_FAST_CORPUS overrides); other models need --corpus unless their statistics
-are already cached."""
+Without --corpus: hparams.mom2_dataset when it is a text file; its cached statistics; for the
+embedded model WikiText-2 as shipped with the package ($ROME_FAST_CORPUS overrides); for other
+models the Hugging Face dataset mom2_dataset when `datasets` is installed."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
+
+
+EDIT_METHODS = ("rome", "memit")  # the CLI's --method choices
+
+
+def edit_backend_names() -> list[str]:
+    """The CLI's --backend choices: every registered implementation of the methods (backend.py)."""
+    from . import memit  # noqa: F401  (registers MEMIT's backends)
+    from .backend import backend_names
+    return sorted({name for m in EDIT_METHODS for name in backend_names(m)})
 
 
 def _stats_dir(args) -> Path:
@@ -19,29 +30,49 @@ def _stats_dir(args) -> Path:
 
 
 def _corpus(args, mt, hp, stats_dir):
-    """(corpus, hparams) for the statistics: --corpus; else the hparams' dataset when its
-    statistics are cached; else, for the embedded model, the default WikiText file. --samples
-    replaces hparams.mom2_n_samples (the presets' 100000 takes every text of a smaller corpus,
-    so the cache file is the one `rome-fast eval` and the demo use)."""
-    from ..models.loading import EMBEDDED_ALIASES
-    from .corpus import default_corpus
-    from .stats import stats_model_name, stats_path
-
+    """(corpus, hparams) for the statistics (`statistics_corpus`). --samples replaces
+    hparams.mom2_n_samples (the presets' 100000 takes every text of a smaller corpus, so the
+    cache file is the one `rome-fast eval` and the demo use)."""
     if args.samples is not None:
         hp = dataclasses.replace(hp, mom2_n_samples=args.samples)
-    if args.corpus or not hp.mom2_adjustment:
-        return args.corpus, hp
-    missing = [p for p in (stats_path(stats_dir, stats_model_name(mt.model), hp.mom2_dataset,
-                                      hp.rewrite_module_tmp.format(layer), hp.mom2_dtype, ("mom2",),
-                                      hp.mom2_n_samples) for layer in hp.layers) if not p.is_file()]
-    if not missing:
-        return None, hp
-    default = default_corpus() if str(args.model).lower() in EMBEDDED_ALIASES else None
-    if default is None:
-        raise ValueError(f"no statistics cached at {missing[0]}: give --corpus FILE (a text file, or a "
-                         "Hugging Face dataset name with `datasets` installed)")
-    print(f"corpus: {default}")
-    return str(default), hp
+    corpus = statistics_corpus(args.corpus, args.model, mt.model, hp, stats_dir)
+    if corpus and corpus != args.corpus:
+        print(f"corpus: {corpus}")
+    return corpus, hp
+
+
+def statistics_corpus(corpus, model_spec, model, hp, stats_dir):
+    """The corpus for an edit's statistics when they are computed: `corpus` if given; else
+    hparams.mom2_dataset when it is a local file; else None when no corpus is needed (no
+    mom2_adjustment, or the mom2_dataset's statistics of every edited layer are cached); else, for the embedded model,
+    the default corpus (WikiText-2, shipped with the package); else None when `datasets` can load
+    mom2_dataset from the Hugging Face hub (the reference's Wikipedia), or an error saying what
+    to pass."""
+    import importlib.util
+
+    from ..models import adapter_for
+    from ..models.loading import EMBEDDED_ALIASES
+    from .corpus import default_corpus, local_corpus
+    from .stats import stats_model_name, stats_path
+
+    if corpus or not hp.mom2_adjustment:
+        return corpus
+    local = local_corpus(None, hp.mom2_dataset)
+    if local is not None:
+        return str(local)
+    a = adapter_for(model)
+    missing = [p for p in (stats_path(stats_dir, stats_model_name(model), hp.mom2_dataset, a.rewrite_name(layer),
+                                      hp.mom2_dtype, ("mom2",), hp.mom2_n_samples, act_dtype=hp.mom2_act_dtype)
+                           for layer in hp.layers) if not p.is_file()]
+    if not missing:  # every edited layer's statistics are cached
+        return None
+    cached = missing[0]
+    if str(model_spec).lower() in EMBEDDED_ALIASES:
+        return str(default_corpus())
+    if importlib.util.find_spec("datasets") is not None:
+        return None
+    raise ValueError(f"no statistics cached at {cached}: give --corpus FILE (a text file), or install "
+                     f"`datasets` to compute them from the Hugging Face dataset {hp.mom2_dataset!r}")
 
 
 def cmd_stats(args) -> int:
@@ -50,8 +81,6 @@ def cmd_stats(args) -> int:
     from .stats import corpus_ds_name, layer_stats
 
     corpus = args.corpus or default_corpus()
-    if corpus is None:
-        raise ValueError("give --corpus FILE (or a Hugging Face dataset name with `datasets` installed)")
     from .fast_stats import layer_stats_fast
 
     mt = load_model(args.model, device=args.device)
@@ -73,7 +102,12 @@ def cmd_stats(args) -> int:
                               batch_tokens=args.batch_tokens, corpus=corpus) for n in names}
     dt = time.time() - t0
     for name, st in got.items():
-        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} -> {st.path}")
+        count, width = st.mom2.count, st.mom2.mom2.shape[0]
+        print(f"{name}: {count} keys of width {width} -> {st.path}")
+        if count < width:
+            print(f"rome-fast: warning: {name}: {count} keys for a key width of {width} give a singular C, "
+                  f"which editing refuses. Collect at least {width} keys (ten times as many for a "
+                  f"well-conditioned C) from more texts (--samples) or a bigger --corpus", file=sys.stderr)
     print(f"{len(names)} layer(s) in {dt:.1f} s ({got[names[0]].mom2.count / dt:.0f} tokens/s incl. loading)")
     return 0
 
@@ -88,18 +122,19 @@ def cmd_edit(args) -> int:
     from ..models import load_model
     from .demo import greedy_completion, hparams_for, target_probability
     from .hparams import ROMEHyperParams
-    from .rome import apply_rome_to_model, normalize_request
+    from .requests import normalize_request
+    from .rome import apply_rome_to_model
     from .templates import get_context_templates
 
+    # everything that needs no model is checked before the model loads
     request = normalize_request({"prompt": args.prompt, "subject": args.subject,
                                  "target_new": {"str": args.target}})
+    hp = ROMEHyperParams.from_json(args.hparams) if args.hparams else None
+    if hp is not None and args.layer is not None:
+        hp.layers = [args.layer]
     mt = load_model(args.model, device=args.device)
     model, tok = mt.model, mt.tokenizer
-    if args.hparams:
-        hp = ROMEHyperParams.from_json(args.hparams)
-        if args.layer is not None:
-            hp.layers = [args.layer]
-    else:
+    if hp is None:
         hp = hparams_for(mt, args.layer)
     stats_dir = _stats_dir(args)
     corpus, hp = _corpus(args, mt, hp, stats_dir)
@@ -141,10 +176,11 @@ def save_edit(args, model, orig: dict, meta: dict) -> None:
 
 
 def add_parsers(sub) -> None:
+
     s = sub.add_parser("stats", help="second-moment statistics of a layer's MLP keys (cached)")
     s.add_argument("--model", default="smollm2-135m", help="hub id, local path, .gguf, or smollm2-135m")
     s.add_argument("--layer", type=int, nargs="+", required=True, help="layer number(s)")
-    s.add_argument("--corpus", help="text file (or HF dataset name); default: WikiText-2 when found")
+    s.add_argument("--corpus", help="text file (or HF dataset name); default: WikiText-2, shipped with the package")
     s.add_argument("--samples", type=int, default=100000,
                    help="number of texts (default 100000 as the reference; a smaller corpus is used whole)")
     s.add_argument("--stats-dir", help="cache folder (default $ROME_FAST_CACHE/stats)")
@@ -160,7 +196,7 @@ def add_parsers(sub) -> None:
 
     e = sub.add_parser("edit", help="rewrite one fact with ROME (or many at once with MEMIT) and show before/after")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--method", default="rome", choices=["rome", "memit"],
+    e.add_argument("--method", default="rome", choices=EDIT_METHODS,
                    help="rome: --prompt/--subject/--target; memit: --requests FILE, all edited at once")
     e.add_argument("--requests", help="MEMIT: a JSON list of requests {prompt (with {}), subject, target_new}")
     e.add_argument("--prompt", help="with {} for the subject, e.g. '{} is located in'")
@@ -168,12 +204,13 @@ def add_parsers(sub) -> None:
     e.add_argument("--target", help="the new object, e.g. ' Rome'")
     e.add_argument("--layer", type=int, default=None, help="ROME edit layer (default: the preset's)")
     e.add_argument("--hparams", help="a ROME (or MEMIT) hyperparameter JSON file (reference format)")
-    e.add_argument("--corpus", help="text file for the statistics (default: WikiText-2 when found)")
+    e.add_argument("--corpus", help="text file for the statistics (default: hparams.mom2_dataset's cached "
+                                    "statistics or text file, else WikiText-2 for the embedded model)")
     e.add_argument("--samples", type=int, default=None,
                    help="texts for the statistics (default: the preset's mom2_n_samples, 100000)")
     e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
     e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
-    e.add_argument("--backend", default="fast", choices=["reference", "fast"], help="implementation of --method")
+    e.add_argument("--backend", default="fast", choices=edit_backend_names(), help="implementation of --method")
     e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")
     e.add_argument("--probe", action="append", help="another prompt to complete before/after (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=8)

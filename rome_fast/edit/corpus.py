@@ -7,6 +7,7 @@ reference's Wikipedia dataset would be. Otherwise documents are separated by bla
 (paragraphs). Leading/trailing whitespace is stripped; empty documents are dropped."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -75,6 +76,25 @@ class _Column:
         return self.ds[int(i)][self.field]
 
 
+def looks_like_path(name) -> bool:
+    """A corpus name meant as a file: a text suffix, an absolute path, or one starting with '.'
+    or '~'. Such a name that does not exist is a missing file, not a Hugging Face dataset."""
+    text = str(name)
+    return (Path(text).suffix.lower() in (".txt", ".text", ".raw", ".md") or os.path.isabs(text)
+            or text.startswith((".", "~")))
+
+
+def local_corpus(corpus, ds_name: str | None = None):
+    """The corpus to read when statistics are needed: `corpus` if given; else `ds_name` (a
+    hparams' mom2_dataset) as a Path when it is an existing file or looks like a path, so a
+    local file is read as a file wherever a corpus is named; else None (`ds_name` is then a
+    dataset name, or the name of cached statistics)."""
+    if corpus is not None or not ds_name:
+        return corpus
+    path = Path(str(ds_name)).expanduser()
+    return path if path.is_file() or looks_like_path(ds_name) else None
+
+
 def resolve_corpus(corpus=None, ds_name: str | None = None):
     """(texts, ds_name): `corpus` is a list of strings, a text-file path, or a dataset name;
     with no corpus, `ds_name` names the dataset (the reference's 'wikipedia' / 'wikitext')."""
@@ -87,22 +107,22 @@ def resolve_corpus(corpus=None, ds_name: str | None = None):
         if not texts:
             raise ValueError("the corpus list contains no text")
         return texts, ds_name or "corpus"
-    path = Path(corpus)
+    path = Path(corpus).expanduser()
     if path.is_file():
         return read_text_file(path), ds_name or path.stem
-    if path.suffix.lower() in (".txt", ".text", ".raw", ".md") or path.is_absolute() \
-            or str(corpus).startswith((".", "~")):
+    if looks_like_path(corpus):
         raise FileNotFoundError(f"corpus file not found: {corpus}")
     return load_hf_dataset(str(corpus)), ds_name or str(corpus).replace("/", "_")
 
 
-def default_corpus() -> Path | None:
-    """WikiText-2 (test split) in the project's shared data folder beside the repository, or
-    $ROME_FAST_CORPUS; None when neither exists."""
-    import os
+def default_corpus() -> Path:
+    """The text for the embedded model's statistics when none is named: $ROME_FAST_CORPUS if set,
+    else WikiText-2 (raw, test split) as shipped with the package (see rome_fast/data)."""
     env = os.environ.get("ROME_FAST_CORPUS")
-    if env and Path(env).is_file():
-        return Path(env)
-    here = Path(__file__).resolve().parents[2]
-    cand = here.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
-    return cand if cand.is_file() else None
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ROME_FAST_CORPUS={env} is not a file: point it at a text file or unset it")
+        return path
+    from ..data import bundled
+    return bundled("wikitext-2-raw-test.txt")

@@ -20,8 +20,8 @@ import time
 import torch
 
 from ..models import adapter_for
-from .fast_compute_v import _mask_like
-from .nethook import StopForward, TraceDict, in_execution_order, module_input_size
+from ..hooks import StopForward, TraceDict, in_execution_order, module_input_size
+from ..models.base import mask_like
 from .stats import (_PRECISIONS, ARTICLES_PER_BATCH, LayerStats, SecondMoment, _Subset, check_stats_request,
                     context_length, length_batches, load_stats_file, save_stats_file, stats_model_name,
                     stats_path)
@@ -80,7 +80,8 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
     bar = tqdm(total=len(texts), desc=desc or f"stats {names[-1]}", disable=not progress, unit="text")
     # keys kept before each module runs; the last one to run stops the forward before computing
     # anything (the reference runs it first: for an MLP output projection, a large matmul a batch)
-    with torch.no_grad(), TraceDict(model, names, retain_input=True, stop=True, before=True) as keys:
+    with torch.no_grad(), TraceDict(model, names, retain_output=False, retain_input=True, detach=True,
+                                    stop=True, before=True) as keys:
         for start in range(0, len(texts), ARTICLES_PER_BATCH):
             chunk = [texts[i] for i in range(start, min(start + ARTICLES_PER_BATCH, len(texts)))]
             ids = tok(chunk, truncation=True, max_length=maxlen)["input_ids"]
@@ -118,7 +119,7 @@ def collect_mom2_fast(model, tok, layer_names, texts, maxlen: int, batch_tokens:
                         q = torch.arange(width, device=device)
                         allowed = (seg[:, :, None] == seg[:, None, :]) & (q[None, None, :] <= q[None, :, None])
                         allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself
-                        ctx.attention_mask = _mask_like(allowed[:, None], ctx.attention_mask)
+                        ctx.attention_mask = mask_like(allowed[:, None], ctx.attention_mask)
                     else:
                         # one right-padded text per row: plain causal attention is exact for the
                         # real tokens (padding only follows them) and lets the kernels skip the

@@ -1,8 +1,10 @@
-"""ROME hyperparameters with the reference's JSON field names (REFERENCE.md §2.1).
+"""Editing hyperparameters with the reference's JSON field names (docs/editing.md, "Hyperparameters"):
+`ReferenceHParams`, the (de)serialisation and checks shared by every method, and ROME's.
 
 `ROMEHyperParams.from_name("gpt2-xl")` loads a bundled preset; `from_json(path)` reads any
 reference-format file (unknown keys are an error, so a typo cannot silently fall back to a
-default); `to_json(path)` writes one back."""
+default); `to_json(path)` writes one back. The module-name fields are optional: None means the
+model adapter's modules; a given name is checked against the adapter when editing (`sites.py`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
+
+from .covariance import check_ridge
 
 PRESET_DIR = Path(__file__).resolve().parent / "hparams"
 FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
@@ -23,7 +27,7 @@ class ReferenceHParams:
     OPTIONAL: ClassVar[tuple] = ()
 
     def check_common(self) -> None:
-        """What every method checks: layers, key token, statistics precision, module templates."""
+        """What every method checks: layers, key token, statistics precision and ridge, module names."""
         if isinstance(self.layers, int):
             self.layers = [self.layers]
         self.layers = [int(x) for x in self.layers]
@@ -35,9 +39,16 @@ class ReferenceHParams:
             raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
         if self.mom2_act_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"mom2_act_dtype must be None, 'bfloat16' or 'float16', not {self.mom2_act_dtype!r}")
-        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
-            if "{}" not in getattr(self, name):
-                raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or "{}" not in value):
+                raise ValueError(f"hparams.{name} must be a module name with '{{}}' for the layer number "
+                                 f"(or null for the model's own), got {value!r}")
+        for name in ("ln_f_module", "lm_head_module"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"hparams.{name} must be a module name or null, got {value!r}")
+        check_ridge(getattr(self, "mom2_ridge", None))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -116,7 +127,8 @@ class ReferenceHParams:
 @dataclass
 class ROMEHyperParams(ReferenceHParams):
     METHOD: ClassVar[str] = "ROME"
-    OPTIONAL: ClassVar[tuple] = ("mom2_act_dtype",)
+    OPTIONAL: ClassVar[tuple] = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+                                 "ln_f_module", "lm_head_module", "mom2_act_dtype", "mom2_ridge")
 
     layers: list[int]
     fact_token: str = "subject_last"
@@ -128,18 +140,22 @@ class ROMEHyperParams(ReferenceHParams):
     kl_factor: float = 0.0625
     mom2_adjustment: bool = True
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    rewrite_module_tmp: str = "transformer.h.{}.mlp.c_proj"
-    layer_module_tmp: str = "transformer.h.{}"
-    mlp_module_tmp: str = "transformer.h.{}.mlp"
-    attn_module_tmp: str = "transformer.h.{}.attn"
-    ln_f_module: str = "transformer.ln_f"
-    lm_head_module: str = "transformer.wte"
+    # module names ("{}" = the layer): None = the model adapter's, else checked against it
+    rewrite_module_tmp: str | None = None
+    layer_module_tmp: str | None = None
+    mlp_module_tmp: str | None = None
+    attn_module_tmp: str | None = None
+    ln_f_module: str | None = None
+    lm_head_module: str | None = None
     mom2_dataset: str = "wikipedia"
     mom2_n_samples: int | None = 100000  # None: every text of the corpus
     mom2_dtype: str = "float32"
     # the statistics forward's precision (fast collector only; the sums stay in mom2_dtype):
     # None = the model's; "bfloat16"/"float16" trade exactness for speed, in separate cache files
     mom2_act_dtype: str | None = None
+    # not in the reference: C + mom2_ridge·mean(diag C)·I instead of refusing statistics that are
+    # singular or not positive definite (None: refuse them)
+    mom2_ridge: float | None = None
 
     def __post_init__(self):
         self.check_common()

@@ -92,12 +92,13 @@ class ChunkEditor:
 
 def method_hparams(method: str, model_name: str, path=None):
     """The hyperparameters of `method`: a JSON file, or the model's bundled preset."""
+    from ..edit.commands import EDIT_METHODS
     if method == "rome":
         from ..edit import ROMEHyperParams as H
     elif method == "memit":
         from ..edit.memit import MEMITHyperParams as H
     else:
-        raise ValueError(f"unknown editing method {method!r}: 'rome' or 'memit'")
+        raise ValueError(f"unknown editing method {method!r}: one of {EDIT_METHODS}")
     return H.from_json(path) if path else H.from_name(model_name)
 
 

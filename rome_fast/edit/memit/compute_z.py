@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ...models import adapter_for
 from ..compute_u import key_indices, right_padded
 from ..compute_v import KL_PROMPT, _escape, optimise_delta, target_token_ids
-from ..nethook import TraceDict
+from ...hooks import TraceDict
 from .templates import flat
 
 

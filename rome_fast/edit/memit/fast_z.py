@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...models import adapter_for
+from ...models.base import KVRecorder, KVReplay
 from ..fast_compute_v import prepare_suffix_run
 from .compute_z import ZInfo, loss_layer, z_rows
 
@@ -254,13 +255,21 @@ class _Bucket:
         new = torch.full_like(keep, -1, dtype=torch.long)
         new[local] = torch.arange(len(local), device=local.device)
         sub = self.ctx.select(local)
-        sub.past = self.ctx.past.select(local)
+        sub.past = _replay_rows(self.ctx.past, local)
         tk, kk = keep[self.t_local], keep[self.kl_local]
         return _Bucket(*([None] * 12), _view=dict(
             rows=self.rows[local], h=self.h[local], ctx=sub, req=self.req[local],
             local=torch.arange(len(local), device=local.device), at=self.at[local],
             t_local=new[self.t_local[tk]], t_col=self.t_col[tk], t_id=self.t_id[tk], t_row=self.t_row[tk],
             kl_local=new[self.kl_local[kk]], kl_req=self.kl_req[kk]))
+
+
+def _replay_rows(replay: KVReplay, index: torch.Tensor) -> KVReplay:
+    """The replay of some rows of the batch, gathered once (not at every step)."""
+    rec = KVRecorder()
+    rec.keys = {k: v[index] for k, v in replay.recorded.keys.items()}
+    rec.values = {k: v[index] for k, v in replay.recorded.values.items()}
+    return KVReplay(rec, width=replay.width)
 
 
 def z_matrix(infos) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 `MEMITHyperParams.from_name("gpt2-xl")` loads a bundled preset; `from_json(path)` reads any
 reference-format file. Unknown keys are an error (a typo must not fall back to a default), except
-the known extras: `model_name` (AlphaEdit's copies of the MEMIT files carry it) and
-`mom2_act_dtype` (this package's half-precision statistics option)."""
+the known extras: `model_name` (AlphaEdit's copies of the MEMIT files carry it), `mom2_act_dtype`
+(this package's half-precision statistics option) and `mom2_ridge` (as ROME's)."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +23,7 @@ _ALIASES = {"llama-3-8b": "Meta-Llama-3-8B", "llama3-8b": "Meta-Llama-3-8B"}
 class MEMITHyperParams(ReferenceHParams):
     METHOD: ClassVar[str] = "MEMIT"
     PRESETS: ClassVar[Path] = PRESET_DIR
-    OPTIONAL: ClassVar[tuple] = ("model_name", "mom2_act_dtype")
+    OPTIONAL: ClassVar[tuple] = ("model_name", "mom2_act_dtype", "mom2_ridge")
 
     layers: list[int]
     layer_selection: str = "all"           # read, as in the reference, but unused
@@ -48,6 +48,7 @@ class MEMITHyperParams(ReferenceHParams):
     # extras (not in the reference's class)
     model_name: str | None = None          # AlphaEdit's files name the model; not used here
     mom2_act_dtype: str | None = None      # fast statistics forward in bf16/fp16 (own cache files)
+    mom2_ridge: float | None = None        # C + ridge·mean(diag C)·I for statistics refused otherwise
 
     def __post_init__(self):
         self.check_common()

@@ -18,7 +18,7 @@ import torch
 
 from ...models import adapter_for
 from ..backend import EditBackend, WeightDelta, apply_edits, register_backend
-from ..nethook import module_input_size
+from ...hooks import module_input_size
 from ..rome import normalize_request
 from .compute_ks import compute_ks, residual_at_z_layer
 from .compute_z import compute_z

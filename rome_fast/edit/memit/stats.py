@@ -80,9 +80,14 @@ def layer_covs(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=None
         device = next(model.parameters()).device
         return {l: c.to(device, torch.float32) for l, c in check_cov(cov, hparams, key_sizes).items()}
     _refuse_half_stats(hparams)
-    return {l: get_cov(model, tok, hparams.rewrite_module_tmp.format(l), hparams.mom2_dataset,
+    covs = {l: get_cov(model, tok, hparams.rewrite_module_tmp.format(l), hparams.mom2_dataset,
                        hparams.mom2_n_samples, hparams.mom2_dtype, stats_dir=stats_dir, corpus=corpus,
                        progress=progress) for l in hparams.layers}
+    if hparams.mom2_ridge is not None:  # as covariance.edit_covariance regularises the fast path's C
+        covs = {l: c + (hparams.mom2_ridge * c.diagonal().mean()) * torch.eye(c.shape[0], dtype=c.dtype,
+                                                                             device=c.device)
+                for l, c in covs.items()}
+    return covs
 
 
 def _refuse_half_stats(hparams):
