@@ -57,6 +57,13 @@ def main(argv=None) -> int:
            "note": f"one run of each backend in one process, {args.threads} thread(s), on a shared 2-core CPU "
                    "with other jobs running (timings are indicative; the ratio is from this one run)"}
     upd, info, quality = {}, {}, {}
+
+    def scores():
+        per = [M.counterfact_case_scores(M.counterfact_probs(mt.model, mt.tokenizer, r, accuracy=True))
+               for r in records]
+        return {k: (v["mean"] if isinstance(v, dict) else v) for k, v in M.aggregate(per).items()}
+
+    res["pre"] = scores()  # the unedited model
     for backend in ("fast", "reference"):
         clear_caches()  # each call reads the statistics from disk
         info[backend] = {}
@@ -66,9 +73,7 @@ def main(argv=None) -> int:
                                        return_info=info[backend])
         info[backend]["wall"] = time.perf_counter() - t0
         upd[backend] = {n: (mt.model.get_parameter(n) - w).detach().clone() for n, w in orig.items()}
-        per = [M.counterfact_case_scores(M.counterfact_probs(mt.model, mt.tokenizer, r, accuracy=True))
-               for r in records]
-        quality[backend] = {k: (v["mean"] if isinstance(v, dict) else v) for k, v in M.aggregate(per).items()}
+        quality[backend] = scores()
         restore_weights(mt.model, orig)
         print(backend, f"{info[backend]['wall']:.1f} s", info[backend]["seconds"], quality[backend], flush=True)
     f, r = info["fast"], info["reference"]

@@ -20,7 +20,6 @@ checking that the model's original weights match the ones the run started from."
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -29,6 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics, chunk_dir,  # noqa: F401
+                    finished_chunks, summarize)
 from .datasets import EvalRecord
 
 STATE_FILE = "state.safetensors"
@@ -105,9 +106,6 @@ def method_hparams(method: str, model_name: str, path=None):
 # ---------------------------------------------------------------------------------------------
 # Files
 
-def chunk_dir(out_dir, k: int) -> Path:
-    return Path(out_dir) / f"chunk_{k:05d}"
-
 
 def _fingerprint(tensors: dict) -> str:
     """A hash of the bytes of the given tensors, by name (to recognise a model's weights)."""
@@ -121,7 +119,6 @@ def _fingerprint(tensors: dict) -> str:
 
 def _write_chunk(out_dir: Path, k: int, cases: list[dict], meta: dict, state: Optional[dict]) -> None:
     """The chunk's files in a temporary folder, synced, then renamed into place (atomic)."""
-    from .runner import _write_json_atomic
     final = chunk_dir(out_dir, k)
     tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -147,16 +144,6 @@ def _write_chunk(out_dir: Path, k: int, cases: list[dict], meta: dict, state: Op
         raise
 
 
-def finished_chunks(out_dir) -> dict[int, dict]:
-    """{k: chunk.json} of the chunks whose folder is in place."""
-    out = {}
-    for d in Path(out_dir).glob("chunk_*"):
-        meta = d / "chunk.json"
-        if d.is_dir() and meta.is_file() and d.name[6:].isdigit():
-            out[int(d.name[6:])] = json.loads(meta.read_text(encoding="utf-8"))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -169,7 +156,6 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
     from tqdm.auto import tqdm
 
     from .. import distributed
-    from .runner import _check_run_config, _run_config, case_metrics, summarize
 
     if distributed.current().distributed:
         raise ValueError("the chunked (--num-edits) evaluation runs in one process, not under torchrun")
