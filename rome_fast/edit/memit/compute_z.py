@@ -62,10 +62,9 @@ def compute_z(model, tok, request: dict, hparams, layer: int, context_templates,
     rows = torch.arange(ids.shape[0], device=device)
     at = torch.tensor(lookup, device=device)
 
-    layer_name = hparams.layer_module_tmp.format(layer)
-    loss_name = hparams.layer_module_tmp.format(loss_layer(hparams, layer, adapter.num_layers))
-    ln_f = model.get_submodule(hparams.ln_f_module)
-    head = model.get_submodule(hparams.lm_head_module)
+    layer_name = adapter.layer_name(layer)
+    loss_name = adapter.layer_name(loss_layer(hparams, layer, adapter.num_layers))
+    ln_f, head = adapter.final_norm(), adapter.lm_head()
     lm_w = head.weight.T
     lm_b = getattr(head, "bias", None)
     if lm_b is None:
