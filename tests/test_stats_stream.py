@@ -113,6 +113,13 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="until_converged: None there, 0.1 now"):
         stream_sums(stream, sample, ["k"], settings={"corpus": "a"}, tracker=ConvergenceTracker(stream.probes, 0.1),
                     **kw)
+    # the checkpoints of rank 0 of a 2-process run are not taken up by one process
+    from rome_fast.distributed import DistInfo
+    with pytest.raises(Stop):
+        stream_sums(stream, sample, ["k"], settings={"corpus": "a"}, info=DistInfo(rank=0, world=2),
+                    after_round=stop_after(1), restart=True, **kw)
+    with pytest.raises(ValueError, match="world: 2 there, 1 now"):
+        stream_sums(stream, sample, ["k"], settings={"corpus": "a"}, **kw)
     # restart discards it; a damaged file is a clear error too
     res = stream_sums(stream, sample, ["k"], settings={"corpus": "b"}, restart=True, **kw)
     assert res.texts == len(sample)

@@ -27,13 +27,13 @@ def _corpus(args, mt, hp, stats_dir):
     so the cache file is the one `rome-fast eval` and the demo use)."""
     from ..models.loading import EMBEDDED_ALIASES
     from .corpus import default_corpus
-    from .stats import stats_model_name, stats_path
+    from .stats import corpus_ds_name, stats_model_name, stats_path
 
     if args.samples is not None:
         hp = dataclasses.replace(hp, mom2_n_samples=args.samples)
     if args.corpus or not hp.mom2_adjustment:
         return args.corpus, hp
-    cached = stats_path(stats_dir, stats_model_name(mt.model), hp.mom2_dataset,
+    cached = stats_path(stats_dir, stats_model_name(mt.model), corpus_ds_name(None, hp.mom2_dataset),
                         hp.rewrite_module_tmp.format(hp.layers[0]), hp.mom2_dtype, ("mom2",),
                         hp.mom2_n_samples)
     if cached.is_file():
@@ -126,8 +126,7 @@ def cmd_stats(args) -> int:
         return 0
     dt = time.time() - t0
     for name, st in got.items():
-        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} from "
-              f"{'all' if st.sample_size is None else st.sample_size} texts -> {st.path}")
+        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} -> {st.path}")
     if run:
         if run.get("local_tokens"):
             print(f"{run['texts']} texts, {run['tokens']} tokens; this run summed {run['local_tokens']} tokens "
