@@ -185,7 +185,8 @@ def model_fingerprint(model) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+            k = min(64, flat.numel())
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
             h.update(name.encode() + str(tuple(p.shape)).encode())
             h.update(flat[idx].double().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
