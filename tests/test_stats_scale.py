@@ -20,23 +20,10 @@ from rome_fast.edit.stats_checkpoint import SUFFIX
 from rome_fast.models.random_init import random_texts, tiny_tokenizer
 
 from test_distributed import run_cli
+from test_stats_stream import Stop as Interrupt, stop_after as interrupt_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 L1, L2 = "model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_after(rounds):
-    done = [0]
-
-    def tick():
-        done[0] += 1
-        if done[0] == rounds:
-            raise Interrupt()
-    return tick
 
 
 @pytest.fixture(scope="module")

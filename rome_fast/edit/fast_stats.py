@@ -17,9 +17,6 @@ A file written here is read by `stats.layer_stats` and vice versa."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -214,17 +211,6 @@ def _converged_file(paths: dict, names, request: dict):
     return found
 
 
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = None,
                      to_collect=("mom2",), sample_size=None, precision="float32", batch_tokens=None,
                      progress=True, corpus=None, model_name: str | None = None,
@@ -285,7 +271,7 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
     if not missing:
         return out[names[0]] if single else {n: out[n] for n in names}
 
-    from .stats_checkpoint import checkpoint_base, discard_checkpoints
+    from .stats_checkpoint import atomic_write, checkpoint_base, discard_checkpoints
     from .stats_convergence import PROBE_REQUESTS, ConvergenceTracker, probe_keys
     from .stats_stream import stream_sums
 
@@ -321,8 +307,9 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
                               maxlen, act_dtype, seed)
             if info.is_main:
                 save_stats_file(path, stat, used)
-                _write_json(path.with_name(path.name[:-len(".npz")] + ".convergence.json"),
-                            _curve_record(res, n, request, model_name, ds_name, len(sample), probe_requests))
+                record = _curve_record(res, n, request, model_name, ds_name, len(sample), probe_requests)
+                atomic_write(path.with_name(path.name[:-len(".npz")] + ".convergence.json"),
+                             lambda f: json.dump(record, f, indent=1), "w")
         out[n] = LayerStats(stat, path, used)
     if info.distributed:
         distributed.barrier()  # the files are written before any checkpoint goes

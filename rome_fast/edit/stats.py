@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -151,19 +150,12 @@ def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> 
 
 
 def save_stats_file(path, stat: SecondMoment, sample_size=None) -> None:
-    """Written to a temporary file beside the target and renamed, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{"mom2.mom2": stat.mom2.cpu().numpy(), "mom2.count": np.array(stat.count),
-                           "mom2.constructor": np.array(_CONSTRUCTOR),
-                           "sample_size": np.array(-1 if sample_size is None else sample_size)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Written atomically (`stats_checkpoint.atomic_write`): a reader never sees half a file."""
+    from .stats_checkpoint import atomic_write
+    atomic_write(path, lambda f: np.savez(
+        f, **{"mom2.mom2": stat.mom2.cpu().numpy(), "mom2.count": np.array(stat.count),
+              "mom2.constructor": np.array(_CONSTRUCTOR),
+              "sample_size": np.array(-1 if sample_size is None else sample_size)}))
 
 
 def length_batches(lengths, batch_tokens: int):

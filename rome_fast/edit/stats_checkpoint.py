@@ -62,28 +62,34 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path, write, mode: str = "wb") -> None:
+    """Create or replace `path` by what `write(file)` writes, never leaving a partial file: a
+    temporary file beside it, flushed and fsynced, renamed over it, and the folder fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write atomically; on any failure the previous file at `path` is untouched and a
     CheckpointWriteError says so."""
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
     except OSError as exc:
         kept = "the previous checkpoint is intact" if path.is_file() else "there was no earlier checkpoint"
         raise CheckpointWriteError(exc.errno, f"could not write the checkpoint {path} ({exc.strerror or exc}); "
                                    f"{kept}: free some space and rerun the same command to resume") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def load_checkpoint(path, settings: dict):
