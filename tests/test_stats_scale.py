@@ -77,6 +77,12 @@ def test_checkpoint_of_another_model_or_corpus_is_refused(llama, corpus, tmp_pat
         layer_stats_fast(m, tok, L1, tmp_path, "c", corpus=corpus[::-1], **kw)
     fresh = layer_stats_fast(other, tok, L1, tmp_path, "c", corpus=corpus, restart=True, **kw)
     assert fresh.mom2.count > 0 and fresh.path.is_file()
+    # a pass over other layers that ends at the same layer finds the checkpoint, and refuses it
+    L0 = "model.layers.0.mlp.down_proj"
+    with pytest.raises(Interrupt):
+        layer_stats_fast(m, tok, [L0, L2], tmp_path / "layers", "c", corpus=corpus, after_round=interrupt_after(1), **kw)
+    with pytest.raises(ValueError, match=f"other settings \\(names: \\['{L0}', '{L2}'\\] there, \\['{L1}', '{L2}'\\] now"):
+        layer_stats_fast(m, tok, [L1, L2], tmp_path / "layers", "c", corpus=corpus, **kw)
 
 
 def test_non_finite_keys_stop_with_the_text_index(llama):
