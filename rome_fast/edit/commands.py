@@ -2,7 +2,8 @@
 
 Statistics are cached under --stats-dir (default $ROME_FAST_CACHE/stats, i.e.
 ~/.cache/rome_fast/stats) in the reference's layout, so reference .npz files placed there load.
-Without --corpus the embedded model uses WikiText-2 from the project's shared data folder when
+`stats` checkpoints and resumes, shards under torchrun and can stop once converged
+(docs/statistics.md). Without --corpus the embedded model uses WikiText-2 from the project's shared data folder when
 it is there ($ROME_FAST_CORPUS overrides); other models need --corpus unless their statistics
 are already cached."""
 from __future__ import annotations
