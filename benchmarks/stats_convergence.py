@@ -60,7 +60,9 @@ def shared_texts() -> tuple[list[str], dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=50, help="CounterFact cases (the first N of counterfact-edit.json)")
-    ap.add_argument("--tol", type=float, default=0.1, help="the --until-converged tolerance")
+    # 0.1 is not reached within the 32k texts here (the all-texts curve ends at 0.14): 0.3 stops
+    # between the 1/4 and the whole sample
+    ap.add_argument("--tol", type=float, default=0.3, help="the --until-converged tolerance")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-texts", type=int, default=None,
                     help="a random subset of the corpus this large (a quick check of the script only)")
@@ -122,11 +124,13 @@ def main(argv=None) -> int:
     for label, n in sizes.items():
         stats[label], res["runs"][label], out = collect(label, sample_size=n)
         if label == "all":
-            res["curve_all_texts"] = [{k: p[k] for k in ("texts", "keys", "max_change")} for p in out["curve"]]
+            res["curve_all_texts"] = [{"texts": p["texts"], "keys": p["keys"], "max_change": p["max_change"],
+                                       "median_change": p["median_change"][wname]} for p in out["curve"]]
     stats["converged"], res["runs"]["converged"], out = collect("converged", sample_size=None,
                                                                 until_converged=args.tol)
     res["runs"]["converged"]["converged"] = out["converged"]
-    res["runs"]["converged"]["curve"] = [{k: p[k] for k in ("texts", "keys", "max_change")} for p in out["curve"]]
+    res["runs"]["converged"]["curve"] = [{"texts": p["texts"], "keys": p["keys"], "max_change": p["max_change"]}
+                                         for p in out["curve"]]
 
     # ---- how far each edit direction moves --------------------------------------------------
     kbars = torch.stack([template_keys(model, tok, r, hp, layer, templates).mean(0) for r in requests]).double()

@@ -331,7 +331,9 @@ def _curve_record(res, name, request, model_name, ds_name, n_sample, probe_reque
     probes = probe_requests or PROBE_REQUESTS
     return {"model": model_name, "layer": name, "corpus": ds_name, "request": request,
             "sample_texts": n_sample, "texts": res.texts, "keys": res.count, "converged": res.converged,
+            "seconds": res.seconds, "tokens_per_s_rank0": res.local_tokens / max(res.seconds, 1e-9),
             "probes": {"source": "requests" if probe_requests else "built-in", "n": len(probes)},
             "measure": "largest relative change of C^-1 k over the probe keys since the previous doubling",
             "curve": [{"texts": p["texts"], "keys": p["keys"], "change": p["change"][name],
-                       "max_change": p["max_change"]} for p in res.curve]}
+                       "median_change": p["median_change"][name], "max_change": p["max_change"]}
+                      for p in res.curve]}

@@ -73,10 +73,9 @@ def solve_probes(sums: torch.Tensor, count: int, keys: torch.Tensor) -> torch.Te
     return torch.cholesky_solve(keys.to(C.device, torch.float64).T, L)
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
-    """The largest ‖x_new − x_old‖ / ‖x_new‖ over the probes (columns)."""
-    num = (new - old.to(new.device)).norm(dim=0)
-    return float((num / new.norm(dim=0).clamp_min(1e-300)).max())
+def relative_changes(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """‖x_new − x_old‖ / ‖x_new‖ of each probe (column)."""
+    return (new - old.to(new.device)).norm(dim=0) / new.norm(dim=0).clamp_min(1e-300)
 
 
 class ConvergenceTracker:
@@ -99,16 +98,19 @@ class ConvergenceTracker:
         return self.curve[-1]["round"] if self.curve else 0
 
     def point(self, round_: int, texts: int, count: int, sums: dict) -> dict:
-        change = {}
+        change, median = {}, {}
         for name, keys in self.probes.items():
             x = solve_probes(sums[name], count, keys)
             prev = self.prev[name]
-            change[name] = None if x is None or prev is None else relative_change(x, prev)
+            rel = None if x is None or prev is None else relative_changes(x, prev)
+            change[name] = None if rel is None else float(rel.max())
+            median[name] = None if rel is None else float(rel.median())
             self.prev[name] = None if x is None else x.cpu()
         known = list(change.values())
         worst = None if not known or any(c is None for c in known) else max(known)
-        p = {"round": round_, "texts": texts, "keys": count, "change": change, "max_change": worst,
-             "converged": self.tol is not None and worst is not None and worst < self.tol}
+        # the rule reads the largest change; the median (per layer) says how typical it is
+        p = {"round": round_, "texts": texts, "keys": count, "change": change, "median_change": median,
+             "max_change": worst, "converged": self.tol is not None and worst is not None and worst < self.tol}
         self.curve.append(p)
         return p
 
