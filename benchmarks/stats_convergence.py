@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-texts", type=int, default=None,
                     help="a random subset of the corpus this large (a quick check of the script only)")
-    ap.add_argument("--work", default=None, help="folder for the corpus, statistics and case files (default: a temp dir)")
+    ap.add_argument("--work", default=None,
+                    help="folder for the corpus, statistics and case files (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stats_convergence_smollm2.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -80,8 +80,10 @@ def test_checkpoint_of_another_model_or_corpus_is_refused(llama, corpus, tmp_pat
     # a pass over other layers that ends at the same layer finds the checkpoint, and refuses it
     L0 = "model.layers.0.mlp.down_proj"
     with pytest.raises(Interrupt):
-        layer_stats_fast(m, tok, [L0, L2], tmp_path / "layers", "c", corpus=corpus, after_round=interrupt_after(1), **kw)
-    with pytest.raises(ValueError, match=f"other settings \\(names: \\['{L0}', '{L2}'\\] there, \\['{L1}', '{L2}'\\] now"):
+        layer_stats_fast(m, tok, [L0, L2], tmp_path / "layers", "c", corpus=corpus, after_round=interrupt_after(1),
+                         **kw)
+    names = f"names: \\['{L0}', '{L2}'\\] there, \\['{L1}', '{L2}'\\] now"
+    with pytest.raises(ValueError, match=f"other settings \\({names}"):
         layer_stats_fast(m, tok, [L1, L2], tmp_path / "layers", "c", corpus=corpus, **kw)
 
 

@@ -20,7 +20,8 @@ class GaussianStream:
 
     def __init__(self, d=D, per_text=5):
         g = torch.Generator().manual_seed(0)
-        self.A = torch.eye(d, dtype=torch.float64) + 0.5 * torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
+        noise = torch.randn(d, d, generator=g, dtype=torch.float64)
+        self.A = torch.eye(d, dtype=torch.float64) + 0.5 * noise / d ** 0.5  # well conditioned
         self.C = self.A @ self.A.T
         self.per_text = per_text
         self.probes = {"k": torch.randn(3, d, generator=g, dtype=torch.float64)}

@@ -137,7 +137,8 @@ def cmd_stats(args) -> int:
         if args.until_converged is not None:
             if run.get("converged"):
                 print(f"converged: C⁻¹k moved by {last:.3g} < {args.until_converged} over the last doubling; "
-                      f"edit with these statistics by setting mom2_n_samples = {run['texts']} (--samples {run['texts']})")
+                      f"edit with these statistics by setting mom2_n_samples = {run['texts']} "
+                      f"(--samples {run['texts']})")
             else:
                 print(f"not converged within the sample (last change {'n/a' if last is None else f'{last:.3g}'} "
                       f">= {args.until_converged}): collect more texts (--samples) or a larger corpus")

@@ -146,9 +146,10 @@ def stream_sums(sum_chunk: Callable, sample, names, *, info=None, checkpoint_bas
             point = None
             if tracker is not None and _is_doubling(rounds) and rounds > tracker.last_round:
                 point = convergence_point()
-            elapsed = time.monotonic() - t0
-            bar.set_postfix_str(f"{local_tokens / max(elapsed, 1e-9):.0f} tok/s"
-                                + (f", Δ(C⁻¹k) {_fmt(tracker.curve[-1]['max_change'])}" if tracker and tracker.curve else ""))
+            rate = f"{local_tokens / max(time.monotonic() - t0, 1e-9):.0f} tok/s"
+            if tracker is not None and tracker.curve:
+                rate += f", Δ(C⁻¹k) {_fmt(tracker.curve[-1]['max_change'])}"
+            bar.set_postfix_str(rate)
             due = (point is not None
                    or (every_texts is not None and since_save >= every_texts)
                    or (every_s is not None and time.monotonic() - last_save >= every_s))
