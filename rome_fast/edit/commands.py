@@ -140,8 +140,9 @@ def cmd_stats(args) -> int:
                       f"edit with these statistics by setting mom2_n_samples = {run['texts']} "
                       f"(--samples {run['texts']})")
             else:
-                print(f"not converged within the sample (last change {'n/a' if last is None else f'{last:.3g}'} "
-                      f">= {args.until_converged}): collect more texts (--samples) or a larger corpus")
+                why = ("too few doublings to compare" if last is None
+                       else f"last change {last:.3g} >= {args.until_converged}")
+                print(f"not converged within the sample ({why}): collect more texts (--samples) or a larger corpus")
     else:
         print(f"{len(names)} layer(s) in {dt:.1f} s (cached, or the reference collector)")
     return 0
