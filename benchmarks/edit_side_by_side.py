@@ -64,7 +64,6 @@ def main(argv=None) -> int:
     from rome_fast.edit.corpus import read_text_file
     from rome_fast.edit.fast import layer_factor
     from rome_fast.edit.fast_stats import collect_mom2_fast
-    from rome_fast.edit.rome import weight_layout
     from rome_fast.edit.solve_update import clear_factor_cache, rome_update_, rome_update_ref
     from rome_fast.edit.stats import collect_mom2, context_length
     from rome_fast.eval.datasets import load_counterfact
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
     fac = layer_factor(model, tok, hp, layer, stats_dir, str(corpus), False)
     C = layer_stats(model, tok, wname, stats_dir, corpus.stem, sample_size=args.articles,
                     corpus=str(corpus), progress=False).mom2.moment().float()
-    layout = weight_layout(model.get_submodule(wname), W, C.shape[0])
+    layout = mt.adapter.weight_layout
     g = torch.Generator().manual_seed(0)
     kbar = torch.randn(C.shape[0], generator=g).abs()
     kstar = kbar + 0.1 * torch.randn(C.shape[0], generator=g)

@@ -1,11 +1,13 @@
-"""Micro-benchmarks of the tracing kernels (restore, noise, rotary), compiled vs plain PyTorch.
+"""Micro-benchmarks of the tracing and block ops (restore, noise, rotary): the compiled op called
+through the dispatcher (torch.ops.rome_fast) vs its plain-PyTorch reference (rome_fast.ops).
 
-    .venv/bin/python -m pytest benchmarks/test_kernels_bench.py --benchmark-json benchmarks/results/kernels_cpu.json
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/test_kernels_bench.py \
+        --benchmark-json benchmarks/results/kernels_cpu.json
 """
 import pytest
 import torch
 
-from rome_fast import _ext, kernels
+from rome_fast import _ext, ops
 
 B, T, D, F = 256, 16, 1600, 8
 
@@ -24,13 +26,13 @@ def restore_case():
 @pytest.mark.skipif(not _ext.cpu_ext_available(), reason="compiled core not built")
 def test_restore_rows_compiled(benchmark, restore_case):
     x, clean, row_fact, row_tok = restore_case
-    benchmark(_ext._C.restore_rows_, x, clean, row_fact, row_tok)
+    benchmark(torch.ops.rome_fast.restore_rows_, x, clean, row_fact, row_tok)
 
 
 @pytest.mark.benchmark(group="restore_rows")
 def test_restore_rows_pytorch(benchmark, restore_case):
     x, clean, row_fact, row_tok = restore_case
-    benchmark(kernels.restore_rows_ref, x, clean, row_fact, row_tok)
+    benchmark(ops.restore_rows_ref, x, clean, row_fact, row_tok)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +49,12 @@ def noise_case():
 @pytest.mark.benchmark(group="add_noise")
 @pytest.mark.skipif(not _ext.cpu_ext_available(), reason="compiled core not built")
 def test_add_noise_compiled(benchmark, noise_case):
-    benchmark(_ext._C.add_noise_, *noise_case, False)
+    benchmark(torch.ops.rome_fast.add_noise_, *noise_case, False)
 
 
 @pytest.mark.benchmark(group="add_noise")
 def test_add_noise_pytorch(benchmark, noise_case):
-    benchmark(kernels.add_noise_ref, *noise_case, False)
+    benchmark(ops.add_noise_ref, *noise_case, False)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +69,9 @@ def rope_case():
 @pytest.mark.benchmark(group="rope_heads")
 @pytest.mark.skipif(not _ext.cpu_ext_available(), reason="compiled core not built")
 def test_rope_heads_compiled(benchmark, rope_case):
-    benchmark(_ext._C.rope_heads, *rope_case)
+    benchmark(torch.ops.rome_fast.rope_heads, *rope_case)
 
 
 @pytest.mark.benchmark(group="rope_heads")
 def test_rope_heads_pytorch(benchmark, rope_case):
-    benchmark(kernels.rope_heads_ref, *rope_case)
+    benchmark(ops.rope_heads_ref, *rope_case)

@@ -5,7 +5,8 @@ down_proj (1536, 576), CPU fp32. The rank-1 kernel alone is compared with the ti
 W once at this machine's copy bandwidth (measured with a large `Tensor.copy_`, and at W's own size,
 which may sit in cache).
 
-    .venv/bin/python -m pytest benchmarks/test_update_bench.py --benchmark-json benchmarks/results/update_cpu.json
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/test_update_bench.py \
+        --benchmark-json benchmarks/results/update_cpu.json
 """
 import time
 
@@ -121,7 +122,7 @@ def test_rank1_kernel(benchmark, case, dram_bw):
     u = torch.randn(case["d_k"], 1)
     r = torch.randn(case["d_v"], 1)
     same_size_bw = _copy_bandwidth(W.numel() * 4)
-    benchmark(_ext._C.rank_k_update_, W, u, r, case["layout"])
+    benchmark(torch.ops.rome_fast.rank_k_update_, W, u, r, case["layout"])
     nbytes = 2 * W.numel() * 4
     _record(benchmark, case, {"dram_GBps": dram_bw / 1e9, "copy_GBps_at_W_size": same_size_bw / 1e9},
             {"W_rw_ms_at_dram_bw": nbytes / dram_bw * 1e3,

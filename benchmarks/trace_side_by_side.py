@@ -105,7 +105,9 @@ def reference_fact(mt, ids, rng, noise, kinds, samples, window):
     return out
 
 
-def main(argv=None):
+def main(argv=None, mt=None):
+    """`mt`: a model the caller built (benchmarks/gpu_bench.py), used in place of --model/--random
+    (which then only names it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--random", help="a randomly initialised model of this shape (gpt2-xl, llama-7b, …)")
@@ -122,6 +124,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--flop-facts", type=int, default=1, help="facts whose FLOPs are counted (a re-run)")
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the measured n×n×n matmul")
+    p.add_argument("--together-only", action="store_true",
+                   help="time the fast path on all kinds together only, not each kind apart (half the time)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -131,9 +136,12 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
     kinds = KINDS if args.kinds == "all" else tuple(args.kinds.split(","))
+    timed_kinds = ("all",) if args.together_only else kinds + ("all",)
 
     from rome_fast.models import ModelAndTokenizer, load_model
-    if args.random:
+    if mt is not None:
+        model_name = f"random {args.random}" if args.random else args.model
+    elif args.random:
         from rome_fast.models.random_init import random_model
         family = args.family or ("llama" if "llama" in args.random else
                                  "gptj" if "gpt-j" in args.random else "gpt2")
@@ -170,7 +178,7 @@ def main(argv=None):
                   for ids, rng, noise in facts]
         engine.trace(inputs[:1], kinds=kinds, window=args.window)  # warm-up (allocator, kernels)
         per_kind = {}
-        for kind in kinds + ("all",):
+        for kind in timed_kinds:
             ks = kinds if kind == "all" else (kind,)
             _sync(device)
             t0 = time.perf_counter()
@@ -182,10 +190,10 @@ def main(argv=None):
         with FlopCounterMode(display=False) as fc:
             engine.trace(flop_facts, kinds=kinds, window=args.window)
         flops_per_fact = fc.get_total_flops() / len(flop_facts)
-        rate = matmul_rate(device, dtype)
+        rate = matmul_rate(device, dtype, n=args.matmul_n)
         all_res = per_kind["all"][1]
         rows = []
-        for kind in kinds + ("all",):
+        for kind in timed_kinds:
             dt, res = per_kind[kind]
             ks = kinds if kind == "all" else (kind,)
             ref_s = sum(ref_time[k] for k in ks) / n_ref

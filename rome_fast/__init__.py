@@ -5,7 +5,7 @@
     rf.backend_info()                         # what is compiled and usable here
 """
 from ._ext import backend_info
-from .kernels import add_noise_, restore_rows_
+from .ops import add_noise_, restore_rows_
 from .models import (ModelAdapter, ModelAndTokenizer, UnsupportedArchitectureError, adapter_for,
                      load_model)
 from .tokens import (decode_tokens, find_token_range, get_words_idxs_in_templates, make_inputs,

@@ -1,4 +1,4 @@
-"""`rome-fast` command line: info (and, as they land, trace, edit, stats, eval, bench, demo)."""
+"""`rome-fast` command line: info, trace, aggregate, demo, eval, eval-summary, stats, edit, report."""
 from __future__ import annotations
 
 import argparse
@@ -37,11 +37,13 @@ def _add_info(sub) -> None:
 
 # Each feature registers its own subcommands: a function `add_parsers(subparsers)` that sets
 # `func` on every parser it adds (func(args) -> exit code).
-from .trace.commands import add_parsers as _add_trace  # noqa: E402  (trace, demo)
+from .trace.commands import add_parsers as _add_trace  # noqa: E402  (trace, aggregate)
+from .demo import add_parsers as _add_demo  # noqa: E402  (demo)
 from .eval.commands import add_parsers as _add_eval  # noqa: E402  (eval, eval-summary)
 from .edit.commands import add_parsers as _add_edit  # noqa: E402  (stats, edit)
+from .report.commands import add_parsers as _add_report  # noqa: E402  (report)
 
-SUBCOMMANDS = [_add_info, _add_trace, _add_eval, _add_edit]
+SUBCOMMANDS = [_add_info, _add_trace, _add_demo, _add_eval, _add_edit, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
+
+from .data import bundled
+from .models.loading import load_model_spec
+from .trace.api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow
+from .trace.kinds import KINDS, get_kind, kind_names
+from .trace.noise import collect_embedding_std
+from .trace.plots import plot_trace_heatmap
+from .trace.results import TraceResult
+from .trace.runner import load_facts
+from .trace.summary import best_cells, layer_band, summarize_trace
 
 DEMO_PROMPT = "The Eiffel Tower is located in the city of"
 DEMO_SUBJECT = "Eiffel Tower"
 DEFAULT_OUT = "rome_fast_out/demo"
 
-# Used for σ when the known-facts file is not found: subjects of the same kind as known_1000's.
+# A few well-known subjects of the same kind as known_1000's (tests use them for a quick σ).
 BUILTIN_SUBJECTS = (
     "Vinson Massif", "Beats Music", "Audible.com", "Catalonia", "Michael Jordan", "Danielle Darrieux",
     "Toyota", "Apple", "Miles Davis", "Lionel Messi", "Mount Everest", "The Louvre", "Colosseum",
@@ -20,72 +29,14 @@ BUILTIN_SUBJECTS = (
     "Nintendo", "BBC", "Pablo Picasso", "Albert Einstein", "Amazon River", "Kenya", "Honda Civic",
     "Windows 10", "Sydney Opera House", "Volkswagen", "Mozart",
 )
-KIND_NAMES = {"hidden": "Hidden states (one layer restored)", "mlp": "MLP outputs (10-layer window)",
-              "attn": "Attention outputs (10-layer window)"}
-
-
-def find_known_facts() -> Path | None:
-    """known_1000.json from $ROME_FAST_DATA, the project's shared data folder, or ./data."""
-    candidates = []
-    if os.environ.get("ROME_FAST_DATA"):
-        candidates.append(Path(os.environ["ROME_FAST_DATA"]))
-    root = Path(__file__).resolve().parents[1]
-    candidates += [root.parent / "shared" / "data", root / "data", Path.cwd() / "data"]
-    for folder in candidates:
-        path = folder / "known_1000.json" if folder.suffix != ".json" else folder
-        if path.is_file():
-            return path
-    return None
 
 
 def noise_subjects(data: str | None = None) -> tuple[list[str], str]:
-    """(subjects for σ, a sentence saying where they came from)."""
-    path = Path(data) if data else find_known_facts()
-    if path is not None:
-        from .trace.runner import load_facts
-        facts = load_facts(path)
-        return [f["subject"] for f in facts], f"the {len(facts)} subjects of {path}"
-    return list(BUILTIN_SUBJECTS), (f"a built-in list of {len(BUILTIN_SUBJECTS)} subjects "
-                                    "(known_1000.json not found; set ROME_FAST_DATA to its folder)")
-
-
-def _band(layer: int, n_layers: int) -> str:
-    third = layer * 3 // max(1, n_layers)
-    return ("early", "middle", "late")[min(third, 2)]
-
-
-def _cells(r) -> dict:
-    """Best cell at the subject tokens and at the last token, with the share of the drop restored."""
-    gap = r.high_score - r.low_score
-    share = (lambda p: (p - r.low_score) / gap if gap > 0 else float("nan"))
-    subj = r.scores[r.subject_range[0]:r.subject_range[1]]
-    flat = int(subj.argmax())
-    st, sl = divmod(flat, subj.shape[1])
-    st += r.subject_range[0]
-    last = r.scores[-1]
-    ll = int(last.argmax())
-    # the first layer from which restoring the last token alone brings back half of the drop
-    half = [L for L in range(len(last)) if share(float(last[L])) >= 0.5]
-    return dict(subject=(st, sl, float(r.scores[st, sl]), share(float(r.scores[st, sl]))),
-                last=(len(r.scores) - 1, ll, float(last[ll]), share(float(last[ll]))),
-                last_half_from=half[0] if half else None)
-
-
-def summarize_trace(result, kind: str, n_layers: int | None = None) -> list[str]:
-    """Readable lines about one trace: its peak, the best subject cell and the last token."""
-    from .trace.results import TraceResult
-
-    r = result if isinstance(result, TraceResult) else TraceResult.from_dict(result)
-    if not r.correct_prediction:
-        return [f"{KIND_NAMES[kind]}: skipped, the model predicted {r.answer!r}, not the expected answer"]
-    n_layers = n_layers or r.scores.shape[1]
-    c = _cells(r)
-    t, layer, score = r.peak()
-    lines = [f"{KIND_NAMES[kind]}: strongest at {r.input_tokens[t]!r} (token {t}), layer {layer}, p = {score:.3f}"]
-    for label, (tok, lay, p, frac) in (("subject", c["subject"]), ("last token", c["last"])):
-        lines.append(f"    best at the {label}: {r.input_tokens[tok]!r} layer {lay} ({_band(lay, n_layers)}), "
-                     f"p = {p:.3f}, {frac:.0%} of the drop restored")
-    return lines
+    """(subjects for σ, a sentence saying where they came from): those of the known-facts file
+    `data`, by default known_1000.json as shipped with the package."""
+    path = Path(data) if data else bundled("known_1000.json")
+    facts = load_facts(path)
+    return [f["subject"] for f in facts], f"the {len(facts)} subjects of {path}"
 
 
 def interpret(results: dict, n_layers: int) -> list[str]:
@@ -94,12 +45,12 @@ def interpret(results: dict, n_layers: int) -> list[str]:
     for kind, r in results.items():
         if not r.correct_prediction:
             continue
-        c = _cells(r)
+        c = best_cells(r)
         st, sl, _, sfrac = c["subject"]
         lt, ll, _, lfrac = c["last"]
         tok = r.input_tokens[st]
         if kind == "hidden":
-            out.append(f"- Hidden states: restoring one vector, at the subject token {tok!r} in {_band(sl, n_layers)} "
+            out.append(f"- Hidden states: restoring one vector, at the subject token {tok!r} in {layer_band(sl, n_layers)} "
                        f"layers, brings back {sfrac:.0%} of the drop: the fact is recalled while the subject "
                        "is read.")
             if c["last_half_from"] is not None:
@@ -121,14 +72,9 @@ def interpret(results: dict, n_layers: int) -> list[str]:
 def run_demo(args) -> int:
     import torch
 
-    from .trace.api import calculate_hidden_flow
-    from .trace.commands import load_model_spec
-    from .trace.noise import collect_embedding_std
-    from .trace.plots import plot_trace_heatmap
-    from .trace.results import TraceResult
-    from .trace.runner import _kinds
-
-    kinds = _kinds(args.kind)
+    kinds = kind_names(args.kind)
+    if args.stats_samples is not None and args.stats_samples < 1:
+        raise ValueError(f"--stats-samples must be at least 1, got {args.stats_samples}")
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,9 +91,9 @@ def run_demo(args) -> int:
     for kind in kinds:
         t1 = time.time()
         res = calculate_hidden_flow(mt, DEMO_PROMPT, DEMO_SUBJECT, samples=args.samples, noise=noise,
-                                    kind=None if kind == "hidden" else kind, backend=args.backend)
+                                    kind=kind, backend=args.backend)
         r = TraceResult.from_dict(res)
-        stem = out / f"eiffel_tower{'' if kind == 'hidden' else '_' + kind}"
+        stem = out / f"eiffel_tower{get_kind(kind).suffix}"
         r.save(stem.with_suffix(".npz"))
         plot_trace_heatmap(r, savepdf=stem.with_suffix(".pdf"), modelname=mt.name)
         results[kind] = r
@@ -171,35 +117,35 @@ def run_demo(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nheat maps and results in {out}/ (eiffel_tower*.png / .pdf / .npz); trace {time.time() - t0:.0f} s")
     if not args.no_edit:
-        _edit_step(mt, out, args.corpus)
+        _edit_step(mt, out, args.corpus, args.stats_samples)
+    from .report import write_report
+    print(f"\nreport (open it in a browser): {write_report(out)}")
     return 0
 
 
-def _edit_step(mt, out: Path, corpus) -> None:
+def _edit_step(mt, out: Path, corpus, stats_samples=None) -> None:
     """ROME at the site the trace found: the Eiffel Tower moved to Rome, before/after completions,
     then the original weights back. Key statistics are computed once (a few minutes) and cached."""
     from .edit.demo import run_edit_demo
     print("\nEditing the fact with ROME: 'The Eiffel Tower is located in the city of' -> ' Rome'")
-    try:
-        run_edit_demo(mt, out=out / "edit.json", corpus=corpus)
-    except (ValueError, FileNotFoundError) as exc:  # no preset for this model, or no corpus
-        print(f"edit skipped: {exc}")
+    run_edit_demo(mt, out=out / "edit.json", corpus=corpus, sample_size=stats_samples)
 
 
 def add_parsers(sub) -> None:
-    from .trace.api import DEFAULT_BACKEND
-
     p = sub.add_parser("demo", help="trace 'The Eiffel Tower is located in the city of' on the embedded model",
                        description=__doc__)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--kind", default="all", choices=["all", "hidden", "mlp", "attn"],
-                   help="which states to restore (default all three; one kind is ~3x faster)")
-    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=["reference", "fast"])
+    p.add_argument("--kind", default="all", choices=["all", *KINDS],
+                   help="which states to restore (default all; one kind is that many times faster)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS))
     p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
-    p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: found automatically)")
+    p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: known_1000.json, "
+                                  "shipped with the package)")
     p.add_argument("--no-edit", action="store_true", help="trace only, skip the ROME edit step")
-    p.add_argument("--corpus", help="text file for the edit's key statistics (default: WikiText-2 "
-                   "from the shared data folder when present)")
+    p.add_argument("--corpus", help="text file for the edit's key statistics (default: WikiText-2, "
+                                    "shipped with the package; $ROME_FAST_CORPUS overrides)")
+    p.add_argument("--stats-samples", type=int, help="texts of the corpus for the key statistics "
+                   "(default: the preset's 100000, i.e. all of WikiText-2; fewer is faster and cruder)")
     p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
     p.set_defaults(func=run_demo)

@@ -1,7 +1,8 @@
 """Token-level helpers with the reference's names: batching prompts, decoding, and locating a
-subject's tokens (REFERENCE.md §1.3) and its key position (§2.3)."""
+subject's tokens (docs/tracing.md) and its key position (docs/editing.md)."""
 from __future__ import annotations
 
+import string
 from typing import Sequence
 
 import torch
@@ -59,10 +60,32 @@ def find_token_range(tokenizer, token_array, substring: str) -> tuple[int, int]:
     return start, end
 
 
+def split_template(template: str, what: str = "template") -> tuple[str, str]:
+    """(text before the subject, text after it) of a template with exactly one bare "{}", as
+    str.format will print them: other literal braces are written "{{" / "}}" and come back single.
+    Any other replacement field ("{city}", "{0}", a lone brace) is a ValueError saying so."""
+    if not isinstance(template, str):
+        raise ValueError(f"a {what} must be a string with '{{}}' where the subject goes, got {template!r}")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:  # a lone "{" or "}"
+        raise ValueError(f"{what} {template!r} is not a valid format string ({exc}): write a literal "
+                         f"brace as '{{{{' or '}}}}'") from None
+    fields = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]
+    others = ["{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+              for name, spec, conv in fields if (name, spec, conv) != ("", "", None)]
+    if others:
+        raise ValueError(f"{what} {template!r} has the field(s) {', '.join(others)} besides the subject's "
+                         f"'{{}}': only '{{}}' may appear; write a literal brace as '{{{{' or '}}}}'")
+    if len(fields) != 1:
+        raise ValueError(f"{what} {template!r} must contain exactly one '{{}}' (found {len(fields)}): the "
+                         "subject goes there, exactly once")
+    i = next(i for i, p in enumerate(parts) if p[1] is not None)
+    return "".join(p[0] for p in parts[:i + 1]), "".join(p[0] for p in parts[i + 1:])
+
+
 def _split_template(template: str, word: str) -> tuple[str, str, str]:
-    if template.count("{}") != 1:
-        raise ValueError(f"template {template!r} must contain exactly one '{{}}' for the subject")
-    prefix, suffix = template.split("{}")
+    prefix, suffix = split_template(template)
     if prefix:
         if not prefix.endswith(" "):
             raise ValueError(f"the text before the subject must end with a space: {template!r}")
@@ -78,7 +101,7 @@ def _n_leading_specials(tokenizer) -> int:
 
 def get_words_idxs_in_templates(tokenizer, context_templates: Sequence[str],
                                 words: Sequence[str], subtoken: str = "last") -> list[list[int]]:
-    """Token index of each word in its template (REFERENCE.md §2.3): the prefix, word and suffix are
+    """Token index of each word in its template (docs/editing.md, "Keys"): the prefix, word and suffix are
     tokenised separately; 'last' = len(prefix) + len(word) - 1, 'first' = len(prefix),
     'first_after_last' = len(prefix) + len(word) (the last subject token if nothing follows)."""
     if len(context_templates) != len(words):

@@ -1,12 +1,10 @@
-"""TraceResult files and the averaged causal effects (REFERENCE.md §1.7)."""
+"""TraceResult files and the averaged causal effects (docs/tracing.md)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from rome_fast.models import ModelAndTokenizer
-from rome_fast.models.random_init import random_model
 from rome_fast.trace.aggregate import BUCKETS, aggregate_dir, aggregate_results, bucket_rows, case_path
 from rome_fast.trace.api import calculate_hidden_flow
 from rome_fast.trace.results import TraceResult
@@ -21,9 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_results():
-    model, tok = random_model("gpt2", seed=1)
-    mt = ModelAndTokenizer(model=model, tokenizer=tok)
+def tiny_results(tiny_models):
+    mt = tiny_models["gpt2"]
     out = [TraceResult.from_dict(calculate_hidden_flow(mt, p, s, samples=2, noise=0.5)) for p, s in FACTS]
     out.append(TraceResult.from_dict(calculate_hidden_flow(mt, FACTS[0][0], FACTS[0][1], samples=2, noise=0.5,
                                                            expect="not the answer")))

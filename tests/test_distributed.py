@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rome_fast import distributed
 from rome_fast.cli import main
@@ -125,21 +124,10 @@ def test_failure_hook(monkeypatch):
 # Tracing
 
 @pytest.fixture(scope="module")
-def facts_file(tmp_path_factory):
+def facts_file(make_facts_file):
     """16 facts (the prompts twice): 4 fast batches of 4 on a CPU, 2 per rank with 2 processes. The
     expected attribute is the tiny model's own prediction, except for fact 2 (mispredicted)."""
-    from rome_fast.trace.commands import load_model_spec
-    from rome_fast.trace.reference import predict_token
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    mt = load_model_spec("tiny:llama")
-    preds = [predict_token(mt, [p])[0] for p, _ in PROMPTS]
-    torch.set_num_threads(threads)
-    facts = [dict(known_id=r * 100 + i, subject=s, prompt=p, attribute=pred.strip() if i != 2 else "nope")
-             for r in range(2) for i, ((p, s), pred) in enumerate(zip(PROMPTS, preds))]
-    path = tmp_path_factory.mktemp("facts") / "facts.json"
-    path.write_text(json.dumps(facts))
-    return path
+    return make_facts_file("tiny:llama", PROMPTS, wrong={2}, copies=2)
 
 
 @pytest.fixture(scope="module")

@@ -314,6 +314,10 @@ def test_sampling_with_cache_matches_full_recompute(tiny_models, fam):
     ({"prompt": "{} is in", "subject": "", "target_new": {"str": " Rome"}}, "subject"),
     ({"prompt": "Where({} is", "subject": "X", "target_new": {"str": " Rome"}}, "end with a space"),
     ({"prompt": "{} is in", "subject": "X"}, "missing 'target_new'"),
+    ({"prompt": "{} is in the {city} of", "subject": "X", "target_new": {"str": " Rome"}}, r"\{city\}"),
+    ({"prompt": "{0} is in", "subject": "X", "target_new": {"str": " Rome"}}, r"\{0\}"),
+    ({"prompt": "{} is in {", "subject": "X", "target_new": {"str": " Rome"}}, "literal brace"),
+    ({"prompt": "{} is in", "subject": " X ", "target_new": {"str": " Rome"}}, "whitespace"),
 ])
 def test_bad_requests_raise(setup, bad, match):
     s = setup["gpt2"]
@@ -337,6 +341,82 @@ def test_bad_options_and_wrong_stats_shape(setup):
     assert all(torch.equal(p, before[n]) for n, p in mt.model.named_parameters())
     assert normalize_request(REQ)["target_new"]["str"] == " Rome"
     assert normalize_request({**REQ, "target_new": "Rome"})["target_new"]["str"] == " Rome"
+
+
+def test_escaped_braces_are_literal_text(setup):
+    """"{{" and "}}" in a prompt are braces in the text: the key token is found in the text as
+    printed (located here from the tokenizer's character offsets)."""
+    from rome_fast.edit.compute_u import key_indices
+    tok = setup["gpt2"]["mt"].tokenizer
+    prompt, subject = "In {{the}} year {{x}}, {} is in", "The Eiffel Tower"
+    r = normalize_request({"prompt": prompt, "subject": subject, "target_new": {"str": "Rome"}})
+    assert prompt.format(subject).startswith("In {the} year {x}, The Eiffel Tower")
+
+    def expected(template):
+        text = template.format(subject)
+        end = text.index(subject) + len(subject)
+        enc = tok(text, return_offsets_mapping=True)
+        return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= end - 1 < b]
+
+    for template in (r["prompt"], "Context {{here}}. " + r["prompt"]):
+        assert key_indices(tok, [template], subject, "subject_last") == expected(template)
+
+
+# ---- module names come from the adapter -----------------------------------------------------
+def test_sites_come_from_the_adapter(tiny_models):
+    """Every family: the edited weight, its layout and the key/value widths agree with the weight
+    itself, and hyperparameters without module names edit the adapter's modules."""
+    from rome_fast.edit import edit_sites
+    for fam, mt in tiny_models.items():
+        hp = ROMEHyperParams(layers=[2, 1])
+        (s1, s2) = edit_sites(mt.model, hp)
+        assert (s1.layer, s2.layer) == (1, 2)
+        W = mt.model.get_parameter(s1.weight)
+        assert s1.weight == s1.rewrite + ".weight" and s1.rewrite.startswith(s1.mlp + ".")
+        conv1d = type(mt.model.get_submodule(s1.rewrite)).__name__ == "Conv1D"
+        assert s1.layout == ("in_out" if conv1d else "out_in"), fam
+        assert tuple(W.shape) == ((s1.key_size, s1.value_size) if conv1d else (s1.value_size, s1.key_size))
+        assert s1.value_size == mt.model.config.get_text_config().hidden_size
+    assert "rewrite_module_tmp" not in ROMEHyperParams(layers=[1]).to_dict()
+
+
+@pytest.mark.parametrize("preset,fam", [("gpt2-xl", "gpt2"), ("gpt2-medium", "gpt2"),
+                                        ("EleutherAI_gpt-j-6B", "gptj"), ("EleutherAI_gpt-neox-20b", "gpt_neox"),
+                                        ("SmolLM2-135M", "llama")])
+def test_reference_presets_load_unchanged_and_match_their_family(tiny_models, preset, fam):
+    """A bundled preset (the reference's file, e.g. GPT-2's head named `transformer.wte`, tied to
+    lm_head, and NeoX's older `embed_out`) loads from_json as it is and passes the adapter check."""
+    from rome_fast.edit import edit_sites
+    from rome_fast.edit.hparams import PRESET_DIR
+    path = PRESET_DIR / f"{preset}.json"
+    raw = json.loads(path.read_text())
+    hp = ROMEHyperParams.from_json(path)
+    assert hp.to_dict() == raw
+    hp.layers = [1]
+    (site,) = edit_sites(tiny_models[fam].model, hp)
+    assert site.rewrite == hp.rewrite_module_tmp.format(1)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mlp_module_tmp", "transformer.h.{}.attn", "not the gpt2 model's MLP"),
+    ("rewrite_module_tmp", "transformer.h.{}.mlp.c_fc", "not the gpt2 model's rewrite module"),
+    ("rewrite_module_tmp", "model.layers.{}.mlp.down_proj", "not a module of this model"),
+    ("layer_module_tmp", "transformer.h.{}.mlp", "not the gpt2 model's transformer block"),
+    ("lm_head_module", "transformer.wpe", "not the gpt2 model's unembedding"),
+    ("ln_f_module", "transformer.ln_g", "not a module of this model"),
+])
+def test_module_names_that_are_not_the_adapters_are_refused(setup, field, value, match):
+    s = setup["gpt2"]
+    model, tok = s["mt"].model, s["mt"].tokenizer
+    hp = dataclasses.replace(s["hp"], **{field: value})
+    before = _params(model)
+    for backend in ("reference", "fast"):
+        with pytest.raises(ValueError, match=rf"hparams\.{field} .*{match}.*adapter says"):
+            apply_rome_to_model(model, tok, [REQ], hp, backend=backend, context_templates=s["templates"],
+                                inv_cov=s["inv"], progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="mlp_module_tmp"):
+        ROMEHyperParams(layers=[1], mlp_module_tmp="transformer.h.mlp")  # no '{}' for the layer
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -371,3 +451,14 @@ def test_cli_stats_and_edit(tiny_models, tmp_path, capsys):
     assert torch.linalg.matrix_rank(d["transformer.h.1.mlp.c_proj.weight"], rtol=1e-4) == 1
     assert main(["edit", "--model", str(mdir), "--prompt", "is located in", "--subject", "X",
                  "--target", "Y"]) == 2
+    # statistics from fewer keys than the key width: written, with a warning (editing refuses them)
+    capsys.readouterr()
+    assert main(["stats", "--model", str(mdir), "--layer", "2", "--corpus", str(corpus),
+                 "--samples", "3", "--stats-dir", str(stats), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "key width of 256" in err and "at least 256 keys" in err
+    rc = main(["edit", "--model", str(mdir), "--prompt", "{} is located in the city of", "--layer", "2",
+               "--subject", "The Eiffel Tower", "--target", "Rome", "--corpus", str(corpus),
+               "--samples", "3", "--stats-dir", str(stats), "--hparams", str(tmp_path / "hp.json"),
+               "--device", "cpu"])
+    assert rc == 2 and "at least 256 keys" in capsys.readouterr().err

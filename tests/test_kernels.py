@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rome_fast import _ext, kernels
+from rome_fast import _ext, ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -17,7 +17,7 @@ def _noise_case(device, dtype, replace):
     rows = torch.randint(0, B, (N,), device=device)
     lengths = torch.randint(0, L + 1, (N,), device=device)
     starts = torch.stack([torch.randint(0, T - int(l) + 1, ()) for l in lengths.cpu()]).to(device)
-    want = kernels.add_noise_ref(x.clone(), noise, rows, starts, lengths, replace)
+    want = ops.add_noise_ref(x.clone(), noise, rows, starts, lengths, replace)
     return x, noise, rows, starts, lengths, want
 
 
@@ -29,9 +29,9 @@ def test_add_noise_matches_reference(device, dtype, replace):
     # distinct rows so the reference's sequential order cannot matter
     x, noise, rows, starts, lengths, want = _noise_case(device, dtype, replace)
     rows = torch.randperm(x.shape[0], device=device)[: noise.shape[0]]
-    want = kernels.add_noise_ref(x.clone(), noise, rows, starts, lengths, replace)
+    want = ops.add_noise_ref(x.clone(), noise, rows, starts, lengths, replace)
     got = x.clone()
-    _ext._C.add_noise_(got, noise, rows, starts, lengths, replace)
+    torch.ops.rome_fast.add_noise_(got, noise, rows, starts, lengths, replace)
     assert (want != x).any()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -48,9 +48,9 @@ def test_restore_rows_matches_reference(device, dtype, n_facts):
     row_tok = torch.randint(-1, T, (B,), device=device)
     row_tok[0] = -1
     row_tok[1] = T - 1
-    want = kernels.restore_rows_ref(x.clone(), clean, row_fact, row_tok)
+    want = ops.restore_rows_ref(x.clone(), clean, row_fact, row_tok)
     got = x.clone()
-    _ext._C.restore_rows_(got, clean, row_fact, row_tok)
+    torch.ops.rome_fast.restore_rows_(got, clean, row_fact, row_tok)
     assert not torch.equal(want, x)
     assert torch.equal(got[0], x[0])  # a row with token -1 is untouched
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -59,10 +59,10 @@ def test_restore_rows_matches_reference(device, dtype, n_facts):
 def test_wrappers_accept_lists_and_2d_clean():
     x = torch.randn(3, 4, 5)
     clean = torch.randn(4, 5)
-    got = kernels.restore_rows_(x.clone(), clean, 0, [2, -1, 0])
+    got = ops.restore_rows_(x.clone(), clean, 0, [2, -1, 0])
     assert torch.equal(got[0, 2], clean[2]) and torch.equal(got[1], x[1]) and torch.equal(got[2, 0], clean[0])
     noise = torch.randn(2, 5)
-    got = kernels.add_noise_(x.clone(), noise, rows=[1], starts=[1])
+    got = ops.add_noise_(x.clone(), noise, rows=[1], starts=[1])
     torch.testing.assert_close(got[1, 1:3], x[1, 1:3] + noise)
     assert torch.equal(got[0], x[0])
 
@@ -71,19 +71,19 @@ def test_wrappers_accept_lists_and_2d_clean():
 def test_bad_input_is_a_clear_error():
     x = torch.randn(2, 4, 5)
     with pytest.raises(ValueError, match="row_tok values must lie in"):
-        _ext._C.restore_rows_(x, torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.long),
+        torch.ops.rome_fast.restore_rows_(x, torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.long),
                               torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="clean width"):
-        _ext._C.restore_rows_(x, torch.randn(1, 4, 6), torch.zeros(2, dtype=torch.long),
+        torch.ops.rome_fast.restore_rows_(x, torch.randn(1, 4, 6), torch.zeros(2, dtype=torch.long),
                               torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="must be 3-D"):
-        _ext._C.restore_rows_(x[0], torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.long),
+        torch.ops.rome_fast.restore_rows_(x[0], torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.long),
                               torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="runs past the sequence length"):
-        _ext._C.add_noise_(x, torch.randn(1, 3, 5), torch.tensor([0]), torch.tensor([2]),
+        torch.ops.rome_fast.add_noise_(x, torch.randn(1, 3, 5), torch.tensor([0]), torch.tensor([2]),
                            torch.tensor([3]), False)
     with pytest.raises(ValueError, match="int64"):
-        _ext._C.restore_rows_(x, torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.int32),
+        torch.ops.rome_fast.restore_rows_(x, torch.randn(1, 4, 5), torch.zeros(2, dtype=torch.int32),
                               torch.zeros(2, dtype=torch.long))
 
 
@@ -105,8 +105,8 @@ def test_rope_heads_matches_reference(device, dtype, cos_batch):
     x = torch.randn(B, T, H * hd, device=device).to(dtype)
     angle = torch.randn(cos_batch, T, hd, device=device)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
-    want = kernels.rope_heads_ref(x, cos, sin, H)
-    got = _ext._C.rope_heads(x, cos, sin, H)
+    want = ops.rope_heads_ref(x, cos, sin, H)
+    got = torch.ops.rome_fast.rope_heads(x, cos, sin, H)
     assert got.shape == (B, H, T, hd) and got.is_contiguous()
     # the same roundings; CUDA may contract a multiply-add (one rounding fewer)
     tol = 0 if device == "cpu" else (1e-6 if dtype == torch.float32 else 1e-2)
@@ -118,10 +118,10 @@ def test_rope_heads_bad_input_is_a_clear_error():
     x = torch.randn(2, 5, 12)
     cos = torch.randn(2, 5, 4)
     with pytest.raises(ValueError, match="multiple of 5 heads"):
-        _ext._C.rope_heads(x, cos, cos, 5)
+        torch.ops.rome_fast.rope_heads(x, cos, cos, 5)
     with pytest.raises(ValueError, match="cos/sin must be"):
-        _ext._C.rope_heads(x, cos[:, :3], cos[:, :3], 3)
+        torch.ops.rome_fast.rope_heads(x, cos[:, :3], cos[:, :3], 3)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        _ext._C.rope_heads(x, cos.double(), cos.double(), 3)
+        torch.ops.rome_fast.rope_heads(x, cos.double(), cos.double(), 3)
     with pytest.raises(ValueError, match="dtype"):
-        _ext._C.rope_heads(x, cos.half(), cos.half(), 3)
+        torch.ops.rome_fast.rope_heads(x, cos.half(), cos.half(), 3)

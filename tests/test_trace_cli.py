@@ -6,8 +6,6 @@ import pytest
 
 from rome_fast.cli import main
 from rome_fast.trace import runner
-from rome_fast.trace.commands import load_model_spec
-from rome_fast.trace.reference import predict_token
 
 PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
            ("Miles Davis plays the", "Miles Davis"),
@@ -20,17 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def facts_file(tmp_path_factory):
-    """known_1000-style records; the expected attribute is the tiny model's own prediction, except
-    for the second fact (a wrong prediction, skipped as the reference skips it)."""
-    mt = load_model_spec("tiny:gpt2")
-    preds = [predict_token(mt, [p])[0] for p, _ in PROMPTS]  # one by one: no padding
-    facts = [dict(known_id=10 + i, subject=s, prompt=p, attribute=pred.strip() if i != 1 else "nope",
-                  template=p.replace(s, "{}"), prediction=pred, relation_id="P0")
-             for i, ((p, s), pred) in enumerate(zip(PROMPTS, preds))]
-    path = tmp_path_factory.mktemp("facts") / "facts.json"
-    path.write_text(json.dumps(facts))
-    return path
+def facts_file(make_facts_file):
+    """The second fact is mispredicted (skipped as the reference skips it)."""
+    return make_facts_file("tiny:gpt2", PROMPTS, wrong={1}, first_id=10)
 
 
 def _cases(out):

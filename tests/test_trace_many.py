@@ -6,9 +6,7 @@ import pytest
 
 from rome_fast.cli import main
 from rome_fast.trace import many
-from rome_fast.trace.commands import load_model_spec
 from rome_fast.trace.engine import TraceEngine
-from rome_fast.trace.reference import predict_token
 
 PROMPTS = [("The Eiffel Tower is located in the city of", "Eiffel Tower"),
            ("Miles Davis plays the", "Miles Davis"),
@@ -22,14 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def facts_file(tmp_path_factory):
-    mt = load_model_spec("tiny:llama")
-    preds = [predict_token(mt, [p])[0] for p, _ in PROMPTS]
-    facts = [dict(known_id=i, subject=s, prompt=p, attribute=pred.strip() if i != 2 else "nope")
-             for i, ((p, s), pred) in enumerate(zip(PROMPTS, preds))]
-    path = tmp_path_factory.mktemp("facts") / "facts.json"
-    path.write_text(json.dumps(facts))
-    return path
+def facts_file(make_facts_file):
+    return make_facts_file("tiny:llama", PROMPTS, wrong={2})
 
 
 def _load(path):
@@ -51,7 +43,8 @@ def test_fast_run_equals_reference_run(facts_file, tmp_path):
         assert a.keys() == b.keys(), name
         for key in a:
             if a[key].dtype.kind == "f":
-                np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-4, err_msg=f"{name}:{key}")
+                # as test_trace_engine: scores within a relative 1e-5 (measured: 2.5e-6)
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-9, err_msg=f"{name}:{key}")
             else:
                 np.testing.assert_array_equal(b[key], a[key], err_msg=f"{name}:{key}")
     with np.load(fast / "cases" / "knowledge_2.npz") as d:

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from rome_fast.models import ModelAndTokenizer
-from rome_fast.models.random_init import RANDOM_FAMILIES, random_model
+from rome_fast.models.random_init import RANDOM_FAMILIES
 from rome_fast.trace import noise as noise_mod
 from rome_fast.trace.api import calculate_hidden_flow
 from rome_fast.trace.noise import collect_embedding_std, draw_noise, resolve_noise
@@ -20,12 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    out = {}
-    for fam in RANDOM_FAMILIES:
-        model, tok = random_model(fam, seed=1)
-        out[fam] = ModelAndTokenizer(model=model, tokenizer=tok)
-    return out
+def tiny(tiny_models):
+    return tiny_models
 
 
 # ---- an independent forward: blocks run by hand, restorations written out -----------------------
@@ -267,12 +262,12 @@ def test_bad_input(tiny, kwargs, match):
 
 
 def test_fast_backend_is_dispatched(tiny, monkeypatch):
-    import sys
-    import types
+    import dataclasses
+
+    from rome_fast.trace import api
     seen = {}
-    fake = types.ModuleType("rome_fast.trace.engine")
-    fake.calculate_hidden_flow_fast = lambda mt, prompt, subject, **kw: seen.update(kw) or {"fast": True}
-    monkeypatch.setitem(sys.modules, "rome_fast.trace.engine", fake)
+    fake = lambda mt, prompt, subject, **kw: seen.update(kw) or {"fast": True}  # noqa: E731
+    monkeypatch.setitem(api.BACKENDS, "fast", dataclasses.replace(api.BACKENDS["fast"], hidden_flow=fake))
     out = calculate_hidden_flow(tiny["gpt2"], PROMPT, SUBJECT, samples=2, noise=0.5, kind="hidden",
                                 backend="fast")
     assert out == {"fast": True} and seen["kind"] is None and seen["samples"] == 2 and "backend" not in seen

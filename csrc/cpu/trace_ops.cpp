@@ -1,12 +1,63 @@
-// Row-wise noise and restore operations for causal tracing, parallel over rows with ATen threads.
-#include "cpu_ops.h"
-
+// add_noise_ and restore_rows_, the row-wise operations of causal tracing: schemas, argument checks
+// (shared with the CUDA kernels, csrc/cuda/register.cpp) and CPU kernels, parallel over rows with
+// ATen threads. Contracts and numerics: docs/kernels.md.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
-namespace rome_fast::cpu {
+#include <cstring>
 
-void add_noise_(torch::Tensor x, const torch::Tensor& noise, const torch::Tensor& rows,
-                const torch::Tensor& starts, const torch::Tensor& lengths, bool replace) {
+#include "../checks.h"
+
+TORCH_LIBRARY_FRAGMENT(rome_fast, m) {
+  // x[rows[n], starts[n] + l, :] (+)= noise[n, l, :] for l < lengths[n]
+  m.def("add_noise_(Tensor(a!) x, Tensor noise, Tensor rows, Tensor starts, Tensor lengths, "
+        "bool replace=False) -> ()");
+  // x[b, row_tok[b], :] = clean[row_fact[b], row_tok[b], :] wherever row_tok[b] >= 0
+  m.def("restore_rows_(Tensor(a!) x, Tensor clean, Tensor row_fact, Tensor row_tok) -> ()");
+}
+
+namespace rome_fast {
+
+void check_add_noise_(const at::Tensor& x, const at::Tensor& noise, const at::Tensor& rows,
+                      const at::Tensor& starts, const at::Tensor& lengths) {
+  check_float_states(x, "x", 3);
+  RF_CHECK(noise.dim() == 3 && noise.scalar_type() == at::kFloat && noise.is_contiguous(),
+           "noise must be a contiguous float32 tensor [N, L, D], got ", noise.scalar_type(), " ",
+           noise.sizes());
+  RF_CHECK(noise.size(2) == x.size(2), "noise width ", noise.size(2), " != hidden size ", x.size(2));
+  check_same_device(noise, "noise", x, "x");
+  const int64_t N = noise.size(0), L = noise.size(1);
+  check_index(rows, "rows", N, x);
+  check_index(starts, "starts", N, x);
+  check_index(lengths, "lengths", N, x);
+  check_range(rows, "rows", 0, x.size(0));
+  check_range(lengths, "lengths", 0, L + 1);
+  if (x.is_cpu() && N > 0) {
+    RF_CHECK((starts >= 0).all().item<bool>() && ((starts + lengths) <= x.size(1)).all().item<bool>(),
+             "noise span starts[n] + lengths[n] runs past the sequence length ", x.size(1));
+  }
+}
+
+void check_restore_rows_(const at::Tensor& x, const at::Tensor& clean, const at::Tensor& row_fact,
+                         const at::Tensor& row_tok) {
+  check_float_states(x, "x", 3);
+  check_float_states(clean, "clean", 3);
+  RF_CHECK(clean.scalar_type() == x.scalar_type(), "clean dtype ", clean.scalar_type(),
+           " != states dtype ", x.scalar_type());
+  check_same_device(clean, "clean", x, "x");
+  RF_CHECK(clean.size(2) == x.size(2), "clean width ", clean.size(2), " != hidden size ", x.size(2));
+  const int64_t B = x.size(0);
+  check_index(row_fact, "row_fact", B, x);
+  check_index(row_tok, "row_tok", B, x);
+  check_range(row_fact, "row_fact", 0, clean.size(0));
+  check_range(row_tok, "row_tok", -1, std::min(x.size(1), clean.size(1)));
+}
+
+namespace {
+
+void add_noise_cpu(at::Tensor& x, const at::Tensor& noise, const at::Tensor& rows,
+                   const at::Tensor& starts, const at::Tensor& lengths, bool replace) {
+  check_add_noise_(x, noise, rows, starts, lengths);
   const int64_t N = noise.size(0), L = noise.size(1), D = noise.size(2);
   const int64_t T = x.size(1);
   const auto* row = rows.data_ptr<int64_t>();
@@ -34,8 +85,9 @@ void add_noise_(torch::Tensor x, const torch::Tensor& noise, const torch::Tensor
   });
 }
 
-void restore_rows_(torch::Tensor x, const torch::Tensor& clean, const torch::Tensor& row_fact,
-                   const torch::Tensor& row_tok) {
+void restore_rows_cpu(at::Tensor& x, const at::Tensor& clean, const at::Tensor& row_fact,
+                      const at::Tensor& row_tok) {
+  check_restore_rows_(x, clean, row_fact, row_tok);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const int64_t Tc = clean.size(1);
   const auto* fact = row_fact.data_ptr<int64_t>();
@@ -53,4 +105,10 @@ void restore_rows_(torch::Tensor x, const torch::Tensor& clean, const torch::Ten
   });
 }
 
-}  // namespace rome_fast::cpu
+}  // namespace
+}  // namespace rome_fast
+
+TORCH_LIBRARY_IMPL(rome_fast, CPU, m) {
+  m.impl("add_noise_", &rome_fast::add_noise_cpu);
+  m.impl("restore_rows_", &rome_fast::restore_rows_cpu);
+}

@@ -2,7 +2,6 @@
 #include <cuda_runtime.h>
 
 #include "dtype_utils.cuh"
-#include "kernels.h"
 
 namespace rome_fast::cuda {
 namespace {
@@ -31,6 +30,11 @@ __global__ void rope_heads_kernel(const S* __restrict__ x, const S* __restrict__
 
 }  // namespace
 
+// The launchers (declared for the dispatcher in register.cpp): device pointers, `stream` a
+// cudaStream_t, a cudaError_t returned as int. Inputs are checked before they are called.
+
+// out [B, H, T, hd] = x·cos + rotate_half(x)·sin per head of x [B, T, H·hd]; cos/sin [B, T, hd]
+// (or [1, T, hd] with cos_broadcast). All of `dtype`, contiguous.
 int rope_heads(const void* x, const void* cos, const void* sin, void* out, int64_t B, int64_t T,
                int64_t H, int64_t hd, bool cos_broadcast, DType dtype, void* stream) {
   const int64_t n = B * H * T * hd;

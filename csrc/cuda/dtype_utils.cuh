@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "kernels.h"
+#include "dtype.h"
 
 namespace rome_fast::cuda::detail {
 

@@ -4,7 +4,6 @@
 #include <cuda_runtime.h>
 
 #include "dtype_utils.cuh"
-#include "kernels.h"
 
 namespace rome_fast::cuda {
 namespace {
@@ -51,6 +50,11 @@ __global__ void restore_rows_kernel(T* __restrict__ x, const T* __restrict__ cle
 
 }  // namespace
 
+// The launchers (declared for the dispatcher in register.cpp): device pointers, `stream` a
+// cudaStream_t, a cudaError_t returned as int. Inputs are checked before they are called.
+
+// x[rows[n], starts[n] + l] (+)= noise[n, l] for l < lengths[n]; x [B, T, D] of `dtype`,
+// noise [N, L, D] fp32.
 int add_noise(void* x, const float* noise, const int64_t* rows, const int64_t* starts,
               const int64_t* lengths, int64_t N, int64_t L, int64_t T, int64_t D, bool replace,
               DType dtype, void* stream) {
@@ -63,6 +67,8 @@ int add_noise(void* x, const float* noise, const int64_t* rows, const int64_t* s
   });
 }
 
+// x[b, row_tok[b]] = clean[row_fact[b], row_tok[b]] where row_tok[b] >= 0; x [B, T, D], clean
+// [F, Tc, D], both of `dtype`.
 int restore_rows(void* x, const void* clean, const int64_t* row_fact, const int64_t* row_tok,
                  int64_t B, int64_t T, int64_t Tc, int64_t D, DType dtype, void* stream) {
   if (B == 0) return 0;

@@ -1,5 +1,7 @@
-"""ROME editing (REFERENCE.md §2-3): the reference path and the fast backend (the default): hyperparameters, second-moment statistics,
-context templates, compute_u / compute_v, the rank-one update, apply and restore.
+"""Knowledge editing (docs/editing.md): ROME with a reference backend (plain PyTorch, the
+oracle) and a fast backend (the default), behind one backend protocol (`backend.py`) that other
+methods plug into; hyperparameters, second-moment statistics, context templates, compute_u /
+compute_v, the rank-one update, apply and restore.
 
     from rome_fast.edit import ROMEHyperParams, apply_rome_to_model, restore_weights
     hp = ROMEHyperParams.from_name("smollm2-135m")
@@ -8,11 +10,15 @@ context templates, compute_u / compute_v, the rank-one update, apply and restore
                                       stats_dir="stats")
     restore_weights(model, orig)
 """
+from .backend import (EditBackend, WeightDelta, apply_edits, backend_names, get_backend, register_backend,
+                      restore_weights)
 from .compute_u import compute_u, get_inv_cov
 from .compute_v import ValueInfo, compute_v
+from .covariance import StatisticsError
 from .hparams import ROMEHyperParams, list_presets
-from .rome import (apply_rome_to_model, execute_rome, normalize_request, rank_one_update,
-                   register_backend, restore_weights, update_matrix, weight_layout)
+from .requests import normalize_request
+from .rome import apply_rome_to_model, execute_rome, rank_one_update, update_matrix
+from .sites import EditSite, edit_sites
 from .stats import LayerStats, SecondMoment, layer_stats, load_stats_file, stats_path
 from .fast import apply_rome_batch, execute_rome_fast
 from .fast_compute_v import fast_compute_v
@@ -28,9 +34,9 @@ def clear_caches() -> None:
     _t.clear_cache()
 
 
-__all__ = ["LayerStats", "ROMEHyperParams", "SecondMoment", "ValueInfo", "apply_rome_batch",
-           "apply_rome_to_model", "clear_caches", "compute_u", "compute_v", "execute_rome", "execute_rome_fast",
-           "fast_compute_v", "get_context_templates",
-           "get_inv_cov", "layer_stats", "layer_stats_fast", "list_presets", "load_stats_file", "normalize_request",
-           "rank_one_update", "register_backend", "restore_weights", "stats_path",
-           "update_matrix", "weight_layout"]
+__all__ = ["EditBackend", "EditSite", "LayerStats", "ROMEHyperParams", "SecondMoment", "StatisticsError",
+           "ValueInfo", "WeightDelta", "apply_edits", "apply_rome_batch", "apply_rome_to_model", "backend_names",
+           "clear_caches", "compute_u", "compute_v", "edit_sites", "execute_rome", "execute_rome_fast",
+           "fast_compute_v", "get_backend", "get_context_templates", "get_inv_cov", "layer_stats",
+           "layer_stats_fast", "list_presets", "load_stats_file", "normalize_request", "rank_one_update",
+           "register_backend", "restore_weights", "stats_path", "update_matrix"]

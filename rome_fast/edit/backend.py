@@ -6,7 +6,12 @@ u ⊗ right for each request, MEMIT's K-side solve times the spread residual, Al
 solve times the residual. A backend therefore reports its work as `WeightDelta`s, and one compiled
 rank-k kernel applies any of them.
 
-A backend says three things:
+A backend says:
+* `check_requests(...)`: validated, normalised copies of the requests (the first bad one is a
+  ValueError naming it);
+* `prepare(...)`: everything a call needs that the edits do not change — options checked, context
+  templates sampled from the unedited model, statistics loaded and checked — returned as the
+  keywords `compute`/`edit` get (default: the keywords as given);
 * `compute(...)`: the deltas of a call's requests, computed on the model as it is; the model is
   left exactly as it was (bitwise) on return;
 * `edit(...)`: compute and keep the deltas in the model (a backend may fuse the two, as fast ROME
@@ -14,18 +19,20 @@ A backend says three things:
 * `batches`: True when one call solves all its requests together (MEMIT, AlphaEdit); False when
   requests are edited one after another, each on the model edited by the ones before (ROME).
 
-`apply_edits` validates every request before touching anything, snapshots the weights the backend
-will change, runs the edit, and on any exception — KeyboardInterrupt included — copies the snapshot
-back before re-raising: a failed call never leaves a half-edited model."""
+`apply_edits` checks every request and prepares before touching anything, snapshots the weights
+the backend will change, runs the edit, and on any exception — KeyboardInterrupt included — copies
+the snapshot back before re-raising: a failed call never leaves a half-edited model. See
+docs/editing.md, "Backends"."""
 from __future__ import annotations
 
 import copy as copy_module
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-LAYOUTS = ("in_out", "out_in")
+from .sites import edit_sites
+from .solve_update import LAYOUTS, rank_k_update_
 
 
 @dataclass
@@ -36,6 +43,7 @@ class WeightDelta:
     U: torch.Tensor
     R: torch.Tensor
     layout: str
+    info: Any = field(default=None, compare=False)  # what the method wants to report (ROME: ValueInfo)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -59,7 +67,6 @@ class WeightDelta:
     @torch.no_grad()
     def apply_(self, model) -> None:
         """W += the update, in place, with the compiled rank-k kernel where it can run."""
-        from .solve_update import rank_k_update_
         W = model.get_parameter(self.name)
         rank_k_update_(W, self.U.to(W.device), self.R.to(W.device), self.layout)
 
@@ -71,13 +78,19 @@ class EditBackend:
     batches: ClassVar[bool] = False
 
     def weight_names(self, model, hparams) -> list[str]:
-        """The parameters an edit with `hparams` may change (snapshotted by `apply_edits`)."""
-        raise NotImplementedError
+        """The parameters an edit with `hparams` may change (snapshotted by `apply_edits`): by
+        default the rewrite weight of every layer in hparams.layers, from the model's adapter."""
+        return [s.weight for s in edit_sites(model, hparams)]
 
     def check_requests(self, model, tok, requests: list, hparams) -> list:
         """Validated, normalised copies of the requests; raises ValueError naming the bad one.
         Called on every request before anything is edited."""
         raise NotImplementedError
+
+    def prepare(self, model, tok, requests: list, hparams, **kw) -> dict:
+        """The keywords for compute/edit, after the work and checks that do not depend on the
+        edits (called once per `apply_edits`, before anything is edited)."""
+        return kw
 
     def compute(self, model, tok, requests: list, hparams, **kw) -> list[WeightDelta]:
         """The deltas of `requests` (already checked) on the model as it is; the model is left
@@ -122,20 +135,23 @@ def restore_weights(model, orig_weights: dict) -> None:
         model.get_parameter(name).copy_(w)
 
 
-def apply_edits(model, tok, requests, hparams, method: str, backend: str = "fast", copy: bool = False,
+def apply_edits(model, tok, requests, hparams, method: str, backend="fast", copy: bool = False,
                 return_orig_weights: bool = False, **kw):
-    """Edit `model` with `requests` using (method, backend). Returns (model, orig_weights, deltas):
-    orig_weights maps the changed parameters to clones taken before the first request when
-    return_orig_weights=True (else {}); deltas lists every WeightDelta applied, in order.
+    """Edit `model` with `requests` using (method, backend); `backend` is a registered name or an
+    EditBackend instance. Returns (model, orig_weights, deltas): orig_weights maps the changed
+    parameters to clones taken before the first request when return_orig_weights=True (else {});
+    deltas lists every WeightDelta applied, in order.
 
-    Every request is checked before anything is edited. On any exception (KeyboardInterrupt
-    included) the weights are put back as they were before the call, then the exception goes on."""
-    impl = get_backend(method, backend)
+    Every request is checked, and the backend prepared, before anything is edited. On any
+    exception (KeyboardInterrupt included) the weights are put back as they were before the call,
+    then the exception goes on."""
+    impl = backend if isinstance(backend, EditBackend) else get_backend(method, backend)
     if isinstance(requests, dict):
         requests = [requests]
     requests = impl.check_requests(model, tok, list(requests), hparams)
     if not requests:
         raise ValueError("no requests to edit")
+    kw = impl.prepare(model, tok, requests, hparams, **kw)
     if copy:
         model = copy_module.deepcopy(model)
     names = impl.weight_names(model, hparams)
@@ -144,7 +160,12 @@ def apply_edits(model, tok, requests, hparams, method: str, backend: str = "fast
     try:
         groups = [requests] if impl.batches else [[r] for r in requests]
         for group in groups:
-            applied += impl.edit(model, tok, group, hparams, **kw)
+            deltas = impl.edit(model, tok, group, hparams, **kw)
+            stray = sorted({d.name for d in deltas} - saved.keys())
+            if stray:  # a change apply_edits could not undo: a bug in the backend
+                raise RuntimeError(f"{type(impl).__name__} changed {stray}, which its weight_names() "
+                                   f"does not list")
+            applied += deltas
     except BaseException:
         restore_weights(model, saved)
         raise

@@ -2,10 +2,10 @@
 
 Statistics are cached under --stats-dir (default $ROME_FAST_CACHE/stats, i.e.
 ~/.cache/rome_fast/stats) in the reference's layout, so reference .npz files placed there load.
-`stats` checkpoints and resumes, shards under torchrun and can stop once converged
-(docs/statistics.md). Without --corpus the embedded model uses WikiText-2 from the project's shared data folder when
-it is there ($ROME_FAST_CORPUS overrides); other models need --corpus unless their statistics
-are already cached."""
+Without --corpus: hparams.mom2_dataset when it is a local file or folder; its cached statistics;
+for the embedded model WikiText-2 as shipped with the package ($ROME_FAST_CORPUS overrides); for
+other models the Hugging Face dataset mom2_dataset when `datasets` is installed. `stats`
+checkpoints and resumes, shards under torchrun and can stop once converged (docs/statistics.md)."""
 from __future__ import annotations
 
 import argparse
@@ -22,29 +22,47 @@ def _stats_dir(args) -> Path:
 
 
 def _corpus(args, mt, hp, stats_dir):
-    """(corpus, hparams) for the statistics: --corpus; else the hparams' dataset when its
-    statistics are cached; else, for the embedded model, the default WikiText file. --samples
-    replaces hparams.mom2_n_samples (the presets' 100000 takes every text of a smaller corpus,
-    so the cache file is the one `rome-fast eval` and the demo use)."""
-    from ..models.loading import EMBEDDED_ALIASES
-    from .corpus import default_corpus
-    from .stats import corpus_ds_name, stats_model_name, stats_path
-
+    """(corpus, hparams) for the statistics (`statistics_corpus`). --samples replaces
+    hparams.mom2_n_samples (the presets' 100000 takes every text of a smaller corpus, so the
+    cache file is the one `rome-fast eval` and the demo use)."""
     if args.samples is not None:
         hp = dataclasses.replace(hp, mom2_n_samples=args.samples)
-    if args.corpus or not hp.mom2_adjustment:
-        return args.corpus, hp
-    cached = stats_path(stats_dir, stats_model_name(mt.model), corpus_ds_name(None, hp.mom2_dataset),
-                        hp.rewrite_module_tmp.format(hp.layers[0]), hp.mom2_dtype, ("mom2",),
-                        hp.mom2_n_samples)
+    corpus = statistics_corpus(args.corpus, args.model, mt.model, hp, stats_dir)
+    if corpus and corpus != args.corpus:
+        print(f"corpus: {corpus}")
+    return corpus, hp
+
+
+def statistics_corpus(corpus, model_spec, model, hp, stats_dir):
+    """The corpus for an edit's statistics when they are computed: `corpus` if given; else
+    hparams.mom2_dataset when it is a local file; else None when no corpus is needed (no
+    mom2_adjustment, or the mom2_dataset's statistics are cached); else, for the embedded model,
+    the default corpus (WikiText-2, shipped with the package); else None when `datasets` can load
+    mom2_dataset from the Hugging Face hub (the reference's Wikipedia), or an error saying what
+    to pass."""
+    import importlib.util
+
+    from ..models import adapter_for
+    from ..models.loading import EMBEDDED_ALIASES
+    from .corpus import default_corpus, local_corpus
+    from .stats import stats_model_name, stats_path
+
+    if corpus or not hp.mom2_adjustment:
+        return corpus
+    local = local_corpus(None, hp.mom2_dataset)
+    if local is not None:
+        return str(local)
+    cached = stats_path(stats_dir, stats_model_name(model), hp.mom2_dataset,
+                        adapter_for(model).rewrite_name(hp.layers[0]), hp.mom2_dtype, ("mom2",),
+                        hp.mom2_n_samples, act_dtype=hp.mom2_act_dtype)
     if cached.is_file():
-        return None, hp
-    default = default_corpus() if str(args.model).lower() in EMBEDDED_ALIASES else None
-    if default is None:
-        raise ValueError(f"no statistics cached at {cached}: give --corpus FILE (a text file, or a "
-                         "Hugging Face dataset name with `datasets` installed)")
-    print(f"corpus: {default}")
-    return str(default), hp
+        return None
+    if str(model_spec).lower() in EMBEDDED_ALIASES:
+        return str(default_corpus())
+    if importlib.util.find_spec("datasets") is not None:
+        return None
+    raise ValueError(f"no statistics cached at {cached}: give --corpus FILE (a text file), or install "
+                     f"`datasets` to compute them from the Hugging Face dataset {hp.mom2_dataset!r}")
 
 
 def _samples(value: str):
@@ -75,14 +93,11 @@ def _probe_requests(path, limit) -> list[dict]:
 
 def cmd_stats(args) -> int:
     from .. import distributed
-    from ..trace.commands import load_model_spec
+    from ..models import load_model_spec
     from .corpus import default_corpus
     from .stats import corpus_ds_name, layer_stats
 
     corpus = args.corpus or default_corpus()
-    if corpus is None:
-        raise ValueError("give --corpus: a text or JSONL file, a folder of them, or a Hugging Face dataset "
-                         "name (with `datasets` installed)")
     scale = dict(seed=args.seed, until_converged=args.until_converged, checkpoint_minutes=args.checkpoint_minutes,
                  checkpoint_texts=args.checkpoint_texts, restart=args.restart)
     if args.backend == "reference":
@@ -127,7 +142,12 @@ def cmd_stats(args) -> int:
         return 0
     dt = time.time() - t0
     for name, st in got.items():
-        print(f"{name}: {st.mom2.count} keys of width {st.mom2.mom2.shape[0]} -> {st.path}")
+        count, width = st.mom2.count, st.mom2.mom2.shape[0]
+        print(f"{name}: {count} keys of width {width} -> {st.path}")
+        if count < width:
+            print(f"rome-fast: warning: {name}: {count} keys for a key width of {width} give a singular C, "
+                  f"which editing refuses. Collect at least {width} keys (ten times as many for a "
+                  f"well-conditioned C) from more texts (--samples) or a bigger --corpus", file=sys.stderr)
     if run:
         if run.get("local_tokens"):
             print(f"{run['texts']} texts, {run['tokens']} tokens; this run summed {run['local_tokens']} tokens "
@@ -152,18 +172,19 @@ def cmd_edit(args) -> int:
     from ..models import load_model
     from .demo import greedy_completion, hparams_for, target_probability
     from .hparams import ROMEHyperParams
-    from .rome import apply_rome_to_model, normalize_request
+    from .requests import normalize_request
+    from .rome import apply_rome_to_model
     from .templates import get_context_templates
 
+    # everything that needs no model is checked before the model loads
     request = normalize_request({"prompt": args.prompt, "subject": args.subject,
                                  "target_new": {"str": args.target}})
+    hp = ROMEHyperParams.from_json(args.hparams) if args.hparams else None
+    if hp is not None and args.layer is not None:
+        hp.layers = [args.layer]
     mt = load_model(args.model, device=args.device)
     model, tok = mt.model, mt.tokenizer
-    if args.hparams:
-        hp = ROMEHyperParams.from_json(args.hparams)
-        if args.layer is not None:
-            hp.layers = [args.layer]
-    else:
+    if hp is None:
         hp = hparams_for(mt, args.layer)
     stats_dir = _stats_dir(args)
     corpus, hp = _corpus(args, mt, hp, stats_dir)
@@ -200,12 +221,14 @@ def cmd_edit(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from .backend import backend_names
+
     s = sub.add_parser("stats", help="second-moment statistics of a layer's MLP keys (cached, resumable; "
                                      "run under torchrun to shard)")
     s.add_argument("--model", default="smollm2-135m", help="hub id, local path, .gguf, or smollm2-135m")
     s.add_argument("--layer", type=int, nargs="+", required=True, help="layer number(s)")
     s.add_argument("--corpus", help="text file, JSONL file (a 'text' field a line), folder of them, or a "
-                                    "Hugging Face dataset name[:config]; default: WikiText-2 when found")
+                                    "Hugging Face dataset name[:config]; default: WikiText-2, shipped with the package")
     s.add_argument("--samples", type=_samples, default=100000,
                    help="number of texts, or 'all' (default 100000 as the reference; a smaller corpus is used whole)")
     s.add_argument("--until-converged", type=float, metavar="TOL",
@@ -238,12 +261,13 @@ def add_parsers(sub) -> None:
     e.add_argument("--target", required=True, help="the new object, e.g. ' Rome'")
     e.add_argument("--layer", type=int, default=None, help="edit layer (default: the preset's)")
     e.add_argument("--hparams", help="a ROME hyperparameter JSON file (reference format)")
-    e.add_argument("--corpus", help="text file for the statistics (default: WikiText-2 when found)")
+    e.add_argument("--corpus", help="text file for the statistics (default: hparams.mom2_dataset's cached "
+                                    "statistics or text file, else WikiText-2 for the embedded model)")
     e.add_argument("--samples", type=int, default=None,
                    help="texts for the statistics (default: the preset's mom2_n_samples, 100000)")
     e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
     e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
-    e.add_argument("--backend", default="fast", choices=["reference", "fast"], help="ROME implementation")
+    e.add_argument("--backend", default="fast", choices=backend_names("rome"), help="ROME implementation")
     e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")
     e.add_argument("--probe", action="append", help="another prompt to complete before/after (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=8)

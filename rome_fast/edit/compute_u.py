@@ -1,4 +1,4 @@
-"""The key / left vector u (REFERENCE.md §2.4): k̄ = mean over the context templates of the
+"""The key / left vector u (docs/editing.md, "Keys"): k̄ = mean over the context templates of the
 rewrite module's input at the subject's key token; u = C⁻¹ k̄ / ‖C⁻¹ k̄‖ with C = E[k kᵀ]."""
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ from pathlib import Path
 
 import torch
 
+from ..models import adapter_for
 from ..tokens import get_words_idxs_in_templates
-from .nethook import Trace
+from ..hooks import Trace
+from .corpus import local_corpus
+from .covariance import describe, edit_covariance
+from .sites import edit_sites
 from .stats import corpus_ds_name, layer_stats, stats_model_name
 
 _INV_COV: dict = {}
@@ -51,7 +55,7 @@ def module_io_at(model, tok, module_name: str, templates, subject: str, fact_tok
     for s in range(0, len(templates), CHUNK):
         part = templates[s:s + CHUNK]
         ids, mask = right_padded(tok, [t.format(subject) for t in part], device)
-        with Trace(model, module_name, retain_input=True, retain_output=True, stop=stop) as tr:
+        with Trace(model, module_name, retain_input=True, retain_output=True, detach=True, stop=stop) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(part), device=device)
         at = torch.tensor(idxs[s:s + CHUNK], device=device)
@@ -61,19 +65,23 @@ def module_io_at(model, tok, module_name: str, templates, subject: str, fact_tok
 
 
 def get_inv_cov(model, tok, layer_name: str, stats_dir, ds_name, sample_size, dtype="float32",
-                corpus=None, model_name=None, progress=True) -> torch.Tensor:
-    """C⁻¹ in float32 on the model's device via `torch.inverse` (no regularisation, as the
-    reference), cached for the process per model, layer and statistics identity."""
+                corpus=None, model_name=None, progress=True, ridge=None) -> torch.Tensor:
+    """C⁻¹ in float32 on the model's device via `torch.inverse` (as the reference), cached for the
+    process per model, layer and statistics identity. The statistics are checked first
+    (covariance.py: enough keys, positive definite; a StatisticsError otherwise) unless `ridge`
+    regularises them explicitly."""
     model_name = model_name or stats_model_name(model)
     where = (str(Path(stats_dir).resolve()) if stats_dir else
              str(corpus) if isinstance(corpus, (str, Path)) else id(corpus))
-    key = (model_name, layer_name, where, ds_name, sample_size, dtype)
+    key = (model_name, layer_name, where, ds_name, sample_size, dtype, ridge)
     if key not in _INV_COV:
         stat = layer_stats(model, tok, layer_name, stats_dir, ds_name, to_collect=("mom2",),
                            sample_size=sample_size, precision=dtype, corpus=corpus,
                            model_name=model_name, progress=progress)
         device = next(model.parameters()).device
-        _INV_COV[key] = invert_mom2(stat.mom2.moment().to(device), stat.path or layer_name)
+        C, _ = edit_covariance(stat.mom2, adapter_for(model).linear_io(layer_name)[0],
+                               describe(stat.path, layer_name), ridge, device)
+        _INV_COV[key] = invert_mom2(C, stat.path or layer_name)
     return _INV_COV[key]
 
 
@@ -92,8 +100,8 @@ def clear_cache() -> None:
 def template_keys(model, tok, request: dict, hparams, layer: int, context_templates) -> torch.Tensor:
     """The keys of every context template filled with the request's prompt and subject: (n, d_in)."""
     templates = [c.format(request["prompt"]) for c in context_templates]
-    k, _ = module_io_at(model, tok, hparams.rewrite_module_tmp.format(layer), templates,
-                        request["subject"], hparams.fact_token)
+    (site,) = edit_sites(model, hparams, [layer])
+    k, _ = module_io_at(model, tok, site.rewrite, templates, request["subject"], hparams.fact_token)
     return k
 
 
@@ -107,9 +115,10 @@ def compute_u(model, tok, request: dict, hparams, layer: int, context_templates,
     u = k_bar
     if hparams.mom2_adjustment:
         if inv_cov is None:
-            inv_cov = get_inv_cov(model, tok, hparams.rewrite_module_tmp.format(layer), stats_dir,
+            corpus = local_corpus(corpus, hparams.mom2_dataset)  # mom2_dataset may be a text file
+            inv_cov = get_inv_cov(model, tok, adapter_for(model).rewrite_name(layer), stats_dir,
                                   corpus_ds_name(corpus, hparams.mom2_dataset), hparams.mom2_n_samples,
-                                  hparams.mom2_dtype, corpus, model_name, progress)
+                                  hparams.mom2_dtype, corpus, model_name, progress, hparams.mom2_ridge)
         if inv_cov.shape != (k_bar.numel(), k_bar.numel()):
             raise ValueError(f"inverse second moment is {tuple(inv_cov.shape)} but the key width of "
                              f"layer {layer} is {k_bar.numel()}")

@@ -1,6 +1,6 @@
-"""The value / right vector (REFERENCE.md §2.5): optimise δ added to the edit layer's MLP output
-at the subject's key token so the model predicts the new target after every context template,
-then turn v* = v_init + δ into the right vector (v* − y*) / ⟨k*, u⟩."""
+"""The value / right vector (docs/editing.md, "Value optimisation"): optimise δ added to the edit
+layer's MLP output at the subject's key token so the model predicts the new target after every
+context template, then turn v* = v_init + δ into the right vector (v* − y*) / ⟨k*, u⟩."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from .compute_u import key_indices, module_io_at, right_padded
-from .nethook import TraceDict
+from ..hooks import TraceDict
+from .requests import check_key_mode, target_token_ids
+from .sites import edit_sites
 
 KL_PROMPT = "{} is a"
 
@@ -31,19 +33,12 @@ class ValueInfo:
     k_bar: torch.Tensor | None = None  # the template-averaged key u was built from
 
 
-def target_token_ids(tok, target: str) -> list[int]:
-    ids = tok(target, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    return ids
-
-
 def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
 def optimise_delta(model, hparams, delta: torch.Tensor, state: dict, forward) -> tuple[list, int]:
-    """The reference's optimisation of δ (REFERENCE.md §2.5), shared by both paths: Adam(v_lr);
+    """The reference's optimisation of δ (docs/editing.md), shared by both paths: Adam(v_lr);
     loss = nll + kl_factor·KL(p‖p₀) + v_weight_decay·‖δ‖/‖v_init‖²; stop when loss < 5e-2; the
     last iteration only evaluates; δ clamped to clamp_norm_factor·‖v_init‖ after each step.
     `forward()` runs the model with δ applied (its first call sets state["v_init"]) and returns
@@ -89,10 +84,10 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
     key_mode "reference": k*, y* from the bare prompt (the reference). "r-rome": k̄ and ȳ, the
     key and rewrite-module output averaged over the context templates (the keys u was built
     from), so the update maps k̄ (not k*) to v*; pass `k_bar` to skip recomputing it."""
-    if key_mode not in ("reference", "r-rome"):
-        raise ValueError(f"unknown key_mode {key_mode!r}: 'reference' or 'r-rome'")
+    check_key_mode(key_mode)
     device = next(model.parameters()).device
-    mlp_name = hparams.mlp_module_tmp.format(layer)
+    (site,) = edit_sites(model, hparams, [layer])
+    mlp_name = site.mlp
     target_ids = target_token_ids(tok, request["target_new"]["str"])
     n_t = len(target_ids)
 
@@ -111,8 +106,7 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
     rows = torch.arange(len(all_prompts), device=device)
     at = torch.tensor(lookup, device=device)
 
-    hidden = _output_width(model, hparams, layer)
-    delta = torch.zeros(hidden, dtype=torch.float32, device=device, requires_grad=True)
+    delta = torch.zeros(site.value_size, dtype=torch.float32, device=device, requires_grad=True)
     state = {"v_init": None}
 
     def add_delta(out, name):
@@ -128,7 +122,7 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
     tmask = (targets != -100).float()
 
     def forward():
-        with TraceDict(model, [mlp_name], edit_output=add_delta):
+        with TraceDict(model, [mlp_name], retain_output=False, edit_output=add_delta):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         kl_logp = torch.log_softmax(logits[n_rw + torch.arange(len(all_prompts) - n_rw, device=device),
                                            at[n_rw:]], dim=-1)
@@ -147,7 +141,8 @@ def right_vector(model, tok, request: dict, hparams, layer: int, left_vector, co
     """(v* − y)/⟨k, u⟩ from the optimised δ (both value paths): k*, y* of the bare prompt, or with
     r-ROME the template means k̄, ȳ. Returns the right vector, with a ValueInfo if asked."""
     v_star = v_init + delta
-    rewrite = hparams.rewrite_module_tmp.format(layer)
+    (site,) = edit_sites(model, hparams, [layer])
+    rewrite = site.rewrite
     if key_mode == "reference":
         k, y = module_io_at(model, tok, rewrite, [request["prompt"]], request["subject"], hparams.fact_token)
         k, y = k[0], y[0]
@@ -162,10 +157,3 @@ def right_vector(model, tok, request: dict, hparams, layer: int, left_vector, co
         return right
     return right, ValueInfo(k, y, v_init, delta, v_star, right, denom.item(), losses, steps, lookup)
 
-
-def _output_width(model, hparams, layer: int) -> int:
-    m = model.get_submodule(hparams.rewrite_module_tmp.format(layer))
-    for attr in ("out_features", "nf"):
-        if isinstance(getattr(m, attr, None), int):
-            return getattr(m, attr)
-    return model.config.hidden_size

@@ -203,6 +203,15 @@ class _Column:
         return self.ds[int(i)][self.field]
 
 
+def looks_like_path(name) -> bool:
+    """A corpus name meant as a local path: a text or JSONL suffix, an absolute path, or one
+    starting with '.' or '~'. Such a name that does not exist is a missing file, not a Hugging
+    Face dataset."""
+    text = str(name)
+    return (Path(text).suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES or os.path.isabs(text)
+            or text.startswith((".", "~")))
+
+
 def local_path(corpus) -> Path | None:
     """The existing file or folder a corpus string names, else None (then it is a dataset name)."""
     if isinstance(corpus, (str, os.PathLike)):
@@ -210,6 +219,19 @@ def local_path(corpus) -> Path | None:
         if path.exists():
             return path
     return None
+
+
+def local_corpus(corpus, ds_name: str | None = None):
+    """The corpus to read when statistics are needed: `corpus` if given; else `ds_name` (a
+    hparams' mom2_dataset) as a Path when it is an existing file or folder or looks like a path,
+    so a local corpus is read as such wherever it is named; else None (`ds_name` is then a
+    dataset name, or the name of cached statistics)."""
+    if corpus is not None or not ds_name:
+        return corpus
+    path = local_path(ds_name)
+    if path is not None:
+        return path
+    return Path(str(ds_name)).expanduser() if looks_like_path(ds_name) else None
 
 
 def corpus_name(corpus) -> str:
@@ -241,10 +263,9 @@ def resolve_corpus(corpus=None, ds_name: str | None = None):
     path = local_path(corpus)
     if path is not None:
         return (read_folder(path) if path.is_dir() else read_file(path)), name
-    s = os.fspath(corpus)
-    if Path(s).suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES or os.path.isabs(s) or s.startswith((".", "~")):
+    if looks_like_path(corpus):
         raise FileNotFoundError(f"corpus file not found: {corpus}")
-    return load_hf_dataset(s), name
+    return load_hf_dataset(os.fspath(corpus)), name
 
 
 def texts_fingerprint(texts, order, ends: int = 32) -> str:
@@ -256,13 +277,14 @@ def texts_fingerprint(texts, order, ends: int = 32) -> str:
     return h.hexdigest()[:16]
 
 
-def default_corpus() -> Path | None:
-    """WikiText-2 (test split) in the project's shared data folder beside the repository, or
-    $ROME_FAST_CORPUS; None when neither exists."""
-    import os
+def default_corpus() -> Path:
+    """The text for the embedded model's statistics when none is named: $ROME_FAST_CORPUS if set,
+    else WikiText-2 (raw, test split) as shipped with the package (see rome_fast/data)."""
     env = os.environ.get("ROME_FAST_CORPUS")
-    if env and Path(env).is_file():
-        return Path(env)
-    here = Path(__file__).resolve().parents[2]
-    cand = here.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
-    return cand if cand.is_file() else None
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ROME_FAST_CORPUS={env} is not a file: point it at a text file or unset it")
+        return path
+    from ..data import bundled
+    return bundled("wikitext-2-raw-test.txt")

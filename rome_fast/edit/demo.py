@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.base import cache_argument, returned_cache
+
 DEMO_REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
                 "target_new": {"str": " Rome"}}
 DEMO_PROBES = ["The Eiffel Tower is located in the city of",
@@ -27,8 +29,8 @@ def greedy_completion(model, tok, prompt: str, max_new_tokens: int = 8) -> str:
     for _ in range(max_new_tokens):
         res = model(input_ids=cur, attention_mask=torch.ones(1, ids.shape[1] + len(out), dtype=torch.long,
                                                               device=device),
-                    past_key_values=past, use_cache=True)
-        past = res.past_key_values
+                    use_cache=True, **{cache_argument(model): past})
+        past = returned_cache(res)
         nxt = int(res.logits[0, -1].argmax())
         out.append(nxt)
         cur = torch.tensor([[nxt]], device=device)
@@ -72,10 +74,11 @@ def run_edit_demo(mt, stats_dir=None, out=None, corpus=None, hparams=None, sampl
     print before/after completions and probabilities, restore the model, and return the numbers.
 
     stats_dir: statistics cache (default $ROME_FAST_CACHE/stats). corpus: text file for the
-    statistics (default: WikiText-2 in the shared data folder, when present). out: a text stream
-    (default stdout) or a path, where the result dict is also written as JSON."""
+    statistics (default: `default_corpus()`, WikiText-2 as shipped with the package). out: a text
+    stream (default stdout) or a path, where the result dict is also written as JSON."""
     from .corpus import default_corpus
-    from .rome import apply_rome_to_model, restore_weights
+    from .backend import restore_weights
+    from .rome import apply_rome_to_model
     from .stats import default_stats_dir
     from .templates import get_context_templates
 
@@ -85,9 +88,6 @@ def run_edit_demo(mt, stats_dir=None, out=None, corpus=None, hparams=None, sampl
     out = out or sys.stdout
     stats_dir = Path(stats_dir) if stats_dir else default_stats_dir()
     corpus = corpus or default_corpus()
-    if corpus is None:
-        raise FileNotFoundError("the demo needs a text corpus for the key statistics: pass corpus=FILE "
-                                "(e.g. WikiText) or set ROME_FAST_CORPUS")
     hp = hparams or hparams_for(mt)
     if sample_size is not None:  # default: the preset's 100000, i.e. every article of WikiText-2
         hp = dataclasses.replace(hp, mom2_n_samples=sample_size)

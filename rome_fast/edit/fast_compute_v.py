@@ -1,5 +1,5 @@
-"""Fast value optimisation: the reference's compute_v (REFERENCE.md §2.5), same rows, loss, Adam
-steps, clamp and early stop, with exact savings only (DESIGN.md §4):
+"""Fast value optimisation: the reference's compute_v, same rows, loss, Adam steps, clamp and
+early stop, with exact savings only (docs/editing.md, "The fast backend"):
 
 * δ enters at the MLP output of the edit layer L, so the blocks below L are constant: they run
   once, and every step starts from the cached input of block L.
@@ -16,37 +16,10 @@ from __future__ import annotations
 import torch
 
 from ..models import adapter_for
-from ..models.base import KVRecorder
+from ..models.base import KVRecorder, KVReplay, mask_like
 from .compute_u import key_indices, right_padded
-from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector, target_token_ids
-
-
-class _PrefixReplay:
-    """A KV-cache stand-in for the suffix runs: prepends the recorded prefix keys/values (the
-    4-D mask hides, per row, the prefix columns at or after that row's suffix start)."""
-
-    def __init__(self, recorded: KVRecorder, width: int):
-        self.recorded, self.width = recorded, width
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        if self.width == 0:
-            return key, value
-        return (torch.cat([self.recorded.keys[layer_idx], key], dim=-2),
-                torch.cat([self.recorded.values[layer_idx], value], dim=-2))
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width
-
-
-def _mask_like(allowed: torch.Tensor, like) -> torch.Tensor:
-    """A boolean (rows, 1, q, kv) mask in the format of the attention implementation's own
-    materialised mask: boolean (sdpa) or additive float (eager)."""
-    if isinstance(like, torch.Tensor) and like.dtype != torch.bool:
-        out = torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device)
-        return out.masked_fill_(~allowed, torch.finfo(like.dtype).min)
-    if like is not None and not isinstance(like, torch.Tensor):
-        raise ValueError(f"the fast value optimisation needs a tensor attention mask, got {type(like).__name__}")
-    return allowed
+from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector
+from .requests import check_key_mode, target_token_ids
 
 
 def value_rows(tok, request: dict, context_templates, fact_token: str, device):
@@ -69,7 +42,7 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
     n_t, n_rows, N = len(target_ids), ids.shape[0], a.num_layers
     if not 0 <= layer < N:
         raise ValueError(f"edit layer {layer} is outside the model's {N} layers")
-    mlp = model.get_submodule(hparams.mlp_module_tmp.format(layer))
+    mlp = a.mlp(layer)  # δ enters at its output
     for i in range(n_rows):
         if not 0 <= lookup[i] < lengths[i]:
             raise ValueError(f"lookup index {lookup[i]} is outside row {i} of length {lengths[i]}")
@@ -112,8 +85,8 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
     suf_ok = cols[None, :] <= cols[:, None]                                  # (S, S) causal
     allowed = torch.cat([pre_ok[:, None, :].expand(-1, S, -1),
                          suf_ok[None].expand(n_rows, -1, -1)], dim=2)[:, None]
-    sctx.attention_mask = _mask_like(allowed, sctx.attention_mask)
-    sctx.past = _PrefixReplay(rec, P)
+    sctx.attention_mask = mask_like(allowed, sctx.attention_mask)
+    sctx.past = KVReplay(rec, width=P)
 
     rows = torch.arange(n_rows, device=device)
     at = torch.tensor(lookup, device=device) - st                             # δ's column per row
@@ -158,8 +131,7 @@ def fast_compute_v(model, tok, request: dict, hparams, layer: int, left_vector: 
                    context_templates, key_mode: str = "reference", k_bar: torch.Tensor | None = None,
                    return_info: bool = False, adapter=None):
     """Drop-in for `compute_v` (same arguments, same returns) on the fast value optimisation."""
-    if key_mode not in ("reference", "r-rome"):
-        raise ValueError(f"unknown key_mode {key_mode!r}: 'reference' or 'r-rome'")
+    check_key_mode(key_mode)
     v_init, delta, losses, steps, lookup = optimize_value(model, tok, request, hparams, layer,
                                                           context_templates, adapter)
     return right_vector(model, tok, request, hparams, layer, left_vector, context_templates, key_mode,

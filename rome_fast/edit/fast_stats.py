@@ -22,9 +22,9 @@ import torch
 
 from .. import distributed
 from ..models import adapter_for
+from ..hooks import StopForward, TraceDict, in_execution_order, module_input_size
+from ..models.base import mask_like
 from .corpus import resolve_corpus, texts_fingerprint
-from .fast_compute_v import _mask_like
-from .nethook import StopForward, TraceDict, in_execution_order, module_input_size
 from .stats import (_PRECISIONS, LayerStats, SecondMoment, _Subset, check_stats_request, context_length,
                     length_batches, load_stats_file, sample_order, save_stats_file, stats_model_name,
                     stats_path)
@@ -98,7 +98,8 @@ class KeySummer:
         n_keys = 0
         # keys kept before each module runs; the last one to run stops the forward before computing
         # anything (the reference runs it first: for an MLP output projection, a large matmul a batch)
-        with TraceDict(self.model, self.names, retain_input=True, stop=True, before=True) as keys:
+        with TraceDict(self.model, self.names, retain_output=False, retain_input=True, detach=True,
+                       stop=True, before=True) as keys:
             for group in batches:
                 width = widths[group[0]]
                 batch = torch.full((len(group), width), self.pad_id, dtype=torch.long)
@@ -122,7 +123,7 @@ class KeySummer:
                         q = torch.arange(width, device=device)
                         allowed = (seg[:, :, None] == seg[:, None, :]) & (q[None, None, :] <= q[None, :, None])
                         allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself
-                        ctx.attention_mask = _mask_like(allowed[:, None], ctx.attention_mask)
+                        ctx.attention_mask = mask_like(allowed[:, None], ctx.attention_mask)
                     else:
                         # one right-padded text per row: plain causal attention is exact for the
                         # real tokens (padding only follows them) and lets the kernels skip the

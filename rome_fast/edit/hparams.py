@@ -1,14 +1,17 @@
-"""ROME hyperparameters with the reference's JSON field names (REFERENCE.md §2.1).
+"""ROME hyperparameters with the reference's JSON field names (docs/editing.md, "Hyperparameters").
 
 `ROMEHyperParams.from_name("gpt2-xl")` loads a bundled preset; `from_json(path)` reads any
 reference-format file (unknown keys are an error, so a typo cannot silently fall back to a
-default); `to_json(path)` writes one back."""
+default); `to_json(path)` writes one back. The module-name fields are optional: None means the
+model adapter's modules; a given name is checked against the adapter when editing (`sites.py`)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .covariance import check_ridge
 
 PRESET_DIR = Path(__file__).resolve().parent / "hparams"
 
@@ -25,18 +28,25 @@ class ROMEHyperParams:
     kl_factor: float = 0.0625
     mom2_adjustment: bool = True
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    rewrite_module_tmp: str = "transformer.h.{}.mlp.c_proj"
-    layer_module_tmp: str = "transformer.h.{}"
-    mlp_module_tmp: str = "transformer.h.{}.mlp"
-    attn_module_tmp: str = "transformer.h.{}.attn"
-    ln_f_module: str = "transformer.ln_f"
-    lm_head_module: str = "transformer.wte"
+    # module names ("{}" = the layer): None = the model adapter's, else checked against it
+    rewrite_module_tmp: str | None = None
+    layer_module_tmp: str | None = None
+    mlp_module_tmp: str | None = None
+    attn_module_tmp: str | None = None
+    ln_f_module: str | None = None
+    lm_head_module: str | None = None
     mom2_dataset: str = "wikipedia"
     mom2_n_samples: int | None = 100000  # None: every text of the corpus
     mom2_dtype: str = "float32"
     # the statistics forward's precision (fast collector only; the sums stay in mom2_dtype):
     # None = the model's; "bfloat16"/"float16" trade exactness for speed, in separate cache files
     mom2_act_dtype: str | None = None
+    # not in the reference: C + mom2_ridge·mean(diag C)·I instead of refusing statistics that are
+    # singular or not positive definite (None: refuse them)
+    mom2_ridge: float | None = None
+
+    _OPTIONAL = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+                 "ln_f_module", "lm_head_module", "mom2_act_dtype", "mom2_ridge")
 
     def __post_init__(self):
         if isinstance(self.layers, int):
@@ -50,15 +60,23 @@ class ROMEHyperParams:
             raise ValueError(f"mom2_dtype must be 'float32' or 'float64', not {self.mom2_dtype!r}")
         if self.mom2_act_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"mom2_act_dtype must be None, 'bfloat16' or 'float16', not {self.mom2_act_dtype!r}")
-        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
-            if "{}" not in getattr(self, name):
-                raise ValueError(f"hparams.{name} must contain '{{}}' for the layer number")
+        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or "{}" not in value):
+                raise ValueError(f"hparams.{name} must be a module name with '{{}}' for the layer number "
+                                 f"(or null for the model's own), got {value!r}")
+        for name in ("ln_f_module", "lm_head_module"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"hparams.{name} must be a module name or null, got {value!r}")
+        check_ridge(self.mom2_ridge)
 
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["mom2_act_dtype"] is None:  # the reference's fields only, unless the option is used
-            del d["mom2_act_dtype"]
+        for name in self._OPTIONAL:  # unset options are left out (a preset keeps the reference's fields)
+            if d[name] is None:
+                del d[name]
         return d
 
     def to_json(self, path) -> None:

@@ -1,7 +1,11 @@
-"""ROME's rank-one edit (REFERENCE.md §2.6): execute_rome computes (u, right) per edited weight
-on a model it leaves unchanged; apply_rome_to_model applies requests one after another (each
-computed on the model edited by the previous ones) and can return the original weights, which
-restore_weights puts back bit for bit.
+"""ROME's rank-one edit (docs/editing.md): what every ROME backend shares, the reference backend
+("rome", "reference": plain PyTorch, the oracle of the fast one), and the entry points.
+
+`execute_rome` computes {weight_name: (u, right)} for one request on a model it leaves unchanged;
+`apply_rome_to_model` applies requests one after another (each computed on the model edited by
+the previous ones) through `backend.apply_edits`: every request is checked and the statistics
+are loaded and checked before anything is edited, and an exception or Ctrl-C part-way puts the
+weights back as they were.
 
 In y = W k terms the update is  Ŵ = W + (v* − y*) (C⁻¹k̄)ᵀ / (k*ᵀ C⁻¹ k̄),  so Ŵ k* + b = v*
 and Ŵ k = W k for every key with kᵀ C⁻¹ k̄ = 0. key_mode="r-rome" (Gupta et al. 2024) uses the
@@ -9,63 +13,19 @@ template-averaged k̄ (and ȳ = W k̄ + b) in place of the bare-prompt k* (and y
 builds the direction and is mapped to v*: Ŵ = W + (v* − ȳ)(C⁻¹k̄)ᵀ / (k̄ᵀ C⁻¹ k̄)."""
 from __future__ import annotations
 
-import copy as copy_module
-
 import torch
-from torch import nn
 
-from .compute_u import compute_u
+from .backend import EditBackend, WeightDelta, apply_edits, register_backend, restore_weights
+from .compute_u import compute_u, get_inv_cov
 from .compute_v import compute_v
-from .stats import default_stats_dir
+from .corpus import local_corpus
+from .requests import KEY_MODES, check_key_mode, check_requests, normalize_request  # noqa: F401
+from .sites import edit_sites
+from .stats import corpus_ds_name, default_stats_dir
 from .templates import get_context_templates
-
-KEY_MODES = ("reference", "r-rome")
-
-
-# ---- requests ---------------------------------------------------------------------------------
-def normalize_request(request: dict) -> dict:
-    """A validated copy of a request in the reference's format, the target with a leading space:
-    {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": {"str": " Rome"}}."""
-    if not isinstance(request, dict):
-        raise ValueError(f"a request is a dict with prompt, subject and target_new, not {type(request).__name__}")
-    for key in ("prompt", "subject", "target_new"):
-        if key not in request:
-            raise ValueError(f"request is missing {key!r}: {request!r}")
-    prompt, subject, target = request["prompt"], request["subject"], request["target_new"]
-    if not isinstance(subject, str) or not subject.strip():
-        raise ValueError(f"request subject must be a non-empty string, got {subject!r}")
-    if not isinstance(prompt, str) or prompt.count("{}") != 1:
-        hint = (f" (the subject is already in it: write {prompt.replace(subject, '{}', 1)!r})"
-                if isinstance(prompt, str) and subject in prompt else "")
-        raise ValueError(f"request prompt must contain '{{}}' exactly once where the subject goes, "
-                         f"got {prompt!r}{hint}")
-    before = prompt.split("{}")[0]
-    if before and not before.endswith(" "):
-        raise ValueError(f"the text before '{{}}' in the prompt must end with a space: {prompt!r}")
-    if isinstance(target, dict):
-        target = target.get("str")
-    if not isinstance(target, str) or not target.strip():
-        raise ValueError(f"request target_new must be a non-empty string (target_new['str']), got {target!r}")
-    out = copy_module.deepcopy(request)
-    out["target_new"] = dict(request["target_new"]) if isinstance(request["target_new"], dict) else {}
-    out["target_new"]["str"] = target if target.startswith(" ") else " " + target
-    return out
 
 
 # ---- the update -------------------------------------------------------------------------------
-def weight_layout(module: nn.Module, weight: torch.Tensor | None = None, d_in: int | None = None) -> str:
-    """'out_in' for nn.Linear, 'in_out' for GPT-2's Conv1D; otherwise decided from the shape and
-    the key width d_in, as the reference's upd_matrix_match_shape (ambiguous when square)."""
-    if isinstance(module, nn.Linear):
-        return "out_in"
-    if type(module).__name__ == "Conv1D":
-        return "in_out"
-    w = module.weight if weight is None else weight
-    if d_in is None or w.shape[0] == w.shape[1]:
-        raise ValueError(f"cannot tell the layout of a {tuple(w.shape)} weight of {type(module).__name__}")
-    return "in_out" if w.shape[0] == d_in else "out_in"
-
-
 def update_matrix(u: torch.Tensor, right: torch.Tensor, layout: str) -> torch.Tensor:
     """The rank-one update u ⊗ right as (d_in, d_out), transposed for an (out, in) weight."""
     m = u.float().unsqueeze(1) @ right.float().unsqueeze(0)
@@ -78,7 +38,8 @@ def update_matrix(u: torch.Tensor, right: torch.Tensor, layout: str) -> torch.Te
 
 @torch.no_grad()
 def rank_one_update(W: torch.Tensor, u: torch.Tensor, right: torch.Tensor, layout: str) -> torch.Tensor:
-    """W += u ⊗ right in place (the fused kernel's contract). u: (d_in,), right: (d_out,)."""
+    """W += u ⊗ right in place, materialising the update as the reference does. u: (d_in,),
+    right: (d_out,); layout as the model adapter's `weight_layout`."""
     upd = update_matrix(u.to(W.device), right.to(W.device), layout)
     if upd.shape != W.shape:
         raise ValueError(f"update of shape {tuple(upd.shape)} does not fit the weight {tuple(W.shape)} "
@@ -87,71 +48,118 @@ def rank_one_update(W: torch.Tensor, u: torch.Tensor, right: torch.Tensor, layou
     return W
 
 
-def prepare_edit(model, tok, request, hparams, context_templates, stats_dir, corpus, key_mode: str,
-                 seed: int):
-    """What every backend does first: check key_mode and the request, fetch the (seeded, cached)
-    context templates, default the statistics cache, and find the weights to rewrite by layer."""
-    if key_mode not in KEY_MODES:
-        raise ValueError(f"unknown key_mode {key_mode!r}: one of {KEY_MODES}")
-    request = normalize_request(request)
-    if context_templates is None:
-        context_templates = get_context_templates(model, tok, hparams.context_template_length_params, seed)
-    if stats_dir is None and not isinstance(corpus, (list, tuple)):
-        stats_dir = default_stats_dir()
-    targets = {layer: _rewrite(model, hparams, layer) for layer in sorted(set(hparams.layers))}
-    return request, context_templates, stats_dir, targets
+# ---- what every ROME backend shares -----------------------------------------------------------
+class ROMEBackend(EditBackend):
+    """Requests, options, templates, sites and statistics, the same for every ROME backend; a
+    subclass says how it gets a layer's covariance (`covariance`) and computes the edit."""
+    method = "rome"
+    batches = False
+
+    def check_requests(self, model, tok, requests, hparams):
+        return check_requests(tok, requests, hparams.fact_token)
+
+    def prepare(self, model, tok, requests, hparams, context_templates=None, stats_dir=None, corpus=None,
+                key_mode: str = "reference", inv_cov=None, seed: int = 0, progress: bool = True) -> dict:
+        """Options checked, the edited layers found, context templates sampled from the unedited
+        model (seeded, cached), and each layer's statistics loaded and checked — all before the
+        first value optimisation. inv_cov: C⁻¹ (a tensor, or {layer: tensor}) instead of
+        statistics; stats_dir defaults to $ROME_FAST_CACHE/stats (none for an in-memory corpus)."""
+        check_key_mode(key_mode)
+        sites = edit_sites(model, hparams)
+        if context_templates is None:
+            context_templates = get_context_templates(model, tok, hparams.context_template_length_params, seed)
+        if stats_dir is None and not isinstance(corpus, (list, tuple)):
+            stats_dir = default_stats_dir()
+        corpus = local_corpus(corpus, hparams.mom2_dataset)  # mom2_dataset may be a text file
+        covariance = {}
+        for site in sites:
+            given = inv_cov.get(site.layer) if isinstance(inv_cov, dict) else inv_cov
+            if given is not None:
+                if tuple(given.shape) != (site.key_size, site.key_size):
+                    raise ValueError(f"inverse second moment is {tuple(given.shape)} but the key width of "
+                                     f"layer {site.layer} is {site.key_size}")
+                if not bool(torch.isfinite(given).all()):
+                    raise ValueError(f"the inverse second moment given for layer {site.layer} holds NaN or Inf")
+                covariance[site.layer] = given
+            elif hparams.mom2_adjustment:
+                covariance[site.layer] = self.covariance(model, tok, hparams, site, stats_dir, corpus, progress)
+            else:
+                covariance[site.layer] = None
+        return dict(sites=sites, context_templates=context_templates, key_mode=key_mode,
+                    covariance=covariance, progress=progress)
+
+    def covariance(self, model, tok, hparams, site, stats_dir, corpus, progress):
+        """What this backend solves with for `site` (checked statistics; see covariance.py)."""
+        raise NotImplementedError
 
 
-def _rewrite(model, hparams, layer):
-    name = hparams.rewrite_module_tmp.format(layer)
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"the model has no module {name!r} (hparams.rewrite_module_tmp)") from None
-    return f"{name}.weight", module
+def execute_with(backend: ROMEBackend, model, tok, request: dict, hparams, return_info: bool = False, **kw):
+    """execute_rome's contract on any ROME backend: {weight_name: (u, right)} (and ValueInfos)."""
+    requests = backend.check_requests(model, tok, [request], hparams)
+    kw = backend.prepare(model, tok, requests, hparams, **kw)
+    deltas = backend.compute(model, tok, requests, hparams, **kw)
+    out = {d.name: (d.U[:, 0], d.R[:, 0]) for d in deltas}
+    return (out, {d.name: d.info for d in deltas}) if return_info else out
 
 
-# ---- editing ----------------------------------------------------------------------------------
+# ---- the reference backend --------------------------------------------------------------------
+class ReferenceROME(ROMEBackend):
+    """The reference's arithmetic: C⁻¹ by `torch.inverse` in fp32, compute_u, compute_v on full
+    forwards, the materialised outer product; `compute` edits the layers in ascending order and
+    restores them (as the reference's execute_rome), `edit` then adds the deltas again."""
+    name = "reference"
+
+    def prepare(self, model, tok, requests, hparams, **kw):
+        if hparams.mom2_act_dtype not in (None, "float32") and kw.get("inv_cov") is None:
+            raise ValueError("hparams.mom2_act_dtype is a fast-backend option: the reference backend "
+                             "collects its statistics as the reference does (use backend='fast')")
+        return super().prepare(model, tok, requests, hparams, **kw)
+
+    def covariance(self, model, tok, hparams, site, stats_dir, corpus, progress):
+        return get_inv_cov(model, tok, site.rewrite, stats_dir, corpus_ds_name(corpus, hparams.mom2_dataset),
+                           hparams.mom2_n_samples, hparams.mom2_dtype, corpus, progress=progress,
+                           ridge=hparams.mom2_ridge)
+
+    def compute(self, model, tok, requests, hparams, sites, context_templates, key_mode, covariance,
+                progress=True):
+        (request,) = requests
+        saved = {s.weight: model.get_parameter(s.weight).detach().clone() for s in sites}
+        deltas = []
+        try:
+            for site in sites:
+                u, k_bar = compute_u(model, tok, request, hparams, site.layer, context_templates,
+                                     inv_cov=covariance[site.layer], return_key=True, progress=progress)
+                right, info = compute_v(model, tok, request, hparams, site.layer, u, context_templates,
+                                        key_mode=key_mode, k_bar=k_bar, return_info=True)
+                info.u, info.k_bar = u, k_bar
+                rank_one_update(model.get_parameter(site.weight), u, right, site.layout)
+                deltas.append(WeightDelta(site.weight, u.detach(), right.detach(), site.layout, info))
+        finally:
+            restore_weights(model, saved)
+        return deltas
+
+    def edit(self, model, tok, requests, hparams, **kw):
+        deltas = self.compute(model, tok, requests, hparams, **kw)
+        for d in deltas:
+            rank_one_update(model.get_parameter(d.name), d.U[:, 0], d.R[:, 0], d.layout)
+        return deltas
+
+
+REFERENCE = register_backend(ReferenceROME())
+
+
+# ---- entry points -----------------------------------------------------------------------------
 def execute_rome(model, tok, request: dict, hparams, context_templates=None, stats_dir=None,
                  corpus=None, key_mode: str = "reference", inv_cov=None, seed: int = 0,
                  return_info: bool = False, progress: bool = True):
-    """{weight_name: (u, right)} for one request; the model is left as it was. Layers are edited
-    in ascending order, each computed on the model with the lower layers' updates applied.
-    inv_cov: C⁻¹ (a tensor, or {layer: tensor}) instead of loading statistics. stats_dir: the
-    statistics cache, default $ROME_FAST_CACHE/stats (none for an in-memory list corpus)."""
-    if hparams.mom2_act_dtype not in (None, "float32") and inv_cov is None:
-        raise ValueError("hparams.mom2_act_dtype is a fast-backend option: the reference backend "
-                         "collects its statistics as the reference does (use backend='fast')")
-    request, context_templates, stats_dir, targets = prepare_edit(
-        model, tok, request, hparams, context_templates, stats_dir, corpus, key_mode, seed)
-    saved = {name: model.get_parameter(name).detach().clone() for name, _ in targets.values()}
-    deltas, infos = {}, {}
-    try:
-        for layer, (w_name, module) in targets.items():
-            ic = inv_cov.get(layer) if isinstance(inv_cov, dict) else inv_cov
-            u, k_bar = compute_u(model, tok, request, hparams, layer, context_templates, stats_dir=stats_dir,
-                                 corpus=corpus, inv_cov=ic, return_key=True, progress=progress)
-            right, info = compute_v(model, tok, request, hparams, layer, u, context_templates,
-                                    key_mode=key_mode, k_bar=k_bar, return_info=True)
-            info.u, info.k_bar = u, k_bar
-            W = model.get_parameter(w_name)
-            rank_one_update(W, u, right, weight_layout(module, W, u.numel()))
-            deltas[w_name] = (u.detach(), right.detach())
-            infos[w_name] = info
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                model.get_parameter(name).copy_(w)
-    return (deltas, infos) if return_info else deltas
-
-
-_BACKENDS = {"reference": execute_rome}
-
-
-def register_backend(name: str, execute_fn) -> None:
-    """Make `apply_rome_to_model(..., backend=name)` use `execute_fn`, which has execute_rome's
-    signature and returns {weight_name: (u, right)}."""
-    _BACKENDS[name] = execute_fn
+    """{weight_name: (u, right)} for one request on the reference backend; the model is left as
+    it was. Layers are edited in ascending order, each computed on the model with the lower
+    layers' updates applied. inv_cov: C⁻¹ (a tensor, or {layer: tensor}) instead of loading
+    statistics. stats_dir: the statistics cache, default $ROME_FAST_CACHE/stats (none for an
+    in-memory list corpus). With return_info=True also {weight_name: ValueInfo}."""
+    return execute_with(REFERENCE, model, tok, request, hparams, return_info, context_templates=context_templates,
+                        stats_dir=stats_dir, corpus=corpus, key_mode=key_mode, inv_cov=inv_cov, seed=seed,
+                        progress=progress)
 
 
 def apply_rome_to_model(model, tok, requests, hparams, copy: bool = False,
@@ -161,48 +169,10 @@ def apply_rome_to_model(model, tok, requests, hparams, copy: bool = False,
 
     Returns (model, orig_weights): orig_weights maps weight names to clones taken before the
     first request when return_orig_weights=True (else {}); copy=True edits a deep copy.
-    kw go to execute_rome: corpus, inv_cov, seed, progress."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: one of {sorted(_BACKENDS)}")
-    if key_mode not in KEY_MODES:
-        raise ValueError(f"unknown key_mode {key_mode!r}: one of {KEY_MODES}")
-    if isinstance(requests, dict):
-        requests = [requests]
-    requests = [normalize_request(r) for r in requests]  # fail before editing anything
-    if copy:
-        model = copy_module.deepcopy(model)
-    if context_templates is None:
-        context_templates = get_context_templates(model, tok, hparams.context_template_length_params,
-                                                  kw.get("seed", 0))
-    execute = _BACKENDS[backend]
-    orig_weights = {}
-    if getattr(execute, "edits_in_place", False):
-        # the backend leaves each edit in the model itself (no snapshot / restore / re-add)
-        names = [_rewrite(model, hparams, layer)[0] for layer in sorted(set(hparams.layers))]
-        if return_orig_weights:
-            orig_weights = {n: model.get_parameter(n).detach().clone() for n in names}
-        for request in requests:
-            execute(model, tok, request, hparams, context_templates=context_templates,
-                    stats_dir=stats_dir, key_mode=key_mode, apply=True, **kw)
-        return model, orig_weights
-    for request in requests:
-        deltas = execute(model, tok, request, hparams, context_templates=context_templates,
-                         stats_dir=stats_dir, key_mode=key_mode, **kw)
-        with torch.no_grad():
-            for w_name, (u, right) in deltas.items():
-                W = model.get_parameter(w_name)
-                if return_orig_weights and w_name not in orig_weights:
-                    orig_weights[w_name] = W.detach().clone()
-                module = model.get_submodule(w_name.rsplit(".", 1)[0])
-                rank_one_update(W, u, right, weight_layout(module, W, u.numel()))
-    return model, orig_weights
-
-
-@torch.no_grad()
-def restore_weights(model, orig_weights: dict) -> None:
-    """Copy the saved weights back (bitwise: a plain copy of the clones)."""
-    for name, w in orig_weights.items():
-        model.get_parameter(name).copy_(w)
-
-
-from . import fast as _fast  # noqa: E402,F401  (registers the "fast" backend)
+    backend: a registered ROME backend ("fast", "reference", ...). kw: corpus, inv_cov, seed,
+    progress. Every request and the statistics are checked before anything is edited; on any
+    exception, KeyboardInterrupt included, the weights are restored before it propagates."""
+    model, orig, _ = apply_edits(model, tok, requests, hparams, "rome", backend, copy=copy,
+                                 return_orig_weights=return_orig_weights, context_templates=context_templates,
+                                 stats_dir=stats_dir, key_mode=key_mode, **kw)
+    return model, orig

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..hooks import module_input_size
 from .corpus import corpus_name, resolve_corpus
-from .nethook import module_input_size
 
 MAX_CONTEXT = 2048       # cap on article length (Llama-style configs claim 8k-128k positions)
 ARTICLES_PER_BATCH = 100  # the reference's DataLoader batch, sorted by length within it
@@ -122,30 +122,40 @@ def _path_part(name: str) -> str:
 
 def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> SecondMoment | None:
     """A cached statistics file, or None if its sample_size differs from the one asked for.
-    A file that is unreadable, of the wrong shape, or holds non-finite values is a ValueError."""
+    A file that is unreadable, of the wrong shape, holds non-finite values or no keys is a
+    ValueError naming it (with what to do: delete it, so it is recomputed). Whether the statistics
+    are good enough to edit with (enough keys, positive definite) is checked when editing
+    (covariance.py)."""
     path = Path(path)
+    redo = "delete it to recompute it"
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
     except Exception as exc:  # zip errors, pickled objects, truncation
-        raise ValueError(f"statistics file {path} could not be read: {exc}") from None
+        raise ValueError(f"statistics file {path} could not be read ({exc}): {redo}") from None
     for key in ("mom2.mom2", "mom2.count"):
         if key not in data:
-            raise ValueError(f"statistics file {path} has no {key!r} entry (keys: {sorted(data)})")
-    stored = data.get("sample_size")
-    stored = None if stored is None or int(stored) < 0 else int(stored)
+            raise ValueError(f"statistics file {path} has no {key!r} entry (keys: {sorted(data)}): {redo}")
+    try:
+        stored = data.get("sample_size")
+        stored = None if stored is None or int(stored) < 0 else int(stored)
+        count = int(data["mom2.count"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"statistics file {path}: sample_size / count are not integers ({exc}): {redo}") from None
     if stored != sample_size:
         return None
-    mom2, count = data["mom2.mom2"], int(data["mom2.count"])
+    mom2 = data["mom2.mom2"]
     if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
-        raise ValueError(f"statistics file {path}: second moment has shape {mom2.shape}, not square")
+        raise ValueError(f"statistics file {path}: second moment has shape {mom2.shape}, not square: {redo}")
     if expected_dim is not None and mom2.shape[0] != expected_dim:
         raise ValueError(f"statistics file {path}: second moment is {mom2.shape[0]}x{mom2.shape[1]} "
-                         f"but the layer's key width is {expected_dim}")
+                         f"but the layer's key width is {expected_dim}: {redo}")
+    if mom2.dtype.kind != "f":
+        raise ValueError(f"statistics file {path}: second moment has dtype {mom2.dtype}, not float: {redo}")
     if not np.isfinite(mom2).all():
-        raise ValueError(f"statistics file {path}: second moment contains NaN or Inf")
+        raise ValueError(f"statistics file {path}: second moment contains NaN or Inf: {redo}")
     if count <= 0:
-        raise ValueError(f"statistics file {path}: count is {count}")
+        raise ValueError(f"statistics file {path}: count is {count}: {redo}")
     return SecondMoment(torch.from_numpy(mom2), count)
 
 
@@ -179,7 +189,7 @@ def collect_mom2(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
     in `layer_names`, in one pass that stops after the deepest of them: {name: SecondMoment}."""
     from tqdm.auto import tqdm
 
-    from .nethook import TraceDict, in_execution_order
+    from ..hooks import TraceDict, in_execution_order
 
     if isinstance(layer_names, str):
         layer_names = [layer_names]
@@ -202,7 +212,7 @@ def collect_mom2(model, tok, layer_names, texts, maxlen: int, batch_tokens: int,
                     mask[r, :len(ids[i])] = 1
                 pos = torch.arange(width).unsqueeze(0).expand(len(group), width)
                 batch, mask, pos = batch.to(device), mask.to(device), pos.to(device)
-                with TraceDict(model, order, retain_input=True, stop=True) as tr:
+                with TraceDict(model, order, retain_output=False, retain_input=True, detach=True, stop=True) as tr:
                     model(input_ids=batch, attention_mask=mask, position_ids=pos, use_cache=False)
                 keep = mask.bool()
                 for n in order:  # keys at non-padding tokens only

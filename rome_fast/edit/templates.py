@@ -1,12 +1,14 @@
-"""Context templates (REFERENCE.md §2.2): short texts sampled from the model, each followed by
-". {}", plus the bare "{}". The reference samples them once per process with no seed; here the
-sampling is seeded (a torch.Generator, so the global RNG is untouched), cached per
+"""Context templates (docs/editing.md, "Context templates"): short texts sampled from the model,
+each followed by ". {}", plus the bare "{}". The reference samples them once per process with no
+seed; here the sampling is seeded (a torch.Generator, so the global RNG is untouched), cached per
 (model, length params, seed) in this module, and the list can be passed to the edit explicitly."""
 from __future__ import annotations
 
 import unicodedata
 
 import torch
+
+from ..models.base import cache_argument, returned_cache
 
 _CACHE: dict = {}
 
@@ -25,7 +27,7 @@ def sample_top_k(model, start_id: int, n: int, max_out_len: int, top_k: int = 5,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """n sequences of max_out_len tokens (the start token included), sampling each next token
     from the renormalised top-k of the next-token distribution, with a KV cache and the full
-    attention mask (the reference passed only the last mask column: REFERENCE.md §6.2 item 1).
+    attention mask (the reference passed only the last mask column; docs/editing.md).
     Like the reference, sampling goes on past an EOS to the full length."""
     device = next(model.parameters()).device
     ids = torch.full((n, 1), start_id, dtype=torch.long, device=device)
@@ -33,8 +35,8 @@ def sample_top_k(model, start_id: int, n: int, max_out_len: int, top_k: int = 5,
     cur = ids
     while ids.shape[1] < max_out_len:
         mask = torch.ones_like(ids)
-        out = model(input_ids=cur, attention_mask=mask, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=cur, attention_mask=mask, use_cache=True, **{cache_argument(model): past})
+        past = returned_cache(out)
         probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
         top_p, top_i = torch.topk(probs, top_k, dim=-1)
         pick = torch.multinomial((top_p / top_p.sum(-1, keepdim=True)).cpu(), 1, generator=generator)

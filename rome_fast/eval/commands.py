@@ -3,16 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The shared data folder beside the repository (development checkouts and CI have it).
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-DEFAULT_FILES = {"counterfact": "counterfact-edit.json", "zsre": "zsre_mend_train-1k.json"}
-# Offline stand-in for Wikipedia for the second-moment statistics, when no corpus is named.
-SHARED_CORPUS = SHARED_DATA / "wikitext-2-raw-test.txt"
+# The official file of each dataset, downloaded once into $ROME_FAST_CACHE/data (rome_fast.data).
+DEFAULT_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mend_eval.json"}
 
 
-def default_data_file(dataset: str) -> Path | None:
-    path = SHARED_DATA / DEFAULT_FILES[dataset]
-    return path if path.is_file() else None
+def data_file(dataset: str, data: str | None) -> Path:
+    """--data as a path; with no --data the dataset's official file, and a bare official file
+    name (rome_fast.data.DATA_URLS, e.g. multi_counterfact.json) that is not a local file is
+    fetched too (downloaded once, then read from the cache)."""
+    from ..data import DATA_URLS, fetch
+    if data is None:
+        return fetch(DEFAULT_FILES[dataset])
+    path = Path(data)
+    if not path.exists() and str(data) in DATA_URLS:
+        return fetch(str(data))
+    return path
 
 
 def _cmd_eval(args) -> int:
@@ -20,12 +25,9 @@ def _cmd_eval(args) -> int:
     from .generation import TfIdf, load_attribute_snippets
     from .runner import evaluate
 
-    data = Path(args.data) if args.data else default_data_file(args.dataset)
-    if data is None:
-        raise ValueError(f"no default {args.dataset} file here ({SHARED_DATA / DEFAULT_FILES[args.dataset]} "
-                         "is absent); pass --data FILE (official files: rome_fast.eval.DATA_URLS)")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
+    data = data_file(args.dataset, args.data)
     records = load_dataset(args.dataset, data, args.limit)
     tfidf = snippets = None
     if args.tfidf_dir:
@@ -38,20 +40,21 @@ def _cmd_eval(args) -> int:
         raise ValueError("a tiny model needs --hparams FILE (there is no preset for it)")
     hparams = (ROMEHyperParams.from_json(args.hparams) if args.hparams
                else ROMEHyperParams.from_name(args.model))
+    from ..edit.commands import statistics_corpus
     from ..models.loading import cache_root
     stats_dir = args.stats_dir or str(cache_root() / "stats")
     editor_kwargs = {"stats_dir": stats_dir}
-    corpus = args.corpus or (str(SHARED_CORPUS) if SHARED_CORPUS.is_file() else None)
-    if corpus:
-        editor_kwargs["corpus"] = corpus
     if args.key_mode != "reference":
         editor_kwargs["key_mode"] = args.key_mode
     from .. import distributed
-    from ..trace.commands import load_model_spec
+    from ..models import load_model_spec
     info = distributed.init()  # a no-op unless torchrun started several processes
     try:
         # under torchrun each rank on its own GPU; alone, the usual default
         mt = load_model_spec(args.model, device=info.device if info.distributed else None)
+        corpus = statistics_corpus(args.corpus, args.model, mt.model, hparams, stats_dir)
+        if corpus:
+            editor_kwargs["corpus"] = corpus
         if info.is_main:
             print(f"ROME statistics: {stats_dir} (corpus: {corpus or hparams.mom2_dataset})")
             print(f"evaluating {len(records)} {args.dataset} cases from {data} on {mt!r} -> {args.out}"
@@ -78,8 +81,10 @@ def add_parsers(sub) -> None:
                                    "metrics, per record; one JSON file per case in --out "
                                    "(rerun the same command to resume), then a summary table.")
     p.add_argument("--dataset", choices=["counterfact", "zsre"], default="counterfact")
-    p.add_argument("--data", help="data file (CounterFact full or compact JSON, zsRE JSON); default: "
-                                  "the shared data folder beside the repository when present")
+    p.add_argument("--data", help="data file (CounterFact full or compact JSON, zsRE JSON), or the name of "
+                                  "an official file (e.g. multi_counterfact.json) to download once; default: "
+                                  "the official counterfact.json / zsre_mend_eval.json, downloaded once "
+                                  "into $ROME_FAST_CACHE/data")
     p.add_argument("--limit", type=int, help="first N records")
     p.add_argument("--out", required=True, help="output folder for case_*.json and summary.json")
     p.add_argument("--model", default="smollm2-135m",
@@ -95,7 +100,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--stats-dir", help="folder of second-moment statistics for ROME "
                                        "(default: $ROME_FAST_CACHE/stats)")
     p.add_argument("--corpus", help="text file for the statistics when they are not cached (default: "
-                                    "the shared WikiText-2 file when present, else hparams.mom2_dataset)")
+                                    "hparams.mom2_dataset's cached statistics or text file; else WikiText-2, "
+                                    "shipped with the package, for the embedded model; else mom2_dataset "
+                                    "from the Hugging Face hub, with `datasets`)")
     p.add_argument("--tfidf-dir", help="folder with idf.npy, tfidf_vocab.json and "
                                        "attribute_snippets.json: enables RS (full CounterFact records)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (per case: seed + case_id)")

@@ -2,24 +2,18 @@
 format), zsRE question answering, and the known-facts set, read into one record type.
 
 Every loader takes a local path. The official ROME data files are listed in `DATA_URLS` for users
-who are online (`download(name, dest_dir)`); nothing is fetched unless asked, and an offline
-download fails with a message that says what to fetch and where to put it.
+who are online (`rome_fast.data.fetch(name)`, or `download(name, dest_dir)`); nothing is fetched
+unless asked, and an offline download fails with a message that says what to fetch and where to
+put it.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-REMOTE_ROOT = "https://rome.baulab.info/data/dsets/"
-DATA_URLS = {name: REMOTE_ROOT + name for name in (
-    "counterfact.json", "known_1000.json", "zsre_mend_eval.json", "attribute_snippets.json",
-    "idf.npy", "tfidf_vocab.json")}
+from ..data import DATA_URLS, fetch
 
 # zsRE has no true object for the edited fact; the reference stores this placeholder (§4.5).
 ZSRE_TARGET_TRUE = "<|endoftext|>"
@@ -258,7 +252,7 @@ def _read_json_list(path) -> list:
     if not path.is_file():
         hint = ""
         if path.name in DATA_URLS:
-            hint = f"; download it from {DATA_URLS[path.name]} (or rome_fast.eval.download)"
+            hint = f"; download it from {DATA_URLS[path.name]} (or rome_fast.data.fetch({path.name!r}))"
         raise FileNotFoundError(f"data file not found: {path}{hint}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -278,25 +272,5 @@ def _unique_ids(records: list[EvalRecord], path) -> None:
 
 
 def download(name: str, dest_dir, timeout: float = 60.0) -> Path:
-    """Fetch one official ROME data file into dest_dir (kept if already there)."""
-    if name not in DATA_URLS:
-        raise ValueError(f"unknown data file {name!r}; known: {sorted(DATA_URLS)}")
-    dest = Path(dest_dir) / name
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    url = DATA_URLS[name]
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as exc:
-        raise FileNotFoundError(
-            f"could not download {url} ({exc}); if this machine is offline, fetch the file "
-            f"elsewhere, put it at {dest} or pass its path explicitly") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    """Fetch one official data file into dest_dir (checked and kept if already there)."""
+    return fetch(name, dest_dir, timeout=timeout)

@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..models.base import cache_argument, returned_cache
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
@@ -57,8 +59,8 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
     new_tokens = [[] for _ in enc]
     for _ in range(n_steps):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                    use_cache=True, **{cache_argument(model): past})
+        past = returned_cache(out)
         probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
         top_p, top_i = probs.topk(top_k, dim=-1)
         top_p = (top_p / top_p.sum(-1, keepdim=True)).cpu()

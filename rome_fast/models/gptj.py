@@ -1,10 +1,11 @@
-"""GPT-J: parallel attention + MLP, rotary positions computed inside attention from position_ids."""
+"""GPT-J: parallel attention + MLP, rotary positions (computed once for all blocks in recent
+transformers, inside each attention from the position ids in older ones)."""
 from __future__ import annotations
 
-from .base import ModelAdapter
+from .rotary import RotaryModelAdapter
 
 
-class GPTJAdapter(ModelAdapter):
+class GPTJAdapter(RotaryModelAdapter):
     family = "gptj"
     model_types = ("gptj",)
     layer_template = "transformer.h.{}"
@@ -14,11 +15,7 @@ class GPTJAdapter(ModelAdapter):
     embed_name = "transformer.wte"
     final_norm_name = "transformer.ln_f"
     lm_head_name = "lm_head"
+    rotary_name = "transformer.rotary_emb"
 
     def _block_input(self, inputs_embeds, ctx):
-        return self.model.transformer.drop(inputs_embeds)
-
-    cache_kwarg = "layer_past"
-
-    def block_kwargs(self, ctx):
-        return dict(attention_mask=ctx.attention_mask, position_ids=ctx.position_ids)
+        return super()._block_input(self.model.transformer.drop(inputs_embeds), ctx)

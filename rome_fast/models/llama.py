@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as _module_state
 
-from ..kernels import rope_heads
+from ..ops import rope_heads
 from .base import first_tensor
 from .rotary import RotaryModelAdapter
 

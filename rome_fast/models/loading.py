@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .families import adapter_class_for, adapter_for
+from .random_init import RANDOM_FAMILIES, random_model
+
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_ALIASES = (EMBEDDED_NAME, "smollm2", "default")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +42,6 @@ def embedded_model_path() -> Path:
 
 
 def _check_supported(config) -> None:
-    from . import adapter_class_for
     adapter_class_for(getattr(config, "model_type", "?"))
 
 
@@ -79,6 +81,8 @@ def _load_embedded():
         model.config._name_or_path = EMBEDDED_NAME  # not the cache folder's name
         return model, AutoTokenizer.from_pretrained(cached)
     model, tok = _load_gguf(gguf, torch.float32)
+    # the name later loads from the cache get, so the first run's statistics are found again
+    model.config._name_or_path = str(cached)
     try:  # the cache is an optimisation: a read-only home must not stop the load
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
@@ -121,7 +125,6 @@ class ModelAndTokenizer:
             model, tokenizer = _load(model_name or EMBEDDED_NAME, _resolve_dtype(dtype or torch_dtype))
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
-        from . import adapter_for
         self.adapter = adapter_for(model)  # raises for an unsupported architecture
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -167,3 +170,18 @@ def load_model(name_or_path: str = EMBEDDED_NAME, dtype=None, device=None) -> Mo
     file. dtype: torch dtype or "float32"/"bfloat16"/"float16" (default float32, as the
     reference). device: default CUDA when available, else CPU."""
     return ModelAndTokenizer(name_or_path, dtype=dtype, device=device)
+
+
+def load_model_spec(spec: str | None, device=None) -> ModelAndTokenizer:
+    """A ModelAndTokenizer from a command line's model spec: the embedded default (None), a hub id,
+    a local path or a .gguf, or "tiny:<family>" (a seeded tiny random model, for tests and quick
+    checks). device: default CUDA when available (tiny models: CPU)."""
+    if spec and spec.startswith("tiny:"):
+        family = spec.split(":", 1)[1]
+        if family not in RANDOM_FAMILIES:
+            raise ValueError(f"unknown tiny model family {family!r}: one of {', '.join(RANDOM_FAMILIES)}")
+        model, tok = random_model(family, seed=1, device=device or "cpu")
+        mt = ModelAndTokenizer(model=model, tokenizer=tok)
+        mt.name = spec
+        return mt
+    return load_model(spec or EMBEDDED_NAME, device=device)

@@ -14,8 +14,8 @@ class GPTNeoXAdapter(RotaryModelAdapter):
     embed_name = "gpt_neox.embed_in"
     final_norm_name = "gpt_neox.final_layer_norm"
     lm_head_name = "lm_head"  # `embed_out` before transformers 5
+    legacy_names = {"embed_out": "lm_head"}
     rotary_name = "gpt_neox.rotary_emb"
-    cache_kwarg = "layer_past"
 
     def _block_input(self, inputs_embeds, ctx):
         return super()._block_input(self.model.gpt_neox.emb_dropout(inputs_embeds), ctx)

@@ -46,8 +46,11 @@ def tiny_tokenizer(vocab_size: int = 400):
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([_CORPUS] * 4, vocab_size=vocab_size, min_frequency=2,
                             special_tokens=["<|endoftext|>"], show_progress=False)
+    # no token_type_ids, as GPT-2's own tokenizer (older transformers would return them, and GPT-2
+    # adds their embeddings)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  model_input_names=["input_ids", "attention_mask"])
     tok.pad_token = tok.eos_token
     return tok
 

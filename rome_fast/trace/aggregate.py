@@ -1,4 +1,4 @@
-"""Average causal effects over many facts (REFERENCE.md §1.7, the paper's Fig. 2 / Fig. 7).
+"""Average causal effects over many facts (the paper's Fig. 2 / Fig. 7; docs/tracing.md).
 
 Each correctly predicted fact's score rows are put into six token buckets; a bucket's mean row
 minus the mean corrupted score is the average indirect effect (AIE) of restoring that state at
@@ -12,18 +12,16 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from .kinds import get_kind, kind_names
+from .plots import plot_aie_heatmaps, plot_aie_lines
 from .results import TraceResult
 
 BUCKETS = ("First subject token", "Middle subject tokens", "Last subject token",
            "First subsequent token", "Further tokens", "Last token")
-KIND_SUFFIX = {"hidden": "", "mlp": "_mlp", "attn": "_attn"}
-KIND_STYLE = {"hidden": ("Purples", "single restored layer", "hidden state"),
-              "mlp": ("Greens", "center of interval of restored MLP layers", "MLP"),
-              "attn": ("Reds", "center of interval of restored Attn layers", "Attn")}
 
 
 def bucket_rows(scores: np.ndarray, subject_range: Sequence[int]) -> list[list[np.ndarray]]:
@@ -44,6 +42,7 @@ def bucket_rows(scores: np.ndarray, subject_range: Sequence[int]) -> list[list[n
 @dataclass
 class KindAggregate:
     """Averages over the correctly predicted facts of one kind."""
+    buckets: ClassVar[tuple] = BUCKETS  # the row labels of `mean`, `std`, `count`, `aie`
     kind: str
     n_facts: int               # results read
     n_correct: int             # of which the model predicted the expected answer
@@ -137,34 +136,33 @@ def aggregate_results(results: Iterable, kind: str = "hidden") -> KindAggregate:
 
 def case_path(cases_dir, known_id, kind: str = "hidden") -> Path:
     """The reference's file name of one fact's result: knowledge_{id}[_mlp|_attn].npz."""
-    return Path(cases_dir) / f"knowledge_{known_id}{KIND_SUFFIX[kind]}.npz"
+    return Path(cases_dir) / f"knowledge_{known_id}{get_kind(kind).suffix}.npz"
 
 
 def load_cases(cases_dir, kind: str = "hidden", ids: Iterable | None = None) -> list[TraceResult]:
     """Results of one kind from a cases folder: the given ids (missing files skipped), else all."""
     cases_dir = Path(cases_dir)
     if ids is None:
-        pat = re.compile(rf"^knowledge_(\d+){KIND_SUFFIX[kind]}\.npz$")
+        pat = re.compile(rf"^knowledge_(\d+){re.escape(get_kind(kind).suffix)}\.npz$")
         ids = sorted(int(m.group(1)) for p in cases_dir.glob("knowledge_*.npz") if (m := pat.match(p.name)))
     paths = [case_path(cases_dir, i, kind) for i in ids]
     return [TraceResult.load(p) for p in paths if p.is_file()]
 
 
-def aggregate_dir(out_dir, kinds: Sequence[str] = ("hidden", "mlp", "attn"), ids: Iterable | None = None,
+def aggregate_dir(out_dir, kinds: Sequence[str] | str = "all", ids: Iterable | None = None,
                   figures: bool = True, modelname: str | None = None) -> dict:
     """Aggregate `out_dir/cases`, write `out_dir/summary.json` and, with `figures`, the AIE heat
     maps and line plots (PNG + PDF). Returns the summary dict (kinds without results are left out)."""
     out_dir = Path(out_dir)
     ids = list(ids) if ids is not None else None
     aggs = {}
-    for kind in kinds:
+    for kind in kind_names(kinds):
         results = load_cases(out_dir / "cases", kind, ids)
         if any(r.correct_prediction for r in results):
             aggs[kind] = aggregate_results(results, kind)
     summary = {kind: agg.summary() for kind, agg in aggs.items()}
     _write_json(out_dir / "summary.json", summary)
     if figures and aggs:
-        from .plots import plot_aie_heatmaps, plot_aie_lines
         plot_aie_heatmaps(aggs, out_dir / "aie_heatmap", modelname=modelname)
         plot_aie_lines(aggs, out_dir / "aie_lines", modelname=modelname)
     return summary

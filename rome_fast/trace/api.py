@@ -1,33 +1,51 @@
-"""`calculate_hidden_flow`: the causal trace of one fact and one kind, on a chosen backend.
+"""`calculate_hidden_flow`: the causal trace of one fact and one kind, on a registered backend.
 
-The result is the reference's dict (REFERENCE.md §1.5): `scores` (tokens × layers, CPU float),
+The result is the reference's dict (`results.result_dict`): `scores` (tokens × layers, CPU float),
 `low_score`, `high_score`, `input_ids`, `input_tokens`, `subject_range`, `answer` (the decoded
 top-1 token, unstripped), `window`, `correct_prediction`, and `kind`, stored as the reference does:
-"" for hidden states, "mlp" or "attn"."""
+"" for hidden states, "mlp" or "attn".
+
+Backends are registered `TraceBackend`s: "reference" (one forward per cell, the test oracle) and
+"fast" (the batched engine). Each has a `calculate_hidden_flow` of the reference's signature and,
+for fact sets, says whether it runs facts in engine batches; the command line offers what is
+registered here."""
 from __future__ import annotations
 
-from ..tokens import decode_tokens, find_token_range, make_inputs
-from .noise import NoiseSpec
+from dataclasses import dataclass
+from typing import Callable
+
+from ..tokens import find_token_range, make_inputs
+from .engine import FactInput, TraceEngine
+from .kinds import get_kind
+from .noise import NoiseSpec, draw_noise
 from .reference import predict_from_input, trace_important_states, trace_important_window, trace_with_patch
-
-# The backend used when none is named (the CLI and the demo read it too).
-DEFAULT_BACKEND = "fast"
-BACKENDS = ("reference", "fast")
-KINDS = (None, "mlp", "attn")
+from .results import result_dict
 
 
-def normalize_kind(kind) -> str | None:
-    """None / "" / "hidden" → None (hidden states); "mlp" and "attn" unchanged; else ValueError."""
-    if kind in (None, "", "hidden", "None"):
-        return None
-    if kind in ("mlp", "attn"):
-        return kind
-    raise ValueError(f"unknown kind {kind!r}: use None or 'hidden' (hidden states), 'mlp' or 'attn'")
+@dataclass(frozen=True)
+class TraceBackend:
+    name: str
+    help: str                       # one line for the command line
+    hidden_flow: Callable[..., dict]  # calculate_hidden_flow's signature (less `backend`)
+    engine: Callable | None = None  # mt -> TraceEngine for fact sets in batches; None: one at a time
 
 
-def _validate(prompt, subject, samples, window, kind, token_range, backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+BACKENDS: dict[str, TraceBackend] = {}
+DEFAULT_BACKEND = "fast"  # the backend used when none is named (the command line's default too)
+
+
+def register_backend(backend: TraceBackend) -> TraceBackend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> TraceBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def _validate(prompt, subject, samples, window, token_range):
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("empty prompt: give the text whose next token is traced")
     if not isinstance(subject, str) or not subject.strip():
@@ -38,12 +56,20 @@ def _validate(prompt, subject, samples, window, kind, token_range, backend):
         raise ValueError(f"samples must be an integer >= 1 (corrupted runs per pass), got {samples!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an integer >= 1 (layers restored together), got {window!r}")
-    kind = normalize_kind(kind)
     if token_range is not None and not isinstance(token_range, str):
-        token_range = [int(t) for t in token_range]
-    elif token_range not in (None, "subject_last"):
+        return [int(t) for t in token_range]
+    if token_range not in (None, "subject_last"):
         raise ValueError(f"unknown token_range {token_range!r}: None, 'subject_last' or a list of token indices")
-    return kind, token_range
+    return token_range
+
+
+def _token_rows(token_range, subject_range, n_tokens: int) -> list[int] | None:
+    """The rows of `scores`: None (every token), or the indices token_range asks for."""
+    if token_range == "subject_last":
+        return [subject_range[1] - 1]
+    if token_range is not None and any(not 0 <= t < n_tokens for t in token_range):
+        raise ValueError(f"token_range {token_range} is outside the prompt's {n_tokens} tokens")
+    return token_range
 
 
 def calculate_hidden_flow(mt, prompt: str, subject: str, samples: int = 10, noise: NoiseSpec = 0.1,
@@ -54,40 +80,81 @@ def calculate_hidden_flow(mt, prompt: str, subject: str, samples: int = 10, nois
 
     mt: a ModelAndTokenizer. noise: the std of the Gaussian noise (a float) or a callable applied to
     standard draws (see `noise.resolve_noise` for the reference's rules). token_range: None (every
-    token), "subject_last" or a list of token indices (the rows of `scores`). expect: when the
+    token), "subject_last" or a list of token indices (the rows of `scores`). kind: None or
+    "hidden" (hidden states), or another registered kind ("mlp", "attn"). expect: when the
     stripped top-1 prediction differs from it, return early with correct_prediction=False and
     what is known by then (no scores). backend: "reference" (one forward per cell) or "fast"."""
-    kind, token_range = _validate(prompt, subject, samples, window, kind, token_range, backend)
-    if backend == "fast":
-        from .engine import calculate_hidden_flow_fast
-        return calculate_hidden_flow_fast(mt, prompt, subject, samples=samples, noise=noise,
-                                          token_range=token_range, uniform_noise=uniform_noise,
-                                          replace=replace, window=window, kind=kind, expect=expect)
+    chosen = get_backend(backend)
+    token_range = _validate(prompt, subject, samples, window, token_range)
+    # a backend is a drop-in function: it gets the reference's spelling of the kind
+    return chosen.hidden_flow(mt, prompt, subject, samples=samples, noise=noise, token_range=token_range,
+                              uniform_noise=uniform_noise, replace=replace, window=window,
+                              kind=get_kind(kind).argument, expect=expect)
 
+
+def calculate_hidden_flow_reference(mt, prompt: str, subject: str, samples: int = 10, noise=0.1,
+                                    token_range=None, uniform_noise: bool = False, replace: bool = False,
+                                    window: int = 10, kind=None, expect=None) -> dict:
+    """`calculate_hidden_flow` as the reference computes it: one forward pass per cell."""
+    kind = get_kind(kind)
     inp = make_inputs(mt.tokenizer, [prompt] * (samples + 1), device=mt.device)
     answer_t, base_score = [d[0] for d in predict_from_input(mt.model, inp)]
-    [answer] = decode_tokens(mt.tokenizer, [int(answer_t)])
     input_ids = inp["input_ids"][0].cpu()
-    ids_list = input_ids.tolist()
-    if expect is not None and answer.strip() != expect:
-        return dict(correct_prediction=False, answer=answer, high_score=base_score.item(),
-                    input_ids=input_ids, input_tokens=decode_tokens(mt.tokenizer, ids_list),
-                    window=window, kind=kind or "")
-    e_range = find_token_range(mt.tokenizer, ids_list, subject)
-    if token_range == "subject_last":
-        token_range = [e_range[1] - 1]
-    elif token_range is not None and any(not 0 <= t < len(input_ids) for t in token_range):
-        raise ValueError(f"token_range {token_range} is outside the prompt's {len(input_ids)} tokens")
+    common = dict(answer=int(answer_t), high_score=base_score.item(), window=window, kind=kind)
+    if expect is not None and mt.tokenizer.decode([int(answer_t)]).strip() != expect:
+        return result_dict(mt.tokenizer, input_ids, **common)
+    e_range = find_token_range(mt.tokenizer, input_ids.tolist(), subject)
+    rows = _token_rows(token_range, e_range, len(input_ids))
     # As the reference, the corrupted baseline always adds the noise, even when `replace` is set.
     low_score = trace_with_patch(mt.model, inp, [], answer_t, e_range, noise=noise,
                                  uniform_noise=uniform_noise).item()
-    common = dict(noise=noise, uniform_noise=uniform_noise, replace=replace, token_range=token_range)
-    if kind is None:
-        scores = trace_important_states(mt.model, mt.num_layers, inp, e_range, answer_t, **common)
+    args = dict(noise=noise, uniform_noise=uniform_noise, replace=replace, token_range=rows)
+    if kind.argument is None:
+        scores = trace_important_states(mt.model, mt.num_layers, inp, e_range, answer_t, **args)
     else:
-        scores = trace_important_window(mt.model, mt.num_layers, inp, e_range, answer_t, kind=kind,
-                                        window=window, **common)
-    return dict(scores=scores.detach().cpu(), low_score=low_score, high_score=base_score.item(),
-                input_ids=input_ids, input_tokens=decode_tokens(mt.tokenizer, ids_list),
-                subject_range=tuple(e_range), answer=answer, window=window, correct_prediction=True,
-                kind=kind or "")
+        scores = trace_important_window(mt.model, mt.num_layers, inp, e_range, answer_t,
+                                        kind=kind.argument, window=window, **args)
+    return result_dict(mt.tokenizer, input_ids, scores=scores.detach().cpu(), low_score=low_score,
+                       subject_range=e_range, **common)
+
+
+def make_fact_input(mt, prompt: str, subject: str, samples: int, noise, uniform_noise: bool = False,
+                    token_range=None) -> FactInput:
+    """Tokens, subject range and the reference's noise draw for one fact, for the engine."""
+    ids = mt.tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("empty prompt: give the text whose next token is traced")
+    b, e = find_token_range(mt.tokenizer, ids, subject)
+    return FactInput(ids, (b, e), draw_noise(samples, e - b, mt.adapter.hidden_size, noise, uniform_noise),
+                     tokens=_token_rows(token_range, (b, e), len(ids)))
+
+
+def fact_dict(mt, fact: FactInput, res, kind, window: int, traced: bool = True) -> dict:
+    """The reference's result dict of one engine result (`traced=False`: a mispredicted fact)."""
+    known = dict(answer=res.answer, high_score=res.high_score, window=window, kind=kind)
+    if not traced:
+        return result_dict(mt.tokenizer, fact.input_ids, **known)
+    return result_dict(mt.tokenizer, fact.input_ids, scores=res.scores[get_kind(kind).name],
+                       low_score=res.low_score, subject_range=fact.subject_range, **known)
+
+
+def calculate_hidden_flow_fast(mt, prompt: str, subject: str, samples: int = 10, noise=0.1,
+                               token_range=None, uniform_noise: bool = False, replace: bool = False,
+                               window: int = 10, kind=None, expect=None, engine: TraceEngine | None = None
+                               ) -> dict:
+    """`calculate_hidden_flow` on the fast engine: the same arguments and the same dict."""
+    kind = get_kind(kind)
+    engine = engine or TraceEngine(mt)
+    fact = make_fact_input(mt, prompt, subject, samples, noise, uniform_noise, token_range)
+    if expect is not None:  # the reference checks the prediction before tracing anything
+        res = engine.trace([fact], kinds=(), window=window)[0]
+        if mt.tokenizer.decode([res.answer]).strip() != expect:
+            return fact_dict(mt, fact, res, kind, window, traced=False)
+    res = engine.trace([fact], kinds=(kind.name,), window=window, replace=replace)[0]
+    return fact_dict(mt, fact, res, kind, window)
+
+
+register_backend(TraceBackend("reference", "one forward pass per cell, as the reference (the oracle)",
+                              calculate_hidden_flow_reference))
+register_backend(TraceBackend("fast", "the batched engine: many cells and facts per pass",
+                              calculate_hidden_flow_fast, engine=TraceEngine))

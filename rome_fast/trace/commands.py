@@ -5,25 +5,16 @@ import json
 import time
 from pathlib import Path
 
-from .api import BACKENDS, DEFAULT_BACKEND
-
-
-def load_model_spec(spec: str | None, device=None):
-    """A ModelAndTokenizer from a model spec: the embedded default, a hub id / path / .gguf, or
-    "tiny:<family>" (a seeded tiny random model, for tests and quick checks). device: default
-    CUDA when available (tiny models: CPU)."""
-    from ..models import ModelAndTokenizer, load_model
-
-    if spec and spec.startswith("tiny:"):
-        from ..models.random_init import RANDOM_FAMILIES, random_model
-        family = spec.split(":", 1)[1]
-        if family not in RANDOM_FAMILIES:
-            raise ValueError(f"unknown tiny model family {family!r}: one of {', '.join(RANDOM_FAMILIES)}")
-        model, tok = random_model(family, seed=1, device=device or "cpu")
-        mt = ModelAndTokenizer(model=model, tokenizer=tok)
-        mt.name = spec
-        return mt
-    return load_model(spec or "smollm2-135m", device=device)
+from .. import distributed
+from ..models.loading import load_model_spec
+from .aggregate import aggregate_dir
+from .api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow
+from .kinds import KINDS, get_kind, kind_names
+from .noise import resolve_noise
+from .plots import plot_trace_heatmap
+from .results import TraceResult
+from .runner import _check_run_settings, load_facts, trace_facts
+from .summary import summarize_trace
 
 
 def print_trace_summary(summary: dict) -> None:
@@ -61,10 +52,6 @@ def _read_corpus(path) -> list[str] | None:
 
 
 def _cmd_trace(args) -> int:
-    from ..demo import summarize_trace
-    from .noise import resolve_noise
-    from .runner import _kinds, load_facts, trace_facts
-
     if (args.facts is None) == (args.prompt is None):
         raise ValueError("give either --facts FILE or --prompt TEXT with --subject WORDS")
     if args.samples < 1 or args.window < 1:
@@ -74,7 +61,6 @@ def _cmd_trace(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     if args.facts is not None:
-        from .. import distributed
         facts = load_facts(args.facts)
         info = distributed.init()  # a no-op unless torchrun started several processes
         try:
@@ -94,24 +80,19 @@ def _cmd_trace(args) -> int:
 
     if not args.subject:
         raise ValueError("--prompt needs --subject (the words of the prompt to corrupt)")
-    from ..distributed import env_info
-    if env_info().distributed:  # every rank would trace the same fact into the same files
+    if distributed.env_info().distributed:  # every rank would trace the same fact into the same files
         raise ValueError("--prompt traces one fact: run it without torchrun (use --facts to shard)")
-    from .api import calculate_hidden_flow
-    from .plots import plot_trace_heatmap
-    from .results import TraceResult
-
     mt = load_model_spec(args.model)
     subjects = _read_subjects(args.noise_subjects) if args.noise_subjects else [args.subject]
     noise, uniform = resolve_noise(args.noise, mt, subjects, texts=corpus)
     out = Path(args.out)
-    for kind in _kinds(args.kind):
+    for kind in kind_names(args.kind):
         t0 = time.time()
         res = calculate_hidden_flow(mt, args.prompt, args.subject, samples=args.samples, noise=noise,
                                     uniform_noise=uniform, replace=args.replace, window=args.window,
-                                    kind=None if kind == "hidden" else kind, backend=args.backend)
+                                    kind=kind, backend=args.backend)
         r = TraceResult.from_dict(res)
-        stem = out / f"trace{'' if kind == 'hidden' else '_' + kind}"
+        stem = out / f"trace{get_kind(kind).suffix}"
         r.save(stem.with_suffix(".npz"))
         plot_trace_heatmap(r, savepdf=stem.with_suffix(".pdf"), modelname=mt.name)
         print(f"{kind}: answer {r.answer!r}, clean p = {r.high_score:.4f}, corrupted p = {r.low_score:.4f} "
@@ -126,9 +107,6 @@ def _cmd_aggregate(args) -> int:
     """Re-aggregate a trace folder, after merging in the case files of other runs if asked."""
     import shutil
     import tempfile
-
-    from .aggregate import aggregate_dir
-    from .runner import _check_run_settings, _kinds
 
     out = Path(args.dir)
     for src in map(Path, args.merge or ()):
@@ -156,14 +134,14 @@ def _cmd_aggregate(args) -> int:
     if not (out / "cases").is_dir():
         raise FileNotFoundError(f"{out}/cases not found: not a trace folder")
     model = json.loads((out / "run.json").read_text()).get("model") if (out / "run.json").is_file() else None
-    summary = aggregate_dir(out, _kinds(args.kind), figures=not args.no_figures, modelname=model or None)
+    summary = aggregate_dir(out, kind_names(args.kind), figures=not args.no_figures, modelname=model or None)
     print_trace_summary(summary)
     print(f"summary in {out}/summary.json")
     return 0
 
 
 def add_parsers(sub) -> None:
-    """Register `trace`, `aggregate` and `demo` on the `rome-fast` subparsers."""
+    """Register `trace` and `aggregate` on the `rome-fast` subparsers."""
     p = sub.add_parser("trace", help="causal tracing of one fact or of a known-facts file",
                        description="Causal tracing (Meng et al. 2022): corrupt the subject's embeddings "
                                    "with noise, restore one state at a time, measure p(answer).")
@@ -172,8 +150,9 @@ def add_parsers(sub) -> None:
     src.add_argument("--subject", help="the words of the prompt to corrupt")
     src.add_argument("--facts", help="known-facts JSON (known_1000 format) to trace instead")
     src.add_argument("--limit", type=int, help="trace only the first N facts")
-    p.add_argument("--kind", default="all", choices=["all", "hidden", "mlp", "attn"],
-                   help="states to restore: hidden states, MLP or attention outputs (default all)")
+    p.add_argument("--kind", default="all", choices=["all", *KINDS],
+                   help="what to restore: " + "; ".join(f"{k.name}: {k.description}" for k in KINDS.values())
+                        + " (default all)")
     p.add_argument("--noise", default="s3",
                    help="noise rule: sK (K·σ of the subjects' embeddings, default s3), a number (std), "
                         "uX (uniform ±X), tD (Student-t), m (fitted Gaussian, needs --noise-corpus)")
@@ -186,7 +165,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="model: smollm2-135m (embedded default), a hub id, a local path or a .gguf")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
-                   help=f"reference (one forward per cell) or fast (default {DEFAULT_BACKEND})")
+                   help="; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()) + f" (default {DEFAULT_BACKEND})")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--case-plots", action="store_true", help="with --facts: a heat map per fact (ids <= 200)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
@@ -200,9 +179,6 @@ def add_parsers(sub) -> None:
     a.add_argument("--merge", nargs="+", metavar="SRC",
                    help="first copy the case files DIR lacks from these trace folders (their run.json "
                         "settings must equal DIR's; DIR takes the first one's when it has none)")
-    a.add_argument("--kind", default="all", choices=["all", "hidden", "mlp", "attn"])
+    a.add_argument("--kind", default="all", choices=["all", *KINDS])
     a.add_argument("--no-figures", action="store_true", help="summary.json only")
     a.set_defaults(func=_cmd_aggregate)
-
-    from ..demo import add_parsers as add_demo
-    add_demo(sub)

@@ -7,7 +7,8 @@ import time
 from typing import Callable, Sequence
 
 from .aggregate import case_path
-from .engine import TraceEngine, make_fact_input, mispredicted_dict, result_dict
+from .api import fact_dict, make_fact_input
+from .engine import TraceEngine
 from .results import TraceResult
 
 
@@ -60,14 +61,15 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
             expect = facts[i].get("attribute")
             if expect is not None and mt.tokenizer.decode([res.answer]).strip() != expect:
                 # the reference stores the failed check and moves on
-                results.update({(i, k): mispredicted_dict(mt, inputs[i], res, k, window) for k in due[i]})
+                results.update({(i, k): fact_dict(mt, inputs[i], res, k, window, traced=False)
+                                for k in due[i]})
             else:
                 traced.append(i)
         if traced:
             kinds_due = [k for k in kinds if any(k in due[i] for i in traced)]
             for i, res in zip(traced, engine.trace([inputs[i] for i in traced], kinds=kinds_due,
                                                    window=window, replace=replace)):
-                results.update({(i, k): result_dict(mt, inputs[i], res, k, window) for k in due[i]})
+                results.update({(i, k): fact_dict(mt, inputs[i], res, k, window) for k in due[i]})
         for (i, kind), result in results.items():
             TraceResult.from_dict(result).save(case_path(cases_dir, facts[i]["known_id"], kind))
             written += 1

@@ -1,4 +1,4 @@
-"""Noise for causal tracing (REFERENCE.md §1.2-§1.3).
+"""Noise for causal tracing (the rules are in docs/tracing.md).
 
 The reference draws the corruption noise inside every single trace call from a fresh
 `numpy.random.RandomState(1)`, so all restorations of a fact (and all facts with the same number

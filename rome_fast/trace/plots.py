@@ -10,8 +10,9 @@ from typing import Mapping
 
 import numpy as np
 
-CMAPS = {None: "Purples", "": "Purples", "None": "Purples", "hidden": "Purples",
-         "mlp": "Greens", "attn": "Reds"}
+from .api import DEFAULT_BACKEND, calculate_hidden_flow
+from .kinds import KINDS, TraceKind, get_kind
+
 # Times-like as the paper, falling back quietly to what is installed.
 _RC = {"font.family": "serif", "font.serif": ["Times New Roman", "Times", "Nimbus Roman", "DejaVu Serif"]}
 
@@ -43,12 +44,9 @@ def _as_mapping(result) -> Mapping:
     return result.to_dict() if hasattr(result, "to_dict") else result
 
 
-def _kind_of(result) -> str | None:
+def _kind_of(result) -> TraceKind:
     k = result.get("kind")
-    if k is None:
-        return None
-    k = str(np.asarray(k).item()) if isinstance(k, np.ndarray) else str(k)
-    return None if k in ("", "None", "hidden") else k
+    return get_kind(str(np.asarray(k).item()) if isinstance(k, np.ndarray) else k)
 
 
 def plot_trace_heatmap(result, savepdf=None, title=None, xlabel=None, modelname=None):
@@ -72,21 +70,15 @@ def plot_trace_heatmap(result, savepdf=None, title=None, xlabel=None, modelname=
     with matplotlib.rc_context(_RC):
         fig = _new_figure((3.5, 2))
         ax = fig.add_subplot()
-        h = ax.pcolor(scores, cmap=CMAPS[kind], vmin=low)
+        h = ax.pcolor(scores, cmap=kind.cmap, vmin=low)
         ax.invert_yaxis()
         ax.set_yticks([0.5 + i for i in range(len(scores))])
         ticks = list(range(0, max(1, n_layers - 6), 5))  # every 5 layers, as the paper
         ax.set_xticks([0.5 + i for i in ticks])
         ax.set_xticklabels(ticks)
         ax.set_yticklabels(labels)
-        modelname = modelname or "GPT"
-        if kind is None:
-            ax.set_title("Impact of restoring state after corrupted input")
-            ax.set_xlabel(f"single restored layer within {modelname}")
-        else:
-            kindname = "MLP" if kind == "mlp" else "Attn"
-            ax.set_title(f"Impact of restoring {kindname} after corrupted input")
-            ax.set_xlabel(f"center of interval of {window} restored {kindname} layers")
+        ax.set_title(kind.single_title)
+        ax.set_xlabel(kind.single_xlabel.format(model=modelname or "GPT", window=window))
         cb = fig.colorbar(h)
         if title is not None:
             ax.set_title(title)
@@ -110,8 +102,6 @@ def guess_subject(prompt: str) -> str:
 def plot_hidden_flow(mt, prompt, subject=None, samples=10, noise=0.1, uniform_noise=False, window=10,
                      kind=None, savepdf=None, modelname=None, backend=None):
     """Trace one fact and plot it (the reference's helper); returns the paths or the Figure."""
-    from .api import DEFAULT_BACKEND, calculate_hidden_flow
-
     if subject is None:
         subject = guess_subject(prompt)
     result = calculate_hidden_flow(mt, prompt, subject, samples=samples, noise=noise,
@@ -121,39 +111,38 @@ def plot_hidden_flow(mt, prompt, subject=None, samples=10, noise=0.1, uniform_no
 
 
 def plot_all_flow(mt, prompt, subject=None, savepdf_stem=None, **kwargs):
-    """All three kinds for one prompt (savepdf_stem + "", "_mlp", "_attn")."""
+    """Every kind for one prompt (savepdf_stem + each kind's suffix: "_mlp", "_attn", "" for hidden
+    states, in the reference's order: the window kinds first)."""
     out = []
-    for kind, suffix in (("mlp", "_mlp"), ("attn", "_attn"), (None, "")):
-        path = f"{savepdf_stem}{suffix}.pdf" if savepdf_stem else None
-        out.append(plot_hidden_flow(mt, prompt, subject, kind=kind, savepdf=path, **kwargs))
+    for kind in sorted(KINDS.values(), key=lambda k: k.part is None):
+        path = f"{savepdf_stem}{kind.suffix}.pdf" if savepdf_stem else None
+        out.append(plot_hidden_flow(mt, prompt, subject, kind=kind.argument, savepdf=path, **kwargs))
     return out
 
 
-# ---- averaged figures (aggregate.py) ------------------------------------------------------------
+# ---- averaged figures of aggregate.KindAggregate's (their `buckets` label the rows) ---------------
 
 def plot_aie_heatmaps(aggs: Mapping, path, modelname=None) -> list[Path]:
     """One panel per kind: AIE (bucket × layer), clipped at 0, one colour scale for all kinds."""
     import matplotlib
 
-    from .aggregate import BUCKETS, KIND_STYLE
-
     vmax = max(float(np.nanmax(np.clip(a.aie, 0, None))) for a in aggs.values()) or 1e-9
     with matplotlib.rc_context(_RC):
         fig = _new_figure((3.8 * len(aggs), 2.2))
-        for i, (kind, agg) in enumerate(aggs.items()):
-            cmap, xlabel, name = KIND_STYLE[kind]
+        for i, (name, agg) in enumerate(aggs.items()):
+            kind, buckets = get_kind(name), agg.buckets
             ax = fig.add_subplot(1, len(aggs), i + 1)
-            h = ax.pcolor(np.nan_to_num(np.clip(agg.aie, 0, None)), cmap=cmap, vmin=0, vmax=vmax)
+            h = ax.pcolor(np.nan_to_num(np.clip(agg.aie, 0, None)), cmap=kind.cmap, vmin=0, vmax=vmax)
             ax.invert_yaxis()
-            ax.set_yticks([0.5 + j for j in range(len(BUCKETS))])
-            ax.set_yticklabels(BUCKETS if i == 0 else [""] * len(BUCKETS))
+            ax.set_yticks([0.5 + j for j in range(len(buckets))])
+            ax.set_yticklabels(buckets if i == 0 else [""] * len(buckets))
             n_layers = agg.aie.shape[1]
             ticks = list(range(0, n_layers, 5))
             ax.set_xticks([0.5 + t for t in ticks])
             ax.set_xticklabels(ticks)
-            ax.set_title(f"Average indirect effect of {name}\n({agg.n_correct} facts"
+            ax.set_title(f"Average indirect effect of {kind.label}\n({agg.n_correct} facts"
                          f"{', ' + modelname if modelname else ''})", fontsize=9)
-            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_xlabel(kind.aie_xlabel, fontsize=8)
             fig.colorbar(h, ax=ax)
         return save_figure(fig, path)
 
@@ -162,22 +151,20 @@ def plot_aie_lines(aggs: Mapping, path, modelname=None) -> list[Path]:
     """One panel per kind: AIE per layer for each bucket with its 95 % interval."""
     import matplotlib
 
-    from .aggregate import BUCKETS, KIND_STYLE
-
     with matplotlib.rc_context(_RC):
         fig = _new_figure((4.0 * len(aggs), 2.8))
-        for i, (kind, agg) in enumerate(aggs.items()):
-            _, xlabel, name = KIND_STYLE[kind]
+        for i, (name, agg) in enumerate(aggs.items()):
+            kind = get_kind(name)
             ax = fig.add_subplot(1, len(aggs), i + 1)
             layers = np.arange(agg.aie.shape[1])
-            for j, bucket in enumerate(BUCKETS):
+            for j, bucket in enumerate(agg.buckets):
                 if agg.count[j] == 0:
                     continue
                 line, = ax.plot(layers, agg.aie[j], label=bucket, linewidth=1)
                 ci = np.nan_to_num(agg.ci95[j])
                 ax.fill_between(layers, agg.aie[j] - ci, agg.aie[j] + ci, color=line.get_color(), alpha=0.15)
-            ax.set_title(f"AIE of {name}{' (' + modelname + ')' if modelname else ''}", fontsize=9)
-            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_title(f"AIE of {kind.label}{' (' + modelname + ')' if modelname else ''}", fontsize=9)
+            ax.set_xlabel(kind.aie_xlabel, fontsize=8)
             if i == 0:
                 ax.set_ylabel("AIE (p)", fontsize=8)
             if i == len(aggs) - 1:

@@ -1,5 +1,6 @@
 """Reference causal tracing: one forward pass per (token, layer) cell, as the reference does
-(REFERENCE.md §1.3-§1.5). Slow by design; it is the test oracle of the fast engine.
+(docs/tracing.md). Slow by design; it is the test oracle of the fast engine, so it shares nothing
+with the engine or the hooks layer: its hooks are written out here.
 
 Names and signatures are the reference's, so scripts written against it work unchanged. The model
 argument is a bare transformers model; its family adapter supplies the module names, so every
@@ -14,12 +15,15 @@ import torch
 
 from ..models import adapter_for, first_tensor
 from ..tokens import make_inputs
+from .kinds import get_kind
 from .noise import NoiseSpec, draw_noise
 
 
 def layername(model, num: int, kind: str | None = None) -> str:
-    """Dotted name of block `num` (kind None), its 'mlp' or 'attn', or the word embedding ('embed')."""
-    return adapter_for(model).module_name(kind, num)
+    """Dotted name of block `num` (kind None), the module a kind restores in it ('mlp', 'attn'),
+    or the word embedding ('embed')."""
+    adapter = adapter_for(model)
+    return adapter.embed_name if kind == "embed" else get_kind(kind).module_name(adapter, num)
 
 
 @contextlib.contextmanager

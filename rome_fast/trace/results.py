@@ -14,6 +14,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..tokens import decode_tokens
+from .kinds import get_kind, stored_kind
+
+
+def result_dict(tokenizer, input_ids, answer: int, high_score: float, window: int, kind,
+                scores: torch.Tensor | None = None, low_score: float | None = None,
+                subject_range=None) -> dict:
+    """The reference's result dict of one fact and kind (what `calculate_hidden_flow` returns, on
+    either backend). Without scores it is the dict of a fact whose prediction was not the expected
+    one: the reference stops before locating the subject or tracing anything."""
+    ids = [int(t) for t in (input_ids.tolist() if torch.is_tensor(input_ids) else input_ids)]
+    answer, tokens, kind = decode_tokens(tokenizer, [answer])[0], decode_tokens(tokenizer, ids), get_kind(kind).stored
+    if scores is None:
+        return dict(correct_prediction=False, answer=answer, high_score=float(high_score),
+                    input_ids=torch.tensor(ids), input_tokens=tokens, window=window, kind=kind)
+    return dict(scores=scores, low_score=float(low_score), high_score=float(high_score),
+                input_ids=torch.tensor(ids), input_tokens=tokens, subject_range=tuple(subject_range),
+                answer=answer, window=window, correct_prediction=True, kind=kind)
+
+
 @dataclass
 class TraceResult:
     """The reference's result dict as a dataclass; fields absent for a wrong prediction are None."""
@@ -26,7 +46,7 @@ class TraceResult:
     subject_range: tuple[int, int] | None = None
     answer: str | None = None                 # decoded top-1 clean token (unstripped)
     window: int | None = None
-    kind: str = ""                            # "" (hidden states), "mlp" or "attn"
+    kind: str = ""                            # as the reference stores it: "" (hidden states), "mlp", …
     extra: dict = field(default_factory=dict)  # any other keys (kept on save)
 
     @classmethod
@@ -52,8 +72,7 @@ class TraceResult:
         if "window" in d:
             out.window = int(_scalar(d.pop("window")))
         if "kind" in d:
-            k = _scalar(d.pop("kind"))
-            out.kind = "" if k is None or str(k) in ("None", "hidden") else str(k)
+            out.kind = stored_kind(_scalar(d.pop("kind")))
         out.extra = d
         return out
 

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .. import distributed
-from .aggregate import KIND_SUFFIX, aggregate_dir, case_path
-from .api import DEFAULT_BACKEND, calculate_hidden_flow, normalize_kind
+from . import many
+from .aggregate import aggregate_dir, case_path
+from .api import DEFAULT_BACKEND, calculate_hidden_flow, get_backend
+from .kinds import get_kind, kind_names
 from .noise import resolve_noise
+from .plots import plot_trace_heatmap
 from .results import TraceResult
 
 KNOWN_FACTS_URL = "https://rome.baulab.info/data/dsets/known_1000.json"
-ALL_KINDS = ("hidden", "mlp", "attn")
 
 
 def load_facts(path) -> list[dict]:
@@ -48,38 +50,27 @@ def load_facts(path) -> list[dict]:
     return facts
 
 
-def _kinds(kinds: Sequence[str] | str) -> list[str]:
-    if isinstance(kinds, str):
-        kinds = ALL_KINDS if kinds == "all" else (kinds,)
-    out = []
-    for k in kinds:
-        nk = normalize_kind(k)
-        out.append("hidden" if nk is None else nk)
-    return out
-
-
-def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] = ALL_KINDS, noise=0.1,
+def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] | str = "all", noise=0.1,
                    uniform_noise: bool = False, samples: int = 10, window: int = 10,
                    replace: bool = False, backend: str = DEFAULT_BACKEND) -> dict[str, bool]:
     """Trace one fact for each kind not yet on disk; returns {kind: True if computed now}.
 
     The single place a batched engine would replace (it sees the fact and the kinds still due)."""
     done = {}
-    for kind in _kinds(kinds):
+    for kind in kind_names(kinds):
         path = case_path(cases_dir, fact["known_id"], kind)
         if path.is_file():
             done[kind] = False
             continue
         result = calculate_hidden_flow(mt, fact["prompt"], fact["subject"], samples=samples, noise=noise,
                                        uniform_noise=uniform_noise, replace=replace, window=window,
-                                       kind=None if kind == "hidden" else kind,
-                                       expect=fact.get("attribute"), backend=backend)
+                                       kind=kind, expect=fact.get("attribute"), backend=backend)
         TraceResult.from_dict(result).save(path)
         done[kind] = True
     return done
 
 
-def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str = ALL_KINDS, noise="s3",
+def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str = "all", noise="s3",
                 samples: int = 10, window: int = 10, limit: int | None = None,
                 backend: str = DEFAULT_BACKEND, progress: bool = True, replace: bool = False,
                 uniform_noise: bool = False, noise_texts: Sequence[str] | None = None,
@@ -96,7 +87,8 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     records run.json first and aggregates after everyone is done, and returns the summary, the
     other ranks None."""
     facts = list(facts)
-    kinds = _kinds(kinds)
+    kinds = kind_names(kinds)
+    engine_of = get_backend(backend).engine
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -117,17 +109,15 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     recorded = _agree_run_settings(out_dir / "run.json", settings, info)
     if isinstance(level, float) and isinstance(recorded.get("noise_level"), float):
         level = recorded["noise_level"]  # every rank and every resume: the same σ, to the bit
-    fail = distributed.failure_hook("batch" if backend == "fast" else "fact", info)
+    fail = distributed.failure_hook("batch" if engine_of is not None else "fact", info)
 
-    if backend == "fast":  # facts in batches on the engine, every kind in one call
-        from .engine import TraceEngine
-        from .many import default_facts_per_batch, fact_batches, trace_facts_batched
-        engine = TraceEngine(mt)
+    if engine_of is not None:  # facts in batches on the engine, every kind in one call
+        engine = engine_of(mt)
         # a rank's share is whole batches of the one-process split: the same company, the same bits
-        batches = distributed.shard(fact_batches(mt, todo, default_facts_per_batch(engine)), info)
-        trace_facts_batched(mt, todo, cases, kinds, noise=level, uniform_noise=uniform_noise,
-                            samples=samples, window=window, replace=replace, progress=progress,
-                            engine=engine, batches=batches, after_batch=fail)
+        batches = distributed.shard(many.fact_batches(mt, todo, many.default_facts_per_batch(engine)), info)
+        many.trace_facts_batched(mt, todo, cases, kinds, noise=level, uniform_noise=uniform_noise,
+                                 samples=samples, window=window, replace=replace, progress=progress,
+                                 engine=engine, batches=batches, after_batch=fail)
         mine = [todo[i] for b in batches for i in b]
         if case_plots:
             for fact in mine:
@@ -184,7 +174,6 @@ def _same_setting(a, b) -> bool:
 
 def _case_plots(out_dir: Path, known_id, kinds, modelname) -> None:
     """The reference draws a heat map per fact for known_id <= 200 (in pdfs/)."""
-    from .plots import plot_trace_heatmap
     if not isinstance(known_id, int) or known_id > 200:
         return
     for kind in kinds:
@@ -192,6 +181,6 @@ def _case_plots(out_dir: Path, known_id, kinds, modelname) -> None:
         if not r.correct_prediction:
             continue
         answer = re.sub(r"[^\w.\-]+", "_", r.answer.strip()) or "_"
-        target = out_dir / "pdfs" / f"{answer}_{known_id}{KIND_SUFFIX[kind]}.pdf"
+        target = out_dir / "pdfs" / f"{answer}_{known_id}{get_kind(kind).suffix}.pdf"
         if not target.is_file():
             plot_trace_heatmap(r, savepdf=target, modelname=modelname)

@@ -1,19 +1,33 @@
-// Rank-k weight update W += A Bᵀ and the per-column normalise + dot of the fused ROME update, on
-// CPU with ATen threads. Inputs are validated in bindings.cpp.
+// The weight-update ops of a ROME edit: rank_k_update_ (W += A Bᵀ), cholesky_solve (C⁻¹B with the
+// cached factor) and normalize_dot (u = y/‖y‖ and ⟨k*, u⟩): schemas, argument checks (shared with
+// the CUDA kernels, csrc/cuda/register.cpp) and CPU kernels with ATen threads. rome_update_
+// (csrc/rome_update.cpp) composes them. Contracts and numerics: docs/kernels.md.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
-#include "cpu_ops.h"
+#include "../checks.h"
 
-namespace rome_fast::cpu {
+TORCH_LIBRARY_FRAGMENT(rome_fast, m) {
+  // W += U Rᵀ ("in_out", W [d_k, d_v]) or W += R Uᵀ ("out_in", W [d_v, d_k]); U [d_k, n] and
+  // R [d_v, n] float32. fp32 sums, one rounding per W element, no d_k×d_v temporary.
+  m.def("rank_k_update_(Tensor(a!) W, Tensor U, Tensor R, str layout) -> ()");
+  // Y = (L Lᵀ)⁻¹ B: L [d, d] lower Cholesky factor (float32/64, row-major), B [d, n] float64.
+  m.def("cholesky_solve(Tensor L, Tensor B) -> Tensor");
+  // Per column j of Y [d, n] (float32/64): U[:, j] = Y[:, j] / ‖Y[:, j]‖ (float32) and
+  // stats [3, n] float64 = (‖Y[:, j]‖, ⟨kstar[:, j], Y[:, j]⟩, ‖kstar[:, j]‖); kstar float32.
+  m.def("normalize_dot(Tensor Y, Tensor kstar) -> (Tensor U, Tensor stats)");
+}
+
+namespace rome_fast {
 namespace {
 
 // Columns per tile: RB accumulator rows of kTile floats stay in L1 next to the B tile.
@@ -246,17 +260,15 @@ void cholesky_solve_impl(const F* L, double* yt, int64_t d, int64_t n) {
   }
 }
 
-}  // namespace
-
-void rank_k_update_(torch::Tensor W, const torch::Tensor& A, const torch::Tensor& B) {
+// W[r, c] += Σ_k A[r, k] B[c, k]: W [rows, cols], A [rows, n], B [cols, n] fp32, all contiguous.
+void rank_k_kernel(at::Tensor& W, const at::Tensor& A, const at::Tensor& B) {
   const int64_t rows = W.size(0), cols = W.size(1), n = A.size(1);
   if (rows == 0 || cols == 0 || n == 0) return;
   // Bᵀ [n, cols] is tiny (n·cols floats) and makes the inner loop unit-stride.
-  const torch::Tensor Bt = B.t().contiguous();
+  const at::Tensor Bt = B.t().contiguous();
   const float* a = A.data_ptr<float>();
   const float* bt = Bt.data_ptr<float>();
   const int64_t blocks = (rows + kRB - 1) / kRB;
-  // ~64K W elements per task: enough to hide the threading overhead on small layers.
   const int64_t grain = std::max<int64_t>(1, kTaskWork / (kRB * cols));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "rank_k_update_", [&] {
     scalar_t* w = W.data_ptr<scalar_t>();
@@ -281,9 +293,84 @@ void rank_k_update_(torch::Tensor W, const torch::Tensor& A, const torch::Tensor
   });
 }
 
-void normalize_dot(const torch::Tensor& Y, const torch::Tensor& kstar, torch::Tensor U,
-                   torch::Tensor stats) {
+void check_factor_matrix(const at::Tensor& x, const char* name, int64_t rows, int64_t n,
+                         const char* rows_name, const at::Tensor& W, std::string_view layout) {
+  RF_CHECK(x.dim() == 2, name, " must be 2-D [", rows_name, ", n], got shape ", x.sizes());
+  RF_CHECK(x.size(0) == rows, name, " has ", x.size(0), " rows but W ", W.sizes(), " in layout '",
+           layout, "' has ", rows_name, " = ", rows);
+  RF_CHECK(x.size(1) == n, name, " has ", x.size(1), " columns, expected n = ", n);
+  RF_CHECK(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
+  RF_CHECK(x.is_contiguous(), name, " must be contiguous");
+  check_same_device(x, name, W, "W");
+}
+
+}  // namespace
+
+void check_rank_k_update_(const at::Tensor& W, const at::Tensor& U, const at::Tensor& R,
+                          std::string_view layout) {
+  check_weight(W);
+  const bool in_out = parse_layout(layout);
+  const int64_t d_k = in_out ? W.size(0) : W.size(1), d_v = in_out ? W.size(1) : W.size(0);
+  RF_CHECK(U.dim() == 2, "U must be 2-D [d_k, n], got shape ", U.sizes());
+  const int64_t n = U.size(1);
+  check_factor_matrix(U, "U", d_k, n, "d_k", W, layout);
+  check_factor_matrix(R, "R", d_v, n, "d_v", W, layout);
+}
+
+void check_cholesky_solve(const at::Tensor& L, const at::Tensor& B) {
+  RF_CHECK(L.dim() == 2 && L.size(0) == L.size(1), "L must be a square matrix, got shape ",
+           L.sizes());
+  RF_CHECK(L.scalar_type() == at::kFloat || L.scalar_type() == at::kDouble,
+           "L must be float32 or float64, got ", L.scalar_type());
+  RF_CHECK(B.dim() == 2 && B.size(0) == L.size(0), "B must be [", L.size(0), ", n], got shape ",
+           B.sizes());
+  RF_CHECK(B.scalar_type() == at::kDouble, "B must be float64, got ", B.scalar_type());
+  check_same_device(B, "B", L, "L");
+}
+
+void check_normalize_dot(const at::Tensor& Y, const at::Tensor& kstar) {
+  RF_CHECK(Y.dim() == 2, "Y must be 2-D [d, n], got shape ", Y.sizes());
+  RF_CHECK(Y.scalar_type() == at::kFloat || Y.scalar_type() == at::kDouble,
+           "Y must be float32 or float64, got ", Y.scalar_type());
+  RF_CHECK(Y.is_contiguous() && kstar.is_contiguous(), "Y and kstar must be contiguous");
+  RF_CHECK(kstar.sizes() == Y.sizes(), "kstar shape ", kstar.sizes(), " != Y shape ", Y.sizes());
+  RF_CHECK(kstar.scalar_type() == at::kFloat, "kstar must be float32, got ", kstar.scalar_type());
+  check_same_device(kstar, "kstar", Y, "Y");
+}
+
+namespace {
+
+// W += U Rᵀ (in_out) or W += R Uᵀ (out_in): both are W[r, c] += Σ_k A[r, k] B[c, k].
+void rank_k_update_cpu(at::Tensor& W, const at::Tensor& U, const at::Tensor& R,
+                       std::string_view layout) {
+  check_rank_k_update_(W, U, R, layout);
+  const bool in_out = parse_layout(layout);
+  rank_k_kernel(W, in_out ? U : R, in_out ? R : U);
+}
+
+// Own blocked solves: fp64 sums, the factor read in place (at::cholesky_solve copies the whole
+// d×d factor to column-major on every call: ~10× the cost of the two solves).
+at::Tensor cholesky_solve_cpu(const at::Tensor& L, const at::Tensor& B) {
+  check_cholesky_solve(L, B);
+  const at::Tensor Lc = L.contiguous();  // a copy only if not row-major
+  const int64_t d = B.size(0), n = B.size(1);
+  if (d == 0 || n == 0) return B.clone(at::MemoryFormat::Contiguous);
+  // one contiguous right-hand side per row of Yt (a copy: B is not written), so the dot / axpy
+  // loops are unit-stride
+  at::Tensor Yt = B.t().clone(at::MemoryFormat::Contiguous);
+  double* y = Yt.data_ptr<double>();
+  if (Lc.scalar_type() == at::kDouble)
+    cholesky_solve_impl(Lc.data_ptr<double>(), y, d, n);
+  else
+    cholesky_solve_impl(Lc.data_ptr<float>(), y, d, n);
+  return Yt.t().contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> normalize_dot_cpu(const at::Tensor& Y, const at::Tensor& kstar) {
+  check_normalize_dot(Y, kstar);
   const int64_t d = Y.size(0), n = Y.size(1);
+  at::Tensor U = at::empty({d, n}, kstar.options());
+  at::Tensor stats = at::empty({3, n}, kstar.options().dtype(at::kDouble));
   const float* ks = kstar.data_ptr<float>();
   float* u = U.data_ptr<float>();
   double* st = stats.data_ptr<double>();
@@ -291,19 +378,14 @@ void normalize_dot(const torch::Tensor& Y, const torch::Tensor& kstar, torch::Te
     normalize_dot_impl(Y.data_ptr<double>(), ks, u, st, d, n);
   else
     normalize_dot_impl(Y.data_ptr<float>(), ks, u, st, d, n);
+  return {U, stats};
 }
 
-void cholesky_solve_(const torch::Tensor& L, torch::Tensor Y) {
-  const int64_t d = Y.size(0), n = Y.size(1);
-  if (d == 0 || n == 0) return;
-  // one contiguous right-hand side per row of Yt, so the dot / axpy loops are unit-stride
-  torch::Tensor Yt = n == 1 ? Y : Y.t().contiguous();
-  double* y = Yt.data_ptr<double>();
-  if (L.scalar_type() == at::kDouble)
-    cholesky_solve_impl(L.data_ptr<double>(), y, d, n);
-  else
-    cholesky_solve_impl(L.data_ptr<float>(), y, d, n);
-  if (n > 1) Y.copy_(Yt.t());
-}
+}  // namespace
+}  // namespace rome_fast
 
-}  // namespace rome_fast::cpu
+TORCH_LIBRARY_IMPL(rome_fast, CPU, m) {
+  m.impl("rank_k_update_", &rome_fast::rank_k_update_cpu);
+  m.impl("cholesky_solve", &rome_fast::cholesky_solve_cpu);
+  m.impl("normalize_dot", &rome_fast::normalize_dot_cpu);
+}

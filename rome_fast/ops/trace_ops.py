@@ -1,10 +1,10 @@
-"""Tracing kernels: the compiled implementation when it can run on the tensors' device, and the
-plain-PyTorch reference beside each (the test oracle and the fallback)."""
+"""Causal tracing's row-wise ops (csrc/cpu/trace_ops.cpp, csrc/cuda/trace_kernels.cu): the compiled
+op where it can run on the tensors' device, the plain-PyTorch reference beside each."""
 from __future__ import annotations
 
 import torch
 
-from . import _ext
+from .. import _ext
 
 
 def add_noise_ref(x: torch.Tensor, noise: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
@@ -54,7 +54,7 @@ def add_noise_(x: torch.Tensor, noise: torch.Tensor, rows, starts, lengths=None,
     lengths = _as_index(length if lengths is None else lengths, n, x.device)
     noise = noise.to(device=x.device, dtype=torch.float32).contiguous()
     if _ext.native_for(x) and x.is_contiguous():
-        _ext._C.add_noise_(x, noise, rows, starts, lengths, replace)
+        torch.ops.rome_fast.add_noise_(x, noise, rows, starts, lengths, replace)
         return x
     return add_noise_ref(x, noise, rows, starts, lengths, replace)
 
@@ -68,27 +68,16 @@ def restore_rows_(x: torch.Tensor, clean: torch.Tensor, row_fact, row_tok) -> to
     row_fact = _as_index(row_fact, b, x.device)
     row_tok = _as_index(row_tok, b, x.device)
     if _ext.native_for(x) and x.is_contiguous() and clean.is_contiguous():
-        _ext._C.restore_rows_(x, clean, row_fact, row_tok)
+        torch.ops.rome_fast.restore_rows_(x, clean, row_fact, row_tok)
         return x
     return restore_rows_ref(x, clean, row_fact, row_tok)
 
 
-# ---- fused block pieces ---------------------------------------------------------------------
+@_ext.register_fake("add_noise_")
+def _add_noise_fake(x, noise, rows, starts, lengths, replace=False):
+    return None
 
 
-def rope_heads_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T, H·hd] -> [B, H, T, hd] with the rotary embedding applied as transformers applies it
-    (x·cos + rotate_half(x)·sin; cos/sin [B or 1, T, hd])."""
-    b, t, width = x.shape
-    x = x.view(b, t, heads, width // heads).transpose(1, 2)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-
-
-def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """One pass instead of the seven elementwise ops (and their temporaries) of the plain form."""
-    if (_ext.native_for(x) and x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-            and cos.dtype == x.dtype == sin.dtype):
-        return _ext._C.rope_heads(x, cos, sin, heads)
-    return rope_heads_ref(x, cos, sin, heads)
+@_ext.register_fake("restore_rows_")
+def _restore_rows_fake(x, clean, row_fact, row_tok):
+    return None

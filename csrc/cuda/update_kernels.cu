@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include "dtype_utils.cuh"
-#include "kernels.h"
 
 namespace rome_fast::cuda {
 namespace {
@@ -140,6 +139,11 @@ __global__ void normalize_dot_kernel(const Y_t* __restrict__ Y, const float* __r
 
 }  // namespace
 
+// The launchers (declared for the dispatcher in register.cpp): device pointers, `stream` a
+// cudaStream_t, a cudaError_t returned as int. Inputs are checked before they are called.
+
+// W[r, c] += Σ_k A[r, k] B[c, k]; W [rows, cols] row-major of `dtype`, A [rows, n] and B [cols, n]
+// fp32 row-major. fp32 sums, one rounding per W element.
 int rank_k_update(void* W, const float* A, const float* B, int64_t rows, int64_t cols, int64_t n,
                   DType dtype, void* stream) {
   if (rows == 0 || cols == 0 || n == 0) return 0;
@@ -158,6 +162,8 @@ int rank_k_update(void* W, const float* A, const float* B, int64_t rows, int64_t
   });
 }
 
+// Per column j of Y [d, n] (fp64 when y_is_double, else fp32): U[:, j] = Y[:, j] / ‖Y[:, j]‖ (fp32),
+// stats [3, n] fp64 = (‖Y[:, j]‖, ⟨kstar[:, j], Y[:, j]⟩, ‖kstar[:, j]‖).
 int normalize_dot(const void* Y, bool y_is_double, const float* kstar, float* U, double* stats,
                   int64_t d, int64_t n, void* stream) {
   if (n == 0) return 0;
