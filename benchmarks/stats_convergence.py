@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +58,15 @@ def shared_texts() -> tuple[list[str], dict]:
     return texts, counts
 
 
+def _max_abs_diff(a, b) -> float:
+    """The largest difference between the numbers of two equally shaped JSON values."""
+    if isinstance(a, dict):
+        return max((_max_abs_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list):
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    return abs(float(a) - float(b))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=50, help="CounterFact cases (the first N of counterfact-edit.json)")
@@ -69,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None,
                     help="folder for the corpus, statistics and case files (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stats_convergence_smollm2.json"))
+    ap.add_argument("--check-reused", type=int, default=1,
+                    help="with case files of an earlier run in --work: recompute this many of each and compare")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -114,9 +126,14 @@ def main(argv=None) -> int:
         out = {}
         st = layer_stats_fast(model, tok, wname, stats_dir, corpus=str(corpus), progress=False, stats_out=out,
                               probe_requests=requests, **kw)
+        if not out:  # cached by an earlier run in --work: its convergence record has the run's figures
+            rec = json.loads(st.path.with_name(st.path.name[:-len(".npz")] + ".convergence.json").read_text())
+            out = {"texts": rec["texts"], "seconds": rec["seconds"], "converged": rec["converged"],
+                   "local_tokens": rec["tokens_per_s_rank0"] * rec["seconds"], "cached": True,
+                   "curve": [{**p, "median_change": {wname: p["median_change"]}} for p in rec["curve"]]}
         info = {"texts": out["texts"], "keys": st.mom2.count, "seconds": out["seconds"],
                 "tokens_per_s": out["local_tokens"] / out["seconds"], "file": st.path.name,
-                "sample_size": st.sample_size}
+                "sample_size": st.sample_size, "reused_from_earlier_run": bool(out.get("cached"))}
         print(f"{label:>16}: {out['texts']} texts, {st.mom2.count} keys, {out['seconds']:.0f} s", flush=True)
         return st, info, out
 
@@ -146,13 +163,28 @@ def main(argv=None) -> int:
         res["runs"][label]["u_one_minus_cos_vs_all"] = {"mean": float(dev.mean()), "max": float(dev.max())}
 
     # ---- the edits ------------------------------------------------------------------------------
+    def run_cases(hp_n, folder, records):
+        return evaluate(mt, "counterfact", records, hp_n, folder, skip_generation=True, progress=False,
+                        backend="fast", editor_kwargs=dict(stats_dir=stats_dir, context_templates=templates,
+                                                           corpus=str(corpus), progress=False))
+
     for label, st in stats.items():
         hp_n = dataclasses.replace(hp, mom2_n_samples=st.sample_size)
+        folder = work / "eval" / label.replace("/", "_")
+        reused = sorted(folder.glob("case_*.json"), key=lambda f: int(f.stem.split("_")[1]))
         t0 = time.perf_counter()
-        summary = evaluate(mt, "counterfact", cases, hp_n, work / "eval" / label.replace("/", "_"),
-                           skip_generation=True, progress=False, backend="fast",
-                           editor_kwargs=dict(stats_dir=stats_dir, context_templates=templates, corpus=str(corpus),
-                                              progress=False))
+        summary = run_cases(hp_n, folder, cases)
+        res["runs"][label]["cases_reused_from_earlier_run"] = len(reused)
+        if reused and args.check_reused:  # the earlier run's cases must be what this code computes
+            ids = {int(f.stem.split("_")[1]) for f in reused[:args.check_reused]}
+            again = work / "recheck" / folder.name
+            shutil.rmtree(again, ignore_errors=True)
+            run_cases(hp_n, again, [c for c in cases if c.case_id in ids])
+            diffs = [_max_abs_diff(json.loads((folder / f"case_{i}.json").read_text())["post"],
+                                   json.loads((again / f"case_{i}.json").read_text())["post"]) for i in sorted(ids)]
+            res["runs"][label]["reused_cases_recomputed"] = {"cases": sorted(ids), "max_abs_diff_post_nll": max(diffs)}
+            print(f"{label:>16}: reused {len(reused)} case files; recomputed {sorted(ids)}: "
+                  f"max |diff| of the post-edit NLLs {max(diffs):.2e}", flush=True)
         post = summary["post"]
         res["runs"][label]["post"] = {k: ({"mean": v["mean"], "ci95": v["ci95"]} if isinstance(v, dict) else v)
                                       for k, v in post.items()}

@@ -170,3 +170,13 @@ def test_non_finite_keys_name_the_text():
             return texts.index(237)
     with pytest.raises(FloatingPointError, match="text 237 of the sample"):
         stream_sums(Broken(), list(range(4 * CHUNK)), ["k"], progress=False)
+
+
+def test_progress_bar_shows_tokens_per_second_and_the_convergence_figure(capsys):
+    stream = GaussianStream()
+    res = stream_sums(stream, list(range(8 * CHUNK)), ["k"], tracker=ConvergenceTracker(stream.probes, 1e-9),
+                      progress=True, desc="stats k")
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # the bar's final state
+    assert bar.startswith("stats k: 100%") and f"{8 * CHUNK}/{8 * CHUNK}" in bar
+    assert " tok/s, Δ(C⁻¹k) " in bar
+    assert f"Δ(C⁻¹k) {res.curve[-1]['max_change']:.3g}" in bar  # the last doubling's change
