@@ -80,9 +80,7 @@ def _load_embedded():
         load_weights(model, cached / "model.safetensors")
         model.config._name_or_path = EMBEDDED_NAME  # not the cache folder's name
         return model, AutoTokenizer.from_pretrained(cached)
-    model, tok = _load_gguf(gguf, torch.float32)
-    # the name later loads from the cache get, so the first run's statistics are found again
-    model.config._name_or_path = str(cached)
+    model, tok = _load_gguf(gguf, torch.float32)  # named EMBEDDED_NAME, as later loads from the cache
     try:  # the cache is an optimisation: a read-only home must not stop the load
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
