@@ -1,0 +1,55 @@
+"""Names and paths of the files the package writes for a user, and content hashes of what it read
+(docs/security.md).
+
+Ids read from data files (a fact's `known_id`, a case's `case_id`) become file names, so they are
+held to a safe alphabet; every path built from them is checked to stay inside the folder the user
+chose. Hashes of the input let a resumed run prove it reads the same input as the first one."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+# a name that is one path component on every system: no separator, no leading '.' or '-'
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+def file_id(value, what: str = "id", names: bool = True) -> str:
+    """`value` as it goes into a file name: a non-negative integer, or (with `names`) a string of
+    letters, digits, '_', '.', '-' that starts with a letter or digit (at most 128 characters).
+    Anything else is a ValueError saying what is allowed."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if names and isinstance(value, str) and _SAFE_NAME.fullmatch(value) and ".." not in value:
+        return value
+    allowed = ("a non-negative integer or a name of letters, digits, '_', '.' and '-' (starting "
+               "with a letter or digit)") if names else "a non-negative integer"
+    raise ValueError(f"{what} must be {allowed}, got {value!r}")
+
+
+def inside(folder, path) -> Path:
+    """`path`, after checking that it lies inside `folder` once '.' and '..' are resolved (checked
+    on the names, so a folder the user made a symbolic link stays usable)."""
+    root = os.path.normpath(os.path.abspath(folder))
+    full = os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([root, full]) != root or full == root:
+        raise ValueError(f"refusing to write {path}: it is outside the output folder {folder}")
+    return Path(path)
+
+
+def content_sha256(obj) -> str:
+    """sha256 of JSON data in a canonical form (sorted keys, no whitespace), so the hash is the
+    records', not the file's layout."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def looks_like_path(name, suffixes=()) -> bool:
+    """A name meant as a file or folder rather than a hub or dataset name: absolute, starting with
+    '.' or '~', holding a Windows separator, or ending in one of `suffixes`. Such a name that does
+    not exist is a missing file, not something to look up online."""
+    text = str(name)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text
+            or Path(text).suffix.lower() in suffixes)
