@@ -46,6 +46,15 @@ def content_sha256(obj) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def looks_like_path(name, suffixes=()) -> bool:
     """A name meant as a file or folder rather than a hub or dataset name: absolute, starting with
     '.' or '~', holding a Windows separator, or ending in one of `suffixes`. Such a name that does

@@ -1,13 +1,13 @@
 """`rome-fast trace`: causal tracing of one fact (--prompt/--subject) or a facts file (--facts)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 from .. import distributed
+from ..arguments import positive_int
 from ..models.loading import load_model_spec
 from .aggregate import aggregate_dir
 from .api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow, check_fact_text
@@ -33,17 +33,6 @@ def print_trace_summary(summary: dict) -> None:
     if skipped:
         print(f"skipped {len(skipped)} bad fact record{'s' if len(skipped) > 1 else ''} "
               "(listed in summary.json under skipped_records)")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def _read_subjects(path) -> list[str]:
