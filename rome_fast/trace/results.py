@@ -132,7 +132,7 @@ class TraceResult:
         try:
             result = cls.from_dict(arrays)
             _check_fields(result)
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
             raise ResultFileError(path, f"not a trace result ({exc})") from None
         return result
 
@@ -228,16 +228,22 @@ def _pickled_none(npy: bytes) -> bool:
 
 
 def _check_fields(r: "TraceResult") -> None:
-    """What the code reading a result relies on, so a malformed file fails here, naming itself."""
-    if r.correct_prediction:
-        if r.scores is None or r.scores.dim() != 2 or not r.scores.is_floating_point():
-            raise ValueError("a correct prediction needs 'scores', a tokens × layers float array")
-        if r.subject_range is None or len(r.subject_range) != 2 or not 0 <= r.subject_range[0] < r.subject_range[1]:
-            raise ValueError(f"bad subject_range {r.subject_range}")
-        if r.low_score is None or r.high_score is None:
-            raise ValueError("a correct prediction needs 'low_score' and 'high_score'")
+    """What the code reading a result relies on (consistent shapes), so a malformed file fails
+    here, naming itself."""
+    if r.input_tokens is None:
+        raise ValueError("no input_tokens")
     if r.input_ids is not None and (r.input_ids.dim() != 1 or r.input_ids.is_floating_point()):
         raise ValueError("'input_ids' must be a 1-D integer array")
+    if r.correct_prediction:
+        n = len(r.input_tokens)
+        if r.scores is None or r.scores.dim() != 2 or not r.scores.is_floating_point():
+            raise ValueError("a correct prediction needs 'scores', a tokens × layers float array")
+        if r.scores.shape[0] != n:
+            raise ValueError(f"{r.scores.shape[0]} score rows for {n} tokens")
+        if r.subject_range is None or len(r.subject_range) != 2 or not 0 <= r.subject_range[0] < r.subject_range[1] <= n:
+            raise ValueError(f"subject_range {r.subject_range} outside the {n} tokens")
+        if r.low_score is None or r.high_score is None:
+            raise ValueError("a correct prediction needs 'low_score' and 'high_score'")
 
 
 def _scalar(v: Any):
