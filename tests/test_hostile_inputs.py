@@ -98,6 +98,33 @@ def test_reference_layout_still_loads(tmp_path):
         TraceResult.load(tmp_path / "odd.npz")
 
 
+@pytest.mark.parametrize("protocol, numpy1", [(2, True), (3, True), (2, False), (3, False), (4, False), (5, False)])
+def test_reference_none_kind_in_every_pickle_protocol(tmp_path, protocol, numpy1):
+    """NumPy 1 and 2 and every pickle protocol spell the pickled None differently; each is
+    recognised from its opcodes, and the report reads the file too."""
+    import io
+    import pickle
+    import zipfile
+    from rome_fast.report.runs import Warnings, read_trace
+    path = tmp_path / "knowledge_1.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for key, value in _reference_layout().items():
+            buf, array = io.BytesIO(), np.asarray(value)
+            if array.dtype.hasobject:  # what np.save writes, in the protocol under test
+                np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(array))
+                raw = pickle.dumps(array, protocol=protocol)
+                if numpy1:  # the reference ran on NumPy 1, whose module was numpy.core
+                    raw = raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+                    assert b"numpy.core.multiarray" in raw
+                buf.write(raw)
+            else:
+                np.lib.format.write_array(buf, array)
+            z.writestr(key + ".npy", buf.getvalue())
+    assert TraceResult.load(path).subject_range == (1, 3)
+    warnings = Warnings()
+    assert read_trace(path, warnings) is not None and warnings == []
+
+
 def test_saving_refuses_what_only_pickle_could_store(tmp_path):
     r = TraceResult.load(_saved(tmp_path))
     r.answer = object()
