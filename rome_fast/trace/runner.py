@@ -168,9 +168,8 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
         raise ValueError(f"{source}: none of its {len(records)} records can be traced")
     kinds = kind_names(kinds)
     engine_of = get_backend(backend).engine
-    if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an integer >= 1 (how many facts to trace), got {limit!r}")
     todo = facts if limit is None else facts[:limit]
     if isinstance(noise, str) or (isinstance(noise, (int, float)) and not isinstance(noise, bool)):
         rule = str(noise)
