@@ -7,10 +7,10 @@ import json
 import time
 from pathlib import Path
 
+from .arguments import positive_int
 from .data import bundled
 from .models.loading import load_model_spec
 from .trace.api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow
-from .arguments import positive_int
 from .trace.kinds import KINDS, get_kind, kind_names
 from .trace.noise import collect_embedding_std
 from .trace.plots import plot_trace_heatmap
@@ -148,7 +148,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-edit", action="store_true", help="trace only, skip the ROME edit step")
     p.add_argument("--corpus", help="text file for the edit's key statistics (default: WikiText-2, "
                                     "shipped with the package; $ROME_FAST_CORPUS overrides)")
-    p.add_argument("--stats-samples", type=positive_int, help="texts of the corpus for the key statistics "
+    p.add_argument("--stats-samples", type=int, help="texts of the corpus for the key statistics "
                    "(default: the preset's 100000, i.e. all of WikiText-2; fewer is faster and cruder)")
     p.add_argument("--model", default="smollm2-135m", help=argparse.SUPPRESS)
     p.set_defaults(func=run_demo)
