@@ -46,6 +46,30 @@ def content_sha256(obj) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def read_text(path, what: str) -> str:
+    """A UTF-8 text file's contents; a missing file, a folder or text that is not UTF-8 is an error
+    naming the file as `what` (e.g. "facts file")."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder: give the file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_json(text: str, path, expected: str):
+    """JSON data of a file's `text`; what is not JSON is an error naming `path` and saying what
+    was `expected`."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        why = exc if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise ValueError(f"{path} is not valid JSON ({why}): expected {expected}") from None
+
+
 def file_sha256(path) -> str:
     """sha256 of a file's bytes."""
     h = hashlib.sha256()

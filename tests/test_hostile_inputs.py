@@ -319,7 +319,7 @@ def test_unknown_hub_id_is_one_line(monkeypatch, capsys, tmp_path):
 # ---- 10, 11. facts files ----------------------------------------------------------------------
 
 def test_facts_file_not_json_or_empty(tmp_path, capsys):
-    for text, message in (("{oops", "is not a JSON file"), ("[]", "holds no fact records"),
+    for text, message in (("{oops", "is not valid JSON"), ("[]", "holds no fact records"),
                           ('{"a": 1}', "expected a JSON list")):
         path = tmp_path / "facts.json"
         path.write_text(text)
@@ -383,3 +383,21 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown noise rule"):
         main(["trace", "--prompt", "a b", "--subject", "a", "--noise", "q", "--out", str(tmp_path)])
     assert os.environ["ROME_FAST_DEBUG"] == "1"
+
+
+def test_text_files_that_are_not_text(tmp_path, capsys):
+    binary = tmp_path / "facts.json"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    for args, message in ((["--facts", str(binary)], "is not UTF-8 text"),
+                          (["--facts", str(deep)], "nested too deeply"),
+                          (["--facts", str(tmp_path)], "is a folder"),
+                          (["--prompt", "The Eiffel Tower is in", "--subject", "Eiffel Tower", "--noise", "m",
+                            "--noise-corpus", str(blank)], "holds no text")):
+        assert main(["trace", *args, "--out", str(tmp_path / "o"), "--model", "tiny:gpt2"]) == 2
+        assert message in _one_error_line(capsys.readouterr().err)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        D.load_counterfact(deep)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..arguments import positive_int
+from ..files import read_text
 from ..models.loading import load_model_spec
 from .aggregate import aggregate_dir
 from .api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow, check_fact_text
@@ -37,10 +38,7 @@ def print_trace_summary(summary: dict) -> None:
 
 def _read_subjects(path) -> list[str]:
     """Subjects from a JSON list (of strings or of records with 'subject') or a text file, one a line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"noise subjects file not found: {path}")
-    text = path.read_text()
+    text = read_text(path, "noise subjects file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -55,10 +53,10 @@ def _read_subjects(path) -> list[str]:
 def _read_corpus(path) -> list[str] | None:
     if path is None:
         return None
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"noise corpus not found: {path}")
-    return [line for line in path.read_text().splitlines() if line.strip()]
+    texts = [line for line in read_text(path, "noise corpus").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"noise corpus {path} holds no text: give a file of texts, one a line")
+    return texts
 
 
 def _cmd_trace(args) -> int:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 from .. import distributed
 from . import many
 from .aggregate import aggregate_dir, case_path
-from ..files import content_sha256, file_id
+from ..files import content_sha256, file_id, parse_json, read_text
 from .api import DEFAULT_BACKEND, calculate_hidden_flow, check_fact_text, check_prompt, get_backend
 from .kinds import get_kind, kind_names
 from .noise import resolve_noise
@@ -29,13 +29,9 @@ def read_facts_file(path) -> list:
     """The records of a known-facts file (a JSON list, or an object with a "data" list), not yet
     checked. A missing file, a file that is not JSON and an empty list are errors naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"facts file not found: {path} (the known facts are at {KNOWN_FACTS_URL})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a JSON file ({exc}): expected a list of fact records "
-                         "(known_1000 format)") from None
+    data = parse_json(read_text(path, "facts file"), path, "a list of fact records (known_1000 format)")
     if isinstance(data, dict) and "data" in data:
         data = data["data"]
     if not isinstance(data, list):
