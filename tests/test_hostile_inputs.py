@@ -83,6 +83,18 @@ def test_pickled_result_file_runs_no_code(tmp_path, field, capsys):
     assert not marker.exists()
 
 
+def test_merge_copies_no_pickled_file(tmp_path, facts_file, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    assert main(["trace", "--facts", str(facts_file), "--out", str(src), *ARGS]) == 0
+    marker = tmp_path / "CODE_RAN"
+    np.savez(src / "cases" / "knowledge_99.npz",
+             **_reference_layout(scores=np.array([_Payload(marker)], dtype=object)))
+    capsys.readouterr()
+    assert main(["aggregate", str(dst), "--merge", str(src), "--no-figures"]) == 0
+    assert "knowledge_99.npz" in capsys.readouterr().err and not marker.exists()
+    assert sorted(p.name for p in (dst / "cases").iterdir()) == ["knowledge_10.npz", "knowledge_11.npz"]
+
+
 def test_reference_layout_still_loads(tmp_path):
     """The reference's files (kind=None pickled, strings, tuples) load, kind by kind."""
     path = tmp_path / "knowledge_3.npz"
