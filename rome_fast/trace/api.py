@@ -48,12 +48,16 @@ def get_backend(name: str) -> TraceBackend:
 def check_fact_text(prompt, subject) -> None:
     """The checks of a fact's prompt and subject that need no model (a command line makes them
     before loading one)."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
         raise ValueError(f"the prompt must be a non-empty string (the text whose next token is traced), "
                          f"got {prompt!r}")
-    if not isinstance(subject, str) or not subject.strip():
+    if not prompt.strip():
+        raise ValueError("empty prompt: give the text whose next token is traced")
+    if not isinstance(subject, str):
         raise ValueError(f"the subject must be a non-empty string (the words of the prompt to corrupt), "
                          f"got {subject!r}")
+    if not subject.strip():
+        raise ValueError("empty subject: give the words of the prompt to corrupt")
     if subject != subject.strip():
         # its token range would take in the neighbouring token, which would be corrupted too
         raise ValueError(f"subject {subject!r} has surrounding whitespace: write {subject.strip()!r}")
