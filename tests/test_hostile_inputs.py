@@ -413,3 +413,17 @@ def test_text_files_that_are_not_text(tmp_path, capsys):
         assert message in _one_error_line(capsys.readouterr().err)
     with pytest.raises(ValueError, match="nested too deeply"):
         D.load_counterfact(deep)
+
+
+def test_an_unsupported_gguf_is_not_called_corrupt(tmp_path, monkeypatch):
+    from rome_fast.models import loading
+    from rome_fast.models.families import UnsupportedArchitectureError
+
+    def other_family(path, dtype):
+        loading._check_supported(type("Config", (), {"model_type": "mamba"})())
+
+    monkeypatch.setattr(loading, "_load_gguf", other_family)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'mamba'"):
+        loading.load_model(str(gguf), device="cpu")

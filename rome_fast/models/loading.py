@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..files import looks_like_path
-from .families import adapter_class_for, adapter_for
+from .families import UnsupportedArchitectureError, adapter_class_for, adapter_for
 from .random_init import RANDOM_FAMILIES, random_model
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -178,6 +178,8 @@ def _naming_failures(what: str, fix: str):
     into one ValueError line naming `what` failed and `fix`; Ctrl-C passes through."""
     try:
         yield
+    except UnsupportedArchitectureError:
+        raise  # already says what is wrong, and the file is fine
     except Exception as exc:  # noqa: BLE001 - the loaders raise many unrelated types for a bad file
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"could not load {what}: {type(exc).__name__}: {first}; {fix}") from None
