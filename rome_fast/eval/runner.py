@@ -139,7 +139,7 @@ def _finished(path: Path, record) -> bool:
         print(f"rome-fast: {path} does not load ({type(exc).__name__}: {exc}); evaluating it again",
               file=sys.stderr)
         return False
-    if stored != json.loads(json.dumps(record.requested_rewrite)):  # as the file stores it
+    if stored != record.request():  # as the file stores it (a JSON copy)
         raise ValueError(f"{path} holds another request than case {record.case_id} ({stored!r}): the folder "
                          "holds the cases of other data; use another --out folder")
     return True
