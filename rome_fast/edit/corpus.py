@@ -28,9 +28,12 @@ import re
 from array import array
 from pathlib import Path
 
+from ..files import looks_like_path
+
 _ARTICLE_HEADING = re.compile(r"^\s*=\s(?!=)(.*?)(?<!=)\s=\s*$")
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+CORPUS_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
 TEXT_FIELD = "text"
 
 # Dataset names of the reference (`wikipedia`, `wikitext`) mapped to loadable hub datasets: the
@@ -142,11 +145,11 @@ def read_folder(path) -> _Concat:
     """Every text or JSONL file under `path` (recursive, sorted, hidden ones skipped), in order."""
     root = Path(path)
     files = sorted((p for p in root.rglob("*")
-                    if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+                    if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
                     and not any(part.startswith(".") for part in p.relative_to(root).parts)),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        raise ValueError(f"corpus folder {root} has no text files ({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})")
+        raise ValueError(f"corpus folder {root} has no text files ({', '.join(CORPUS_SUFFIXES)})")
     parts = []
     for f in files:
         try:
@@ -203,15 +206,6 @@ class _Column:
         return self.ds[int(i)][self.field]
 
 
-def looks_like_path(name) -> bool:
-    """A corpus name meant as a local path: a text or JSONL suffix, an absolute path, or one
-    starting with '.' or '~'. Such a name that does not exist is a missing file, not a Hugging
-    Face dataset."""
-    text = str(name)
-    return (Path(text).suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES or os.path.isabs(text)
-            or text.startswith((".", "~")))
-
-
 def local_path(corpus) -> Path | None:
     """The existing file or folder a corpus string names, else None (then it is a dataset name)."""
     if isinstance(corpus, (str, os.PathLike)):
@@ -231,7 +225,7 @@ def local_corpus(corpus, ds_name: str | None = None):
     path = local_path(ds_name)
     if path is not None:
         return path
-    return Path(str(ds_name)).expanduser() if looks_like_path(ds_name) else None
+    return Path(str(ds_name)).expanduser() if looks_like_path(ds_name, CORPUS_SUFFIXES) else None
 
 
 def corpus_name(corpus) -> str:
@@ -263,7 +257,7 @@ def resolve_corpus(corpus=None, ds_name: str | None = None):
     path = local_path(corpus)
     if path is not None:
         return (read_folder(path) if path.is_dir() else read_file(path)), name
-    if looks_like_path(corpus):
+    if looks_like_path(corpus, CORPUS_SUFFIXES):
         raise FileNotFoundError(f"corpus file not found: {corpus}")
     return load_hf_dataset(os.fspath(corpus)), name
 
