@@ -2,7 +2,7 @@
 embedded SmolLM2-135M (CPU) with statistics from 1/16, 1/4 and all of the texts the shared data
 offers, and from the point where `--until-converged` stops.
 
-    OMP_NUM_THREADS=1 python benchmarks/stats_convergence.py [--cases 50] [--tol 0.05]
+    OMP_NUM_THREADS=1 python benchmarks/stats_convergence.py [--cases 50] [--tol 0.3] [--work DIR]
 
 The corpus is every text of ../shared/data, deduplicated: the WikiText-2 test articles, the
 known_1000 prompts, the CounterFact prompts, paraphrases and neighbourhood prompts, and the zsRE
