@@ -141,13 +141,18 @@ def read_file(path):
     return JsonlTexts(path) if path.suffix.lower() in JSONL_SUFFIXES else read_text_file(path)
 
 
+def corpus_files(root: Path) -> list[Path]:
+    """A corpus folder's text and JSONL files: recursive, hidden ones skipped, sorted by relative path."""
+    return sorted((p for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
 def read_folder(path) -> _Concat:
     """Every text or JSONL file under `path` (recursive, sorted, hidden ones skipped), in order."""
     root = Path(path)
-    files = sorted((p for p in root.rglob("*")
-                    if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = corpus_files(root)
     if not files:
         raise ValueError(f"corpus folder {root} has no text files ({', '.join(CORPUS_SUFFIXES)})")
     parts = []
@@ -269,6 +274,36 @@ def texts_fingerprint(texts, order, ends: int = 32) -> str:
     for i in list(order[:ends]) + list(order[-ends:]):
         h.update(str(texts[i]).encode("utf-8", "replace") + b"\0")
     return h.hexdigest()[:16]
+
+
+_DIGEST_WHOLE = 1 << 30  # files up to 1 GiB are hashed whole
+_DIGEST_ENDS = 8 << 20   # of larger ones: the size and the first and last 8 MiB
+
+
+def corpus_digest(corpus) -> str | None:
+    """A sha256 of a local corpus file's or folder's content, recorded in the statistics files
+    made from it, so a cached file made from another corpus of the same name is refused
+    (`stats.check_corpus`). A file: its bytes (beyond 1 GiB: size, first and last 8 MiB, so a
+    cached lookup stays quick on a corpus of many GB); a folder: its corpus files' relative
+    paths and contents. None, nothing to compare, for a dataset name, a missing path, and an
+    in-memory list (its cache is named by the caller's ds_name, and a cached lookup must not
+    need the texts)."""
+    h = hashlib.sha256()
+    path = None if isinstance(corpus, (list, tuple)) else local_path(corpus)
+    if path is None:
+        return None
+    for f in [path] if path.is_file() else corpus_files(path):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else ''} {size}\n".encode())
+        with open(f, "rb") as fh:
+            if size <= _DIGEST_WHOLE:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(_DIGEST_ENDS))
+                fh.seek(size - _DIGEST_ENDS)
+                h.update(fh.read(_DIGEST_ENDS))
+    return h.hexdigest()
 
 
 def default_corpus() -> Path:

@@ -24,10 +24,10 @@ from .. import distributed
 from ..models import adapter_for
 from ..hooks import StopForward, TraceDict, in_execution_order, module_input_size
 from ..models.base import mask_like
-from .corpus import resolve_corpus, texts_fingerprint
-from .stats import (_PRECISIONS, LayerStats, SecondMoment, _Subset, check_stats_request, context_length,
-                    length_batches, load_stats_file, sample_order, save_stats_file, stats_model_name,
-                    stats_path)
+from .corpus import corpus_digest, resolve_corpus, texts_fingerprint
+from .stats import (_PRECISIONS, LayerStats, SecondMoment, _Subset, check_corpus, check_stats_request,
+                    context_length, length_batches, load_stats_file, sample_order, save_stats_file,
+                    stats_model_name, stats_path)
 
 ROW_TOKENS = 512  # packed row capacity: longer rows waste attention on masked-out pairs
 _ACT = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -253,6 +253,7 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
                    batch_tokens=batch_tokens, until_converged=until_converged,
                    probes=None if probe_requests is None else _probe_fp(probe_requests))
     out, paths = {}, {}
+    digest = corpus_digest(corpus if corpus is not None else ds_name)
     for n in names:
         if stats_dir is None:
             continue
@@ -261,12 +262,14 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
         if paths[n].is_file() and not force_recompute:
             stat = load_stats_file(paths[n], dims[n], sample_size)
             if stat is not None:
+                check_corpus(paths[n], digest)
                 out[n] = LayerStats(stat, paths[n], sample_size)
     missing = [n for n in names if n not in out]
     if missing and until_converged is not None and stats_dir is not None and not force_recompute:
         earlier = _converged_file(paths, missing, request)
         if earlier:
             for n, (path, texts) in earlier.items():
+                check_corpus(path, digest)
                 out[n] = LayerStats(load_stats_file(path, dims[n], texts), path, texts)
             missing = []
     if not missing:
@@ -307,7 +310,7 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
             path = stats_path(stats_dir, model_name, ds_name, n, precision, to_collect, used, batch_tokens,
                               maxlen, act_dtype, seed)
             if info.is_main:
-                save_stats_file(path, stat, used)
+                save_stats_file(path, stat, used, digest)
                 record = _curve_record(res, n, request, model_name, ds_name, len(sample), probe_requests)
                 atomic_write(path.with_name(path.name[:-len(".npz")] + ".convergence.json"),
                              lambda f: json.dump(record, f, indent=1), "w")

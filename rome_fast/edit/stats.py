@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..hooks import module_input_size
-from .corpus import corpus_name, resolve_corpus
+from .corpus import corpus_digest, corpus_name, resolve_corpus
 
 MAX_CONTEXT = 2048       # cap on article length (Llama-style configs claim 8k-128k positions)
 ARTICLES_PER_BATCH = 100  # the reference's DataLoader batch, sorted by length within it
@@ -159,13 +159,30 @@ def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> 
     return SecondMoment(torch.from_numpy(mom2), count)
 
 
-def save_stats_file(path, stat: SecondMoment, sample_size=None) -> None:
-    """Written atomically (`stats_checkpoint.atomic_write`): a reader never sees half a file."""
+def save_stats_file(path, stat: SecondMoment, sample_size=None, corpus_sha256: str | None = None) -> None:
+    """Written atomically (`stats_checkpoint.atomic_write`): a reader never sees half a file.
+    corpus_sha256 (`corpus.corpus_digest`) is checked when the file is reused (`check_corpus`)."""
     from .stats_checkpoint import atomic_write
+    extra = {} if corpus_sha256 is None else {"corpus_sha256": np.array(corpus_sha256)}
     atomic_write(path, lambda f: np.savez(
         f, **{"mom2.mom2": stat.mom2.cpu().numpy(), "mom2.count": np.array(stat.count),
               "mom2.constructor": np.array(_CONSTRUCTOR),
-              "sample_size": np.array(-1 if sample_size is None else sample_size)}))
+              "sample_size": np.array(-1 if sample_size is None else sample_size), **extra}))
+
+
+def check_corpus(path, corpus_sha256: str | None) -> None:
+    """Refuses a cached statistics file made from another corpus than the one given now (the cache
+    is named after the corpus's file name, so two corpora of one name would share it). Files
+    without a recorded digest (the reference's, older ones) and corpora without one (dataset
+    names) are not compared."""
+    if corpus_sha256 is None:
+        return
+    with np.load(path, allow_pickle=False) as f:
+        stored = str(f["corpus_sha256"]) if "corpus_sha256" in f.files else None
+    if stored is not None and stored != corpus_sha256:
+        raise ValueError(f"statistics file {path} was computed from another corpus than the one given now "
+                         f"(same name, other content): delete it to recompute, or give the corpus another "
+                         f"file name or another --stats-dir")
 
 
 def length_batches(lengths, batch_tokens: int):
@@ -264,6 +281,7 @@ def layer_stats(model, tok, layer_name: str, stats_dir, ds_name: str | None = No
         if path.is_file() and not force_recompute:
             stat = load_stats_file(path, dim, sample_size)
             if stat is not None:
+                check_corpus(path, corpus_digest(corpus if corpus is not None else ds_name))
                 return LayerStats(stat, path, sample_size)
 
     texts, _ = resolve_corpus(corpus, ds_name)
@@ -273,7 +291,7 @@ def layer_stats(model, tok, layer_name: str, stats_dir, ds_name: str | None = No
     if stat.mom2.shape[0] != dim:
         raise ValueError(f"{layer_name}: collected keys of width {stat.mom2.shape[0]}, expected {dim}")
     if path is not None:
-        save_stats_file(path, stat, sample_size)
+        save_stats_file(path, stat, sample_size, corpus_digest(corpus if corpus is not None else ds_name))
     return LayerStats(stat, path, sample_size)
 
 
