@@ -26,15 +26,23 @@ def draw_noise(rows: int, tokens: int, width: int, noise: NoiseSpec = 0.1,
     A fresh RandomState(1) every call; standard normal draws (uniform in [-1, 1) with
     `uniform_noise`), then scaled: a float `noise` is the standard deviation, a callable is applied
     to the raw draws (the reference's `noise_fn`, e.g. a fitted multivariate Gaussian)."""
+    return noise_draws(rows, tokens, width, noise, uniform_noise, count=1)[0]
+
+
+def noise_draws(rows: int, tokens: int, width: int, noise: NoiseSpec = 0.1, uniform_noise: bool = False,
+                count: int = 1) -> list[torch.Tensor]:
+    """The first `count` consecutive draws of one fresh RandomState(1), each as `draw_noise`
+    gives the first. The severed-path trace (`trace_with_repatch`) corrupts its two forward passes
+    with the first and the second draw, as the reference's single generator does."""
+    if isinstance(noise, bool) or not (callable(noise) or isinstance(noise, (int, float))):
+        raise ValueError(f"noise must be a number (the std) or a callable, not {noise!r}")
     rs = np.random.RandomState(1)
     shape = (int(rows), int(tokens), int(width))
-    raw = rs.uniform(-1, 1, shape) if uniform_noise else rs.randn(*shape)
-    x = torch.from_numpy(raw)
-    if callable(noise):
-        return noise(x)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)):
-        raise ValueError(f"noise must be a number (the std) or a callable, not {noise!r}")
-    return float(noise) * x
+    out = []
+    for _ in range(count):
+        x = torch.from_numpy(rs.uniform(-1, 1, shape) if uniform_noise else rs.randn(*shape))
+        out.append(noise(x) if callable(noise) else float(noise) * x)
+    return out
 
 
 def _subject_token_ids(tokenizer, subject: str) -> list[int]:
@@ -95,12 +103,17 @@ def embedding_mean_cov(mt, texts: Sequence[str], max_texts: int = 1000,
     return mean, cov
 
 
+def gaussian_factor(cov: torch.Tensor) -> torch.Tensor:
+    """W with W Wᵀ = cov (float64), from the SVD of cov as the reference builds it: cov is
+    symmetric positive semi-definite, so its SVD is V S Vᵀ and W = V·sqrt(S)."""
+    _, s, vh = torch.linalg.svd(cov.double())
+    return vh.T * s.clamp_min(0).sqrt()[None, :]
+
+
 def gaussian_transform(mean: torch.Tensor, cov: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Maps standard-normal draws z (..., d) to N(mean, cov): z @ Wᵀ + mean with W Wᵀ = cov, W
     built from the SVD of cov as the reference does (its 'm' rule)."""
-    _, s, vh = torch.linalg.svd(cov.double())
-    # cov is symmetric PSD, so its SVD is V S Vᵀ: W = V·sqrt(S) gives W Wᵀ = cov.
-    w = vh.T * s.clamp_min(0).sqrt()[None, :]
+    w = gaussian_factor(cov)
     mean = mean.double()
 
     def transform(z: torch.Tensor) -> torch.Tensor:
