@@ -126,9 +126,9 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     setattr(get_module(model, parent) if parent else model, attr, new_module)
 
 
-def set_requires_grad(requires_grad: bool, *models_or_tensors) -> None:
+def set_requires_grad(requires_grad: bool, *models) -> None:
     """Set `requires_grad` on every parameter of the given modules and on the given tensors."""
-    for m in models_or_tensors:
+    for m in models:
         if isinstance(m, nn.Module):
             for p in m.parameters():
                 p.requires_grad = requires_grad
