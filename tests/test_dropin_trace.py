@@ -1,0 +1,163 @@
+"""Tracing through rome_fast.compat.experiments.causal_trace behaves as the reference's module:
+the result dict's types, a mispredicted fact, guess_subject, figures shown or written, the 'm'
+and 'tN' noise helpers; and the two options beyond the reference on both backends: severed paths
+(trace_with_repatch, the paper's Fig. 3) and whole-answer scoring."""
+import numpy as np
+import pytest
+import torch
+
+from rome_fast.compat.experiments import causal_trace as ct
+from rome_fast.tokens import answer_token_ids
+
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+NOISE = 0.6   # tiny models' embeddings have std ~0.15: a strong corruption
+SCORES = dict(rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def mt(tiny_model):
+    return tiny_model("gpt2", seed=3)
+
+
+def test_result_dict_types_as_the_reference(mt):
+    r = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE)
+    assert torch.is_tensor(r["high_score"]) and r["high_score"].dim() == 0
+    assert isinstance(r["low_score"], float) and r["correct_prediction"] is True
+    assert r["scores"].shape == (len(r["input_tokens"]), mt.num_layers)
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_mispredicted_fact_returns_only_correct_prediction(mt, backend):
+    r = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, expect="no such token",
+                                 backend=backend)
+    assert r == {"correct_prediction": False}
+
+
+@pytest.mark.parametrize("prompt,subject", [
+    ("Audible.com is owned by", "Audible.com"),              # the first word runs to whitespace
+    ("Toko Yasuda, the", "Toko Yasuda"),                     # later words stop at punctuation
+    ("Which company made Windows Phone", "Windows Phone"),   # "Which " is skipped
+    ("Who is the CEO of Apple Inc.?", "CEO"),
+    ("What sport does Shaquille O'Neal play?", "Shaquille O'"),  # later words: [A-Z][a-z']* only
+    ("Danielle Darrieux's mother tongue is", "Danielle Darrieux's"),
+    ("In 1990, IBM Research", "In"),
+    ("Whose idea was it? Tim Cook's", "Whose"),              # only "Wh…" followed by a space is skipped
+])
+def test_guess_subject_as_the_reference(prompt, subject):
+    assert ct.guess_subject(prompt) == subject
+
+
+def test_plot_shown_without_savepdf_and_written_exactly_with_it(mt, tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append([plt.figure(n) for n in plt.get_fignums()]))
+    r = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, kind="mlp", window=3)
+    assert ct.plot_trace_heatmap(r) is None
+    assert len(shown) == 1 and shown[0], "plt.show() saw no figure"
+    fig = shown[0][-1]
+    assert fig.axes[0].get_title() == "Impact of restoring MLP after corrupted input"
+    plt.close("all")
+    out = tmp_path / "sub" / "case.pdf"
+    ct.plot_trace_heatmap(r, savepdf=str(out))
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["case.pdf"]
+    assert out.read_bytes()[:4] == b"%PDF"
+
+
+def test_noise_helpers_m_and_t(mt):
+    mean, cov = ct.get_embedding_cov(mt)
+    d = mt.adapter.hidden_size
+    assert mean.shape == (d,) and cov.shape == (d, d) and cov.dtype == torch.float64
+    gen = ct.make_generator_transform(mean, cov)
+    z = torch.from_numpy(np.random.RandomState(0).randn(20000, d))
+    x = gen(z)
+    assert torch.allclose(x.mean(0), mean, atol=0.05 * cov.diag().sqrt().max())
+    assert torch.allclose(torch.cov(x.T), cov, atol=0.05 * cov.diag().max())
+    ident = ct.make_generator_transform(mean=mean)
+    assert torch.allclose(ident(z[:3]), z[:3] + mean)
+    # the rules run end to end: a fitted Gaussian and a Student-t as the tracers' noise
+    for noise in (ct.collect_embedding_gaussian(mt), ct.collect_embedding_tdist(mt, 3)):
+        fast = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=noise)
+        ref = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=noise, backend="reference")
+        torch.testing.assert_close(fast["scores"], ref["scores"], **SCORES)
+        assert fast["low_score"] < float(fast["high_score"])
+
+
+# ---- severed paths -------------------------------------------------------------------------------
+
+def test_trace_with_repatch_without_unpatching_is_trace_with_patch(mt):
+    inp = ct.make_inputs(mt.tokenizer, [PROMPT] * 4)
+    answer = ct.predict_from_input(mt.model, inp)[0][0]
+    b, e = ct.find_token_range(mt.tokenizer, inp["input_ids"][0], SUBJECT)
+    states = [(e - 1, ct.layername(mt.model, 1))]
+    a = ct.trace_with_repatch(mt.model, inp, states, [], answer, (b, e), noise=NOISE)
+    p = ct.trace_with_patch(mt.model, inp, states, answer, (b, e), noise=NOISE)
+    assert torch.equal(a, p)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("sever", ["mlp", "attn"])
+def test_severed_flow_fast_equals_reference(tiny_model, family, sever):
+    mt = tiny_model(family, seed=3)
+    ref = ct.calculate_severed_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, token_range=None,
+                                    sever=sever, backend="reference")
+    fast = ct.calculate_severed_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, token_range=None,
+                                     sever=sever, backend="fast")
+    torch.testing.assert_close(fast["scores"], ref["scores"], **SCORES)
+    assert fast["low_score"] == pytest.approx(ref["low_score"], rel=1e-5)
+    ordinary = ct.calculate_severed_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, token_range=None,
+                                         backend="reference")
+    b, e = ref["subject_range"]
+    assert not torch.allclose(ref["scores"][b:e], ordinary["scores"][b:e]), "severing changed nothing"
+
+
+def test_severed_comparison_figure(mt, tmp_path):
+    results = {k: ct.calculate_severed_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, sever=k)
+               for k in (None, "attn", "mlp")}
+    assert all(r["scores"].shape == (1, mt.num_layers) for r in results.values())
+    paths = ct.plot_severed_comparison(results, savepdf=tmp_path / "fig3")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
+    with pytest.raises(ValueError, match="sever must be"):
+        ct.calculate_severed_flow(mt, PROMPT, SUBJECT, sever="hidden")
+
+
+# ---- whole answers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", [None, "mlp"])
+def test_whole_answer_fast_equals_reference(tiny_model, family, kind):
+    mt = tiny_model(family, seed=3)
+    ref = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, window=3, kind=kind,
+                                   answer="Paris, France", backend="reference")
+    fast = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, window=3, kind=kind,
+                                    answer="Paris, France", backend="fast")
+    torch.testing.assert_close(fast["scores"], ref["scores"], **SCORES)
+    assert fast["low_score"] == pytest.approx(ref["low_score"], rel=1e-5)
+    assert float(fast["high_score"]) == pytest.approx(float(ref["high_score"]), rel=1e-5)
+    assert fast["answer"] == ref["answer"] == " Paris, France"
+    assert fast["scores"].shape[0] == len(mt.tokenizer.encode(PROMPT))  # rows: the prompt's tokens
+
+
+def test_whole_answer_is_the_product_of_teacher_forced_probabilities(mt):
+    ids = mt.tokenizer.encode(PROMPT)
+    ans = answer_token_ids(mt.tokenizer, "Paris, France")
+    assert len(ans) > 1
+    with torch.no_grad():
+        logits = mt.model(torch.tensor([ids + ans[:-1]])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    expected = float(torch.exp(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(ans))))
+    r = ct.calculate_hidden_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, answer="Paris, France")
+    assert float(r["high_score"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_one_token_answer_equal_to_the_top1_gives_the_reference_scores(mt):
+    from rome_fast.trace.api import make_fact_input
+    from rome_fast.trace.engine import TraceEngine
+    engine = TraceEngine(mt)
+    fact = make_fact_input(mt, PROMPT, SUBJECT, 3, NOISE)
+    default = engine.trace([fact], kinds=("hidden",))[0]
+    fact.answer = default.answer  # the clean top-1 given as a one-token answer
+    same = engine.trace([fact], kinds=("hidden",))[0]
+    torch.testing.assert_close(same.scores["hidden"], default.scores["hidden"], rtol=0, atol=0)
+    assert same.high_score == default.high_score and same.greedy
