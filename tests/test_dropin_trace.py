@@ -161,3 +161,27 @@ def test_one_token_answer_equal_to_the_top1_gives_the_reference_scores(mt):
     same = engine.trace([fact], kinds=("hidden",))[0]
     torch.testing.assert_close(same.scores["hidden"], default.scores["hidden"], rtol=0, atol=0)
     assert same.high_score == default.high_score and same.greedy
+
+
+def test_trace_facts_whole_answer_on_both_backends(tmp_path, one_thread):
+    import json
+
+    from rome_fast.cli import main
+    facts = [dict(known_id=i, subject=s, prompt=p, attribute=a, relation_id="P0")
+             for i, (p, s, a) in enumerate([(PROMPT, SUBJECT, "Paris, France"),
+                                            ("Miles Davis plays the", "Miles Davis", "jazz trumpet")])]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(facts))
+    out = {}
+    for backend in ("fast", "reference"):
+        out[backend] = tmp_path / backend
+        assert main(["trace", "--facts", str(path), "--whole-answer", "--kind", "hidden", "--model", "tiny:gpt2",
+                     "--samples", "2", "--no-progress", "--backend", backend, "--out", str(out[backend])]) == 0
+        assert json.loads((out[backend] / "run.json").read_text())["whole_answer"] is True
+    for i, fact in enumerate(facts):
+        with np.load(out["fast"] / "cases" / f"knowledge_{i}.npz") as f, \
+                np.load(out["reference"] / "cases" / f"knowledge_{i}.npz") as r:
+            assert bool(f["correct_prediction"]) and str(f["answer"]) == str(r["answer"]) == " " + fact["attribute"]
+            np.testing.assert_allclose(f["scores"], r["scores"], rtol=1e-5, atol=1e-8)
+    assert main(["trace", "--prompt", PROMPT, "--subject", SUBJECT, "--whole-answer", "--model", "tiny:gpt2",
+                 "--out", str(tmp_path / "x")]) == 2

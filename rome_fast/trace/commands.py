@@ -54,6 +54,10 @@ def _read_corpus(path) -> list[str] | None:
 def _cmd_trace(args) -> int:
     if (args.facts is None) == (args.prompt is None):
         raise ValueError("give either --facts FILE or --prompt TEXT with --subject WORDS")
+    if args.whole_answer and args.facts is None:
+        raise ValueError("--whole-answer scores the facts' attributes: use it with --facts (--answer TEXT with --prompt)")
+    if args.answer is not None and args.facts is not None:
+        raise ValueError("--answer is for one --prompt; with --facts use --whole-answer (each fact's attribute)")
     if args.samples < 1 or args.window < 1:
         raise ValueError("--samples and --window must be >= 1")
     corpus = _read_corpus(args.noise_corpus)
@@ -69,7 +73,8 @@ def _cmd_trace(args) -> int:
             summary = trace_facts(mt, facts, args.out, kinds=args.kind, noise=args.noise,
                                   samples=args.samples, window=args.window, limit=args.limit,
                                   backend=args.backend, progress=not args.no_progress and info.is_main,
-                                  replace=args.replace, noise_texts=corpus, case_plots=args.case_plots)
+                                  replace=args.replace, noise_texts=corpus, case_plots=args.case_plots,
+                                  whole_answer=args.whole_answer)
         finally:
             distributed.finalize()
         if not info.is_main:
@@ -90,7 +95,7 @@ def _cmd_trace(args) -> int:
         t0 = time.time()
         res = calculate_hidden_flow(mt, args.prompt, args.subject, samples=args.samples, noise=noise,
                                     uniform_noise=uniform, replace=args.replace, window=args.window,
-                                    kind=kind, backend=args.backend)
+                                    kind=kind, backend=args.backend, answer=args.answer)
         r = TraceResult.from_dict(res)
         stem = out / f"trace{get_kind(kind).suffix}"
         r.save(stem.with_suffix(".npz"))
@@ -161,6 +166,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--noise-corpus", help="text file (one text a line) for the 'm' rule")
     p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
     p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--whole-answer", action="store_true",
+                   help="with --facts: score each fact's whole attribute (teacher-forced, the product of its "
+                        "tokens' probabilities) instead of the clean top-1 token; every fact is traced")
+    p.add_argument("--answer", help="with --prompt: score this whole answer instead of the clean top-1 token")
     p.add_argument("--replace", action="store_true", help="replace the subject embeddings with noise instead of adding it")
     p.add_argument("--model", default="smollm2-135m",
                    help="model: smollm2-135m (embedded default), a hub id, a local path or a .gguf")

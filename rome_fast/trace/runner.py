@@ -50,10 +50,21 @@ def load_facts(path) -> list[dict]:
     return facts
 
 
+def fact_answer(fact: dict) -> str:
+    """The answer a whole-answer trace scores: the fact's `attribute`."""
+    answer = fact.get("attribute")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"fact {fact.get('known_id')!r} has no 'attribute' to score as its whole answer")
+    return answer
+
+
 def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] | str = "all", noise=0.1,
                    uniform_noise: bool = False, samples: int = 10, window: int = 10,
-                   replace: bool = False, backend: str = DEFAULT_BACKEND) -> dict[str, bool]:
+                   replace: bool = False, backend: str = DEFAULT_BACKEND,
+                   whole_answer: bool = False) -> dict[str, bool]:
     """Trace one fact for each kind not yet on disk; returns {kind: True if computed now}.
+    whole_answer: score the fact's whole `attribute` (see `calculate_hidden_flow`'s `answer`)
+    instead of checking it against the clean top-1 token.
 
     The single place a batched engine would replace (it sees the fact and the kinds still due)."""
     done = {}
@@ -62,9 +73,10 @@ def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] | str = "all"
         if path.is_file():
             done[kind] = False
             continue
+        answer = {"answer": fact_answer(fact)} if whole_answer else {"expect": fact.get("attribute")}
         result = calculate_hidden_flow(mt, fact["prompt"], fact["subject"], samples=samples, noise=noise,
                                        uniform_noise=uniform_noise, replace=replace, window=window,
-                                       kind=kind, expect=fact.get("attribute"), backend=backend)
+                                       kind=kind, backend=backend, **answer)
         TraceResult.from_dict(result).save(path)
         done[kind] = True
     return done
@@ -74,7 +86,7 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
                 samples: int = 10, window: int = 10, limit: int | None = None,
                 backend: str = DEFAULT_BACKEND, progress: bool = True, replace: bool = False,
                 uniform_noise: bool = False, noise_texts: Sequence[str] | None = None,
-                figures: bool = True, case_plots: bool = False) -> dict:
+                figures: bool = True, case_plots: bool = False, whole_answer: bool = False) -> dict:
     """Trace facts into `out_dir/cases/` (resuming), then aggregate into `out_dir`.
 
     noise: a rule ("s3" = 3σ with σ over *all* the given facts' subjects, as the reference; a
@@ -85,8 +97,12 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     Under torchrun (after `rome_fast.distributed.init()`) each rank traces its share (whole fast
     batches, or facts [rank::world] on the reference backend) into the shared `out_dir`; rank 0
     records run.json first and aggregates after everyone is done, and returns the summary, the
-    other ranks None."""
+    other ranks None. whole_answer: score each fact's whole `attribute` (teacher-forced, the product
+    of its tokens' probabilities) instead of the clean top-1 token; every fact is traced."""
     facts = list(facts)
+    if whole_answer:
+        for f in facts:
+            fact_answer(f)  # every fact has an answer to score, before anything runs
     kinds = kind_names(kinds)
     engine_of = get_backend(backend).engine
     if limit is not None:
@@ -105,6 +121,8 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     settings = dict(model=getattr(mt, "name", ""), noise_rule=rule,
                     noise_level=level if isinstance(level, float) else None, uniform_noise=uniform_noise,
                     samples=samples, window=window, replace=bool(replace))
+    if whole_answer:  # recorded only when set, so runs from before the option still resume
+        settings["whole_answer"] = True
     info = distributed.current()
     recorded = _agree_run_settings(out_dir / "run.json", settings, info)
     if isinstance(level, float) and isinstance(recorded.get("noise_level"), float):
@@ -117,7 +135,7 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
         batches = distributed.shard(many.fact_batches(mt, todo, many.default_facts_per_batch(engine)), info)
         many.trace_facts_batched(mt, todo, cases, kinds, noise=level, uniform_noise=uniform_noise,
                                  samples=samples, window=window, replace=replace, progress=progress,
-                                 engine=engine, batches=batches, after_batch=fail)
+                                 engine=engine, batches=batches, after_batch=fail, whole_answer=whole_answer)
         mine = [todo[i] for b in batches for i in b]
         if case_plots:
             for fact in mine:
@@ -129,7 +147,8 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
         for fact in bar:
             bar.set_postfix_str(str(fact["subject"])[:24])
             done = trace_one_fact(mt, fact, cases, kinds, noise=level, uniform_noise=uniform_noise,
-                                  samples=samples, window=window, replace=replace, backend=backend)
+                                  samples=samples, window=window, replace=replace, backend=backend,
+                                  whole_answer=whole_answer)
             if case_plots:
                 _case_plots(out_dir, fact["known_id"], kinds, getattr(mt, "name", None))
             if fail is not None and any(done.values()):
