@@ -6,6 +6,7 @@ that file does not exist, rome_fast's bundled preset for the model is used (Smol
 GPT-J, NeoX), so the notebook runs without a hyperparameter folder."""
 from __future__ import annotations
 
+from ....edit.stats import stats_model_name
 from ...rome import ROMEHyperParams, apply_rome_to_model
 from ...util import globals as _globals
 from ...util.generate import generate_fast
@@ -24,7 +25,7 @@ def load_alg(alg_name):
 
 def _hparams(model, alg_name):
     params_class, _, prefix, suffix = load_alg(alg_name)
-    name = str(getattr(model.config, "_name_or_path", "")).replace("/", "_")
+    name = stats_model_name(model)  # the reference's _name_or_path with '/' -> '_' (a local path: its last part)
     path = _globals.HPARAMS_DIR / prefix / f"{name}{suffix}.json"
     if path.is_file():
         print("Loading from", path)
