@@ -185,3 +185,30 @@ def test_trace_facts_whole_answer_on_both_backends(tmp_path, one_thread):
             np.testing.assert_allclose(f["scores"], r["scores"], rtol=1e-5, atol=1e-8)
     assert main(["trace", "--prompt", PROMPT, "--subject", SUBJECT, "--whole-answer", "--model", "tiny:gpt2",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("mode,reuse_kv", [("prefix", False), ("grid", False)])
+def test_severed_flow_every_engine_mode(mt, mode, reuse_kv):
+    from rome_fast.trace.engine import TraceEngine
+    ref = ct.calculate_severed_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, token_range=None, sever="mlp",
+                                    backend="reference")
+    fast = ct.calculate_severed_flow(mt, PROMPT, SUBJECT, samples=3, noise=NOISE, token_range=None, sever="mlp",
+                                     engine=TraceEngine(mt, mode=mode, reuse_kv=reuse_kv))
+    torch.testing.assert_close(fast["scores"], ref["scores"], **SCORES)
+
+
+def test_severed_flow_several_facts_in_one_batch(mt):
+    """Facts of different lengths padded together: each equals its own reference trace."""
+    from rome_fast.tokens import find_token_range
+    from rome_fast.trace.engine import FactInput, TraceEngine
+    from rome_fast.trace.noise import noise_draws
+    facts, refs = [], []
+    for prompt, subject in [(PROMPT, SUBJECT), ("Miles Davis plays the", "Miles Davis")]:
+        ids = mt.tokenizer.encode(prompt)
+        b, e = find_token_range(mt.tokenizer, ids, subject)
+        first, second = noise_draws(3, e - b, mt.adapter.hidden_size, NOISE, count=2)
+        facts.append(FactInput(ids, (b, e), first, sever_noise=second))
+        refs.append(ct.calculate_severed_flow(mt, prompt, subject, samples=3, noise=NOISE, token_range=None,
+                                              sever="attn", backend="reference"))
+    for res, ref in zip(TraceEngine(mt).trace(facts, kinds=("hidden",), sever="attn"), refs):
+        torch.testing.assert_close(res.scores["hidden"], ref["scores"], **SCORES)
