@@ -16,6 +16,14 @@ def _due(cases_dir, fact: dict, kinds: Sequence[str]) -> list[str]:
     return [k for k in kinds if not case_path(cases_dir, fact["known_id"], k).is_file()]
 
 
+def fact_answer(fact: dict) -> str:
+    """The answer a whole-answer trace scores: the fact's `attribute`."""
+    answer = fact.get("attribute")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"fact {fact.get('known_id')!r} has no 'attribute' to score as its whole answer")
+    return answer
+
+
 def default_facts_per_batch(engine: TraceEngine) -> int:
     """Facts per engine call: enough rows to fill a GPU, few on a CPU (whose passes are already
     compute-bound at a few thousand tokens)."""
@@ -41,7 +49,6 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
     some of `fact_batches(...)` (a process's share); `after_batch` is called once each computed
     batch's files are written. whole_answer: score each fact's whole `attribute` instead of
     checking it against the clean top-1 token (see runner.trace_facts)."""
-    from .runner import fact_answer
     from tqdm import tqdm
 
     engine = engine or TraceEngine(mt)

@@ -50,14 +50,6 @@ def load_facts(path) -> list[dict]:
     return facts
 
 
-def fact_answer(fact: dict) -> str:
-    """The answer a whole-answer trace scores: the fact's `attribute`."""
-    answer = fact.get("attribute")
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"fact {fact.get('known_id')!r} has no 'attribute' to score as its whole answer")
-    return answer
-
-
 def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] | str = "all", noise=0.1,
                    uniform_noise: bool = False, samples: int = 10, window: int = 10,
                    replace: bool = False, backend: str = DEFAULT_BACKEND,
@@ -73,7 +65,7 @@ def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] | str = "all"
         if path.is_file():
             done[kind] = False
             continue
-        answer = {"answer": fact_answer(fact)} if whole_answer else {"expect": fact.get("attribute")}
+        answer = {"answer": many.fact_answer(fact)} if whole_answer else {"expect": fact.get("attribute")}
         result = calculate_hidden_flow(mt, fact["prompt"], fact["subject"], samples=samples, noise=noise,
                                        uniform_noise=uniform_noise, replace=replace, window=window,
                                        kind=kind, backend=backend, **answer)
@@ -102,7 +94,7 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     facts = list(facts)
     if whole_answer:
         for f in facts:
-            fact_answer(f)  # every fact has an answer to score, before anything runs
+            many.fact_answer(f)  # every fact has an answer to score, before anything runs
     kinds = kind_names(kinds)
     engine_of = get_backend(backend).engine
     if limit is not None:
