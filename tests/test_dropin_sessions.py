@@ -36,7 +36,7 @@ def test_causal_tracing_notebook_session(mt, tmp_path, monkeypatch):
     noise_level = 3 * collect_embedding_std(mt, [k["subject"] for k in knowns])
     assert 0.05 < noise_level < 1
 
-    # the ' iffel' piece carries the fact in this model (docs/tracing.md): trace its row
+    # the ' iffel' piece carries the fact in this model (as test_trace_reference shows): trace its row
     ids = make_inputs(mt.tokenizer, [PROMPT])["input_ids"][0]
     b, e = find_token_range(mt.tokenizer, ids, SUBJECT)
     iffel = [i for i in range(b, e) if decode_tokens(mt.tokenizer, ids)[i] == "iffel"]

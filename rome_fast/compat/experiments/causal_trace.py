@@ -7,7 +7,7 @@ returns `high_score` as a 0-dim tensor and, for a mispredicted fact, only
 `{"correct_prediction": False}`; the plots show the figure when `savepdf` is not given and write
 exactly `savepdf` otherwise. Beyond the reference, each function taking a model also takes the
 keyword-only `backend=` ("fast", the default, or "reference"), `calculate_hidden_flow` takes
-`answer=` (a whole answer string scored teacher-forced, docs/tracing.md), and every model family
+`answer=` (a whole answer string scored teacher-forced), and every model family
 rome_fast supports works."""
 from __future__ import annotations
 
