@@ -197,3 +197,28 @@ def test_demo_helpers(capsys):
     assert (params_class, apply_fn, folder, suffix) == (rome.ROMEHyperParams, rome.apply_rome_to_model, "ROME", "")
     with pytest.raises(ValueError, match="ROME"):
         demo.load_alg("MEND")
+
+
+def test_generate_fast_and_interactive(mt, monkeypatch, capsys):
+    from rome_fast.compat.util.generate import generate_fast, generate_interactive
+    prompts = ["The Eiffel Tower is", "Miles Davis plays the"]
+    a = generate_fast(mt.model, mt.tokenizer, prompts, n_gen_per_prompt=2, max_out_len=12, reseed=3)
+    b = generate_fast(mt.model, mt.tokenizer, prompts, n_gen_per_prompt=2, max_out_len=12, reseed=3)
+    assert a == b and len(a) == 4  # prompt-major order, each prompt's samples together
+    assert all(t.startswith(prompts[i // 2]) for i, t in enumerate(a))
+    assert all(len(t) > len(prompts[i // 2]) for i, t in enumerate(a))
+    n = len(mt.tokenizer.encode(prompts[0]))  # max_out_len counts the prompt: nothing is added
+    assert generate_fast(mt.model, mt.tokenizer, prompts[:1], max_out_len=n) == prompts[:1]
+    answers = iter(["", "The Eiffel Tower is"])
+
+    def fake_input(_prompt):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    generate_interactive(mt.model, mt.tokenizer, max_out_len=10, compare_against=mt.model, use_logit_lens=True)
+    out = capsys.readouterr().out
+    assert out.count("Argument Model: ['The Eiffel Tower is") == 1 and "Baseline Model:" in out
+    assert "--- Argument Model Logit Lens ---" in out and f"{mt.num_layers - 1}: [(" in out
