@@ -44,6 +44,7 @@ REFERENCE = {
         "make_generator_transform": ["mean=None", "cov=None"],
         "collect_embedding_gaussian": ["mt"],
         "collect_embedding_tdist": ["mt", "degree=3"],
+        "main": [],
     },
     "rome": {
         "apply_rome_to_model": ["model", "tok", "requests", "hparams", "copy=False", "return_orig_weights=False"],

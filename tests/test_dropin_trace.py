@@ -212,3 +212,18 @@ def test_severed_flow_several_facts_in_one_batch(mt):
                                               sever="attn", backend="reference"))
     for res, ref in zip(TraceEngine(mt).trace(facts, kinds=("hidden",), sever="attn"), refs):
         torch.testing.assert_close(res.scores["hidden"], ref["scores"], **SCORES)
+
+
+def test_main_is_the_reference_command_line(tmp_path, one_thread, make_facts_file):
+    """Fact 7 predicted as expected (a heat map per kind, id <= 200), fact 8 not (skipped)."""
+    path = make_facts_file("tiny:gpt2", [(PROMPT, SUBJECT), ("Miles Davis plays the", "Miles Davis")],
+                           wrong={1}, first_id=7)
+    ct.main(["--model_name", "tiny:gpt2", "--fact_file", str(path), "--noise_level", "0.5",
+             "--output_dir", str(tmp_path / "{model_name}" / "causal_trace")])
+    out = tmp_path / "n0.5_r0_tiny:gpt2" / "causal_trace"
+    assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(
+        f"knowledge_{i}{s}.npz" for i in (7, 8) for s in ("", "_mlp", "_attn"))
+    with np.load(out / "cases" / "knowledge_8.npz") as d:
+        assert not bool(d["correct_prediction"])
+    pdfs = sorted(p.name for p in (out / "pdfs").glob("*.pdf"))
+    assert len(pdfs) == 3 and all("_7" in name for name in pdfs)

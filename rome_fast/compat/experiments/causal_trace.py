@@ -96,6 +96,48 @@ def plot_all_flow(mt, prompt, subject=None, *, backend=DEFAULT_BACKEND):
         plot_hidden_flow(mt, prompt, subject, kind=kind, backend=backend)
 
 
+def main(argv=None):
+    """The reference's command line (`python -m experiments.causal_trace`), same flags: every known
+    fact, every kind, into `{output_dir}/cases/knowledge_{id}[_mlp|_attn].npz` and heat maps of
+    facts with id <= 200 into `{output_dir}/pdfs/`, with output_dir's `{model_name}` filled as the
+    reference fills it (`n{noise}_r{replace}_{model}`). On rome_fast's batched engine, resumable;
+    it also writes the averaged effects (summary.json and figures) at the end. --model_name takes
+    any model rome_fast loads (a hub id, a local folder, "smollm2-135m", "tiny:<family>")."""
+    import argparse
+    import json
+
+    from ...models import load_model_spec
+    from ...trace.commands import print_trace_summary
+    from ...trace.runner import trace_facts
+    from ..dsets import KnownsDataset
+    from ..util.globals import DATA_DIR
+
+    parser = argparse.ArgumentParser(description="Causal Tracing")
+    parser.add_argument("--model_name", default="gpt2-xl")
+    parser.add_argument("--fact_file", default=None)
+    parser.add_argument("--output_dir", default="results/{model_name}/causal_trace")
+    parser.add_argument("--noise_level", default="s3", help="a std, or sK, m, tD, uX (the reference's rules)")
+    parser.add_argument("--replace", default=0, type=int)
+    args = parser.parse_args(argv)
+
+    mt = load_model_spec(args.model_name)
+    if args.fact_file is None:
+        knowns = list(KnownsDataset(DATA_DIR))
+    else:
+        with open(args.fact_file) as f:
+            knowns = json.load(f)
+    noise = args.noise_level
+    texts = None
+    if noise == "m" or noise.startswith("t"):  # fitted to embeddings: the corpus get_embedding_cov reads
+        from ...edit.corpus import default_corpus, read_text_file
+        texts = read_text_file(default_corpus())
+    modeldir = f"n{noise}_r{args.replace}_{args.model_name.replace('/', '_')}"
+    out = args.output_dir.format(model_name=modeldir)
+    summary = trace_facts(mt, knowns, out, kinds="all", noise=noise, replace=bool(args.replace),
+                          noise_texts=texts, case_plots=True)
+    print_trace_summary(summary)
+
+
 # ---- the 'm' and 'tN' noise rules ----------------------------------------------------------------
 
 def get_embedding_cov(mt):
@@ -126,9 +168,13 @@ def collect_embedding_tdist(mt, degree=3):
     return student_t_transform(collect_embedding_gaussian(mt), float(degree))
 
 
-__all__ = ["ModelAndTokenizer", "calculate_hidden_flow", "calculate_severed_flow", "collect_embedding_gaussian",
+__all__ = ["ModelAndTokenizer", "calculate_hidden_flow", "main", "calculate_severed_flow", "collect_embedding_gaussian",
            "collect_embedding_std", "collect_embedding_tdist", "decode_tokens", "find_token_range",
            "get_embedding_cov", "guess_subject", "layername", "make_generator_transform", "make_inputs",
            "plot_all_flow", "plot_hidden_flow", "plot_severed_comparison", "plot_trace_heatmap",
            "predict_from_input", "predict_token", "trace_important_states", "trace_important_window",
            "trace_with_patch", "trace_with_repatch"]
+
+
+if __name__ == "__main__":
+    main()
