@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -55,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a subcommand. Bad input (ValueError, a file that cannot be read or written: OSError, a
+    missing optional package: ModuleNotFoundError) is one `rome-fast: error:` line and exit code 2;
+    ROME_FAST_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+    except (ValueError, OSError, ModuleNotFoundError) as exc:
+        if os.environ.get("ROME_FAST_DEBUG", "") not in ("", "0"):
+            raise
         print(f"rome-fast: error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data import DATA_URLS, fetch
+from ..files import parse_json, read_text
 
 # zsRE has no true object for the edited fact; the reference stores this placeholder (§4.5).
 ZSRE_TARGET_TRUE = "<|endoftext|>"
@@ -254,10 +255,7 @@ def _read_json_list(path) -> list:
         if path.name in DATA_URLS:
             hint = f"; download it from {DATA_URLS[path.name]} (or rome_fast.data.fetch({path.name!r}))"
         raise FileNotFoundError(f"data file not found: {path}{hint}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    raw = parse_json(read_text(path, "data file"), path, "a JSON list of records")
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     return raw

@@ -203,7 +203,15 @@ class TfIdf:
             if not Path(p).is_file():
                 raise FileNotFoundError(f"TF-IDF file not found: {p} (official copies: "
                                         "rome_fast.eval.datasets.DATA_URLS)")
-        return cls(np.load(idf_path), json.loads(Path(vocab_path).read_text(encoding="utf-8")))
+        try:  # never pickle: a data file must not run code
+            idf = np.load(idf_path, allow_pickle=False)
+            vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        except (ValueError, OSError, EOFError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"TF-IDF files {idf_path}, {vocab_path} do not load ({type(exc).__name__}: "
+                             f"{exc}): download them again") from None
+        if not isinstance(idf, np.ndarray) or not isinstance(vocab, dict):
+            raise ValueError(f"{idf_path} must hold one array and {vocab_path} a JSON object (word: column)")
+        return cls(idf, vocab)
 
     def vector(self, text: str) -> dict[int, float]:
         counts = Counter(self.vocab[w] for w in _TFIDF_TOKEN.findall(text.lower()) if w in self.vocab)

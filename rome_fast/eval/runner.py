@@ -26,6 +26,7 @@ import torch
 from .. import distributed
 from . import generation as G
 from . import metrics as M
+from ..files import file_id, file_sha256, inside
 from .datasets import EvalRecord, load_dataset
 
 Restore = Callable[[], None]
@@ -121,7 +122,27 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def case_path(out_dir, case_id: int) -> Path:
-    return Path(out_dir) / f"case_{case_id}.json"
+    """out_dir/case_{id}.json; the id must be a non-negative integer (it becomes a file name)."""
+    return inside(out_dir, Path(out_dir) / f"case_{file_id(case_id, 'case_id', names=False)}.json")
+
+
+def _finished(path: Path, record) -> bool:
+    """Whether `path` holds `record`'s finished case. A file that does not parse is computed again
+    (said in one line); one holding another request is a ValueError (the folder holds another data
+    file's cases, which must not be mixed with these)."""
+    if not path.exists():
+        return False
+    try:
+        case = json.loads(path.read_text(encoding="utf-8"))
+        stored = case["requested_rewrite"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        print(f"rome-fast: {path} does not load ({type(exc).__name__}: {exc}); evaluating it again",
+              file=sys.stderr)
+        return False
+    if stored != record.request():  # as the file stores it (a JSON copy)
+        raise ValueError(f"{path} holds another request than case {record.case_id} ({stored!r}): the folder "
+                         "holds the cases of other data; use another --out folder")
+    return True
 
 
 def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
@@ -132,7 +153,9 @@ def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams", "key_mode",
-                    "sequential"):
+                    "sequential", "data_sha256"):
+            if key == "data_sha256" and (key not in old or config.get(key) is None):
+                continue  # a run.json of an earlier version, or records passed in without their file
             if key in old and old[key] != config.get(key):
                 raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}; "
                                  "use another --out folder (or delete this one) to start afresh")
@@ -173,7 +196,7 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
              *, seed: int = 0, check_restore: Optional[bool] = None, tfidf: Optional[G.TfIdf] = None,
              snippets: Optional[dict] = None, backend: Optional[str] = None,
              editor_kwargs: Optional[dict] = None, batch_size: int = M.DEFAULT_BATCH,
-             summary: bool = True, sequential: bool = False) -> Optional[dict]:
+             summary: bool = True, sequential: bool = False, data_sha256: Optional[str] = None) -> Optional[dict]:
     """Evaluate edits of `records` (EvalRecords or a data file path) on `mt` and write the case
     files to `out_dir`; returns `summarize(out_dir)` (None with summary=False).
 
@@ -189,10 +212,15 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     sequential=True: the edits accumulate (no restore between cases, as a model edited fact after
     fact): per case, "pre" is measured on the model with the earlier cases' edits and "post" after
     this one's ("edits" counts them); the original weights come back at the end. One process
-    only, and not resumable (the accumulated edits are not saved): `out_dir` must hold no cases."""
+    only, and not resumable (the accumulated edits are not saved): `out_dir` must hold no cases.
+
+    data_sha256: the data file's sha256 (computed here when `records` is a path), kept in run.json
+    so a resumed run on another data file is refused; a case file is reused only if it holds the
+    same request, and one that does not parse is evaluated again."""
     if dataset not in ("counterfact", "zsre"):
         raise ValueError(f"unknown dataset {dataset!r}; use 'counterfact' or 'zsre'")
     if isinstance(records, (str, Path)):
+        data_sha256 = data_sha256 or file_sha256(records)
         records = load_dataset(dataset, records, limit)
     records = list(records)[:limit]
     for r in records:
@@ -204,7 +232,7 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = distributed.current()
-    extra = {}
+    extra = {} if data_sha256 is None else {"data_sha256": data_sha256}  # another data file is refused
     if (editor_kwargs or {}).get("key_mode", "reference") != "reference":
         extra["key_mode"] = editor_kwargs["key_mode"]
     if sequential:
@@ -230,7 +258,7 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     done = skipped = 0
     for record in bar:
         path = case_path(out_dir, record.case_id)
-        if path.exists():
+        if _finished(path, record):
             skipped += 1
             bar.set_postfix(done=done, skipped=skipped)
             continue

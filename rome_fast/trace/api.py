@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-from ..tokens import answer_token_ids, find_token_range, make_inputs
+from ..tokens import _n_leading_specials, answer_token_ids, find_token_range, make_inputs
 from .engine import FactInput, TraceEngine
 from .kinds import get_kind
-from .noise import NoiseSpec, draw_noise
+from .noise import NoiseSpec, check_noise, draw_noise
 from .reference import (answer_probability, predict_from_input, trace_important_states, trace_important_window,
                         trace_with_patch)
 from .results import result_dict
@@ -48,13 +48,46 @@ def get_backend(name: str) -> TraceBackend:
     return BACKENDS[name]
 
 
-def _validate(prompt, subject, samples, window, token_range):
-    if not isinstance(prompt, str) or not prompt.strip():
+def check_fact_text(prompt, subject) -> None:
+    """The checks of a fact's prompt and subject that need no model (a command line makes them
+    before loading one)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be a non-empty string (the text whose next token is traced), "
+                         f"got {prompt!r}")
+    if not prompt.strip():
         raise ValueError("empty prompt: give the text whose next token is traced")
-    if not isinstance(subject, str) or not subject.strip():
+    if not isinstance(subject, str):
+        raise ValueError(f"the subject must be a non-empty string (the words of the prompt to corrupt), "
+                         f"got {subject!r}")
+    if not subject.strip():
         raise ValueError("empty subject: give the words of the prompt to corrupt")
+    if subject != subject.strip():
+        # its token range would take in the neighbouring token, which would be corrupted too
+        raise ValueError(f"subject {subject!r} has surrounding whitespace: write {subject.strip()!r}")
     if subject not in prompt:
         raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+
+
+def check_prompt(mt, prompt: str, subject: str) -> list[int]:
+    """The prompt's token ids, after the checks that need the model: the prompt fits the model's
+    context, is more than one token (restoring the only token's state restores the whole run, so
+    every hidden-state score would be the clean probability), and the subject's tokens are found."""
+    tok = mt.tokenizer
+    ids = tok.encode(prompt)
+    limit = mt.adapter.context_length
+    if limit is not None and len(ids) > limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of {limit} tokens: "
+                         "shorten it")
+    if len(ids) - _n_leading_specials(tok) < 2:
+        raise ValueError(f"the prompt {prompt!r} is a single token: there is nothing to trace besides "
+                         "the subject itself; give a prompt with text after the subject")
+    find_token_range(tok, ids, subject)
+    return ids
+
+
+def _validate(prompt, subject, samples, window, token_range, noise=0.1):
+    check_fact_text(prompt, subject)
+    check_noise(noise)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1 (corrupted runs per pass), got {samples!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -91,7 +124,8 @@ def calculate_hidden_flow(mt, prompt: str, subject: str, samples: int = 10, nois
     token: p(answer) is the product of its tokens' probabilities, each read after the prompt and
     the answer's tokens before it (teacher forcing); `expect` is then not checked."""
     chosen = get_backend(backend)
-    token_range = _validate(prompt, subject, samples, window, token_range)
+    token_range = _validate(prompt, subject, samples, window, token_range, noise)
+    check_prompt(mt, prompt, subject)
     # a backend is a drop-in function: it gets the reference's spelling of the kind
     return chosen.hidden_flow(mt, prompt, subject, samples=samples, noise=noise, token_range=token_range,
                               uniform_noise=uniform_noise, replace=replace, window=window,
@@ -159,9 +193,7 @@ def make_fact_input(mt, prompt: str, subject: str, samples: int, noise, uniform_
                     token_range=None, answer: str | None = None) -> FactInput:
     """Tokens, subject range and the reference's noise draw for one fact, for the engine (answer:
     a whole answer string to score, else the clean top-1 token)."""
-    ids = mt.tokenizer.encode(prompt)
-    if not ids:
-        raise ValueError("empty prompt: give the text whose next token is traced")
+    ids = check_prompt(mt, prompt, subject)
     b, e = find_token_range(mt.tokenizer, ids, subject)
     return FactInput(ids, (b, e), draw_noise(samples, e - b, mt.adapter.hidden_size, noise, uniform_noise),
                      tokens=_token_rows(token_range, (b, e), len(ids)),

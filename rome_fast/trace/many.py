@@ -3,17 +3,54 @@ batch for every kind still due, each (fact, kind) result written atomically as s
 done (a crash or Ctrl-C loses at most the batch in flight), finished files skipped on a rerun."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Sequence
 
+from ..tokens import find_token_range
 from .aggregate import case_path
 from .api import fact_dict, make_fact_input
 from .engine import TraceEngine
-from .results import TraceResult
+from .results import ResultFileError, TraceResult
 
 
-def _due(cases_dir, fact: dict, kinds: Sequence[str]) -> list[str]:
-    return [k for k in kinds if not case_path(cases_dir, fact["known_id"], k).is_file()]
+def due_kinds(mt, cases_dir, fact: dict, kinds: Sequence[str]) -> list[str]:
+    """The kinds of `fact` still to trace: those without a finished case file. A file that does not
+    load is traced again (said in one line); one that holds another fact's trace is a ValueError
+    (the folder holds another facts file's results, which must not be mixed with these)."""
+    due = []
+    for kind in kinds:
+        path = case_path(cases_dir, fact["known_id"], kind)
+        if not path.is_file():
+            due.append(kind)
+            continue
+        try:
+            result = TraceResult.load(path)
+        except ResultFileError as exc:
+            print(f"rome-fast: {exc.path}: {exc.reason}; tracing it again", file=sys.stderr)
+            due.append(kind)
+            continue
+        differs = _other_fact(mt, result, fact)
+        if differs:
+            raise ValueError(f"{path} holds the trace of another fact ({differs}) than known_id "
+                             f"{fact['known_id']} ({fact['prompt']!r}): the folder holds the results of other "
+                             "facts; use another output folder")
+    return due
+
+
+def _other_fact(mt, r: TraceResult, fact: dict) -> str | None:
+    """What shows that a stored result is not `fact`'s trace, or None: its tokens, its subject's
+    tokens, or its prediction check against the fact's expected attribute."""
+    ids = mt.tokenizer.encode(fact["prompt"])
+    if r.input_ids is not None and r.input_ids.tolist() != ids:
+        return "other prompt tokens"
+    if r.correct_prediction and r.subject_range is not None and \
+            tuple(r.subject_range) != find_token_range(mt.tokenizer, ids, fact["subject"]):
+        return "another subject"
+    expect = fact.get("attribute")
+    if expect is not None and r.answer is not None and (r.answer.strip() == expect) != r.correct_prediction:
+        return "another expected answer"
+    return None
 
 
 def fact_answer(fact: dict) -> str:
@@ -54,14 +91,14 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
     engine = engine or TraceEngine(mt)
     if batches is None:
         batches = fact_batches(mt, facts, facts_per_batch or default_facts_per_batch(engine))
-    todo = [[i for i in b if _due(cases_dir, facts[i], kinds)] for b in batches]
+    due = {i: due_kinds(mt, cases_dir, facts[i], kinds) for b in batches for i in b}
+    todo = [[i for i in b if due[i]] for b in batches]
     n_total = sum(len(b) for b in batches)
     n_todo = sum(len(b) for b in todo)
     bar = tqdm(total=n_total, initial=n_total - n_todo, desc="causal trace (fast)", unit="fact",
                disable=not progress)
     written, t0, done_now = 0, time.perf_counter(), 0
     for idx in (b for b in todo if b):
-        due = {i: _due(cases_dir, facts[i], kinds) for i in idx}
         inputs = {i: make_fact_input(mt, facts[i]["prompt"], facts[i]["subject"], samples, noise,
                                      uniform_noise, answer=fact_answer(facts[i]) if whole_answer else None)
                   for i in idx}

@@ -9,7 +9,7 @@ hidden state restored, ordinarily and with attention or MLP severed."""
 from __future__ import annotations
 
 from ..tokens import find_token_range, make_inputs
-from .api import DEFAULT_BACKEND, _token_rows, _validate
+from .api import DEFAULT_BACKEND, _token_rows, _validate, check_prompt
 from .engine import FactInput, TraceEngine
 from .kinds import get_kind
 from .noise import NoiseSpec, noise_draws
@@ -30,7 +30,8 @@ def calculate_severed_flow(mt, prompt: str, subject: str, samples: int = 10, noi
         raise ValueError(f"sever must be None, 'mlp' or 'attn', not {sever!r}")
     if backend not in ("reference", "fast"):
         raise ValueError(f"unknown backend {backend!r}: use 'reference' or 'fast'")
-    token_range = _validate(prompt, subject, samples, 10, token_range)
+    token_range = _validate(prompt, subject, samples, 10, token_range, noise)
+    check_prompt(mt, prompt, subject)
     if backend == "fast":
         return _severed_fast(mt, prompt, subject, samples, noise, token_range, uniform_noise, sever, engine)
     inp = make_inputs(mt.tokenizer, [prompt] * (samples + 1), device=mt.device)
