@@ -52,7 +52,21 @@ def _load_gguf(path: Path, dtype):
     _check_supported(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # named after the file, not its folder (which may hold several models); the statistics
+    # cache is keyed by this name
+    model.config._name_or_path = _embedded_or(path, path.stem)
     return model, tok
+
+
+def _embedded_or(path: Path, name: str) -> str:
+    """EMBEDDED_NAME for the embedded GGUF (however it is reached), else `name`: one model, one
+    name, one statistics folder."""
+    try:
+        if path.resolve() == embedded_model_path().resolve():
+            return EMBEDDED_NAME
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    return name
 
 
 def _load_embedded():
@@ -66,10 +80,9 @@ def _load_embedded():
         config = AutoConfig.from_pretrained(cached)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         load_weights(model, cached / "model.safetensors")
+        model.config._name_or_path = EMBEDDED_NAME  # not the cache folder's name
         return model, AutoTokenizer.from_pretrained(cached)
-    model, tok = _load_gguf(gguf, torch.float32)
-    # the name later loads from the cache get, so the first run's statistics are found again
-    model.config._name_or_path = str(cached)
+    model, tok = _load_gguf(gguf, torch.float32)  # named EMBEDDED_NAME, as later loads from the cache
     try:  # the cache is an optimisation: a read-only home must not stop the load
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
