@@ -91,8 +91,8 @@ class ROMEHyperParams:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, path) -> "ROMEHyperParams":
-        path = Path(path)
+    def from_json(cls, fpath) -> "ROMEHyperParams":
+        path = Path(fpath)  # the parameter keeps the reference's name
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

@@ -26,7 +26,7 @@ from ..models.base import cache_argument, returned_cache
 
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: int = 5,
-             seed: int = 0, n_gen_per_prompt: int = 1) -> list[str]:
+             seed: int | None = 0, n_gen_per_prompt: int = 1) -> list[str]:
     """Top-k sampling as the reference's `generate_fast`: sequences grow to `max_out_len` tokens
     in total (prompt included), EOS does not stop them, the sampled token is drawn from the
     renormalised top-k softmax, and the text returned is prompt + continuation, decoded without
@@ -35,7 +35,8 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
     Unlike the reference (REFERENCE §6.2 item 1) the attention mask passed with the KV cache is
     the full mask of all positions so far, so cached logits equal those of a full forward pass;
     prompts are left-padded with explicit position ids. Sampling uses its own CPU generator
-    seeded with `seed`, so results do not depend on the global RNG."""
+    seeded with `seed`, so results do not depend on the global RNG; `seed=None` draws from
+    torch's global RNG instead, as the reference does (`torch.manual_seed` then decides)."""
     prompts = [p for p in prompts for _ in range(n_gen_per_prompt)]
     if not prompts:
         return []
@@ -49,7 +50,7 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
         ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
         mask[i, width - len(e):] = 1
     ids, mask = ids.to(dev), mask.to(dev)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
     past, step_ids = None, ids
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     step_pos = positions

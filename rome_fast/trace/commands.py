@@ -63,6 +63,10 @@ def _cmd_trace(args) -> int:
     # everything that needs no model is checked before loading one (10-30 s)
     if (args.facts is None) == (args.prompt is None):
         raise ValueError("give either --facts FILE or --prompt TEXT with --subject WORDS")
+    if args.whole_answer and args.facts is None:
+        raise ValueError("--whole-answer scores the facts' attributes: use it with --facts (--answer TEXT with --prompt)")
+    if args.answer is not None and args.facts is not None:
+        raise ValueError("--answer is for one --prompt; with --facts use --whole-answer (each fact's attribute)")
     corpus = _read_corpus(args.noise_corpus)
     parse_noise_rule(args.noise, has_texts=corpus is not None)
     if args.threads:
@@ -83,7 +87,8 @@ def _cmd_trace(args) -> int:
                                   samples=args.samples, window=args.window, limit=args.limit,
                                   backend=args.backend, progress=not args.no_progress and info.is_main,
                                   replace=args.replace, noise_texts=corpus, case_plots=args.case_plots,
-                                  skip_bad=args.skip_bad, source=str(args.facts))
+                                  skip_bad=args.skip_bad, source=str(args.facts),
+                                  whole_answer=args.whole_answer)
         finally:
             distributed.finalize()
         if not info.is_main:
@@ -105,7 +110,7 @@ def _cmd_trace(args) -> int:
         t0 = time.time()
         res = calculate_hidden_flow(mt, args.prompt, args.subject, samples=args.samples, noise=noise,
                                     uniform_noise=uniform, replace=args.replace, window=args.window,
-                                    kind=kind, backend=args.backend)
+                                    kind=kind, backend=args.backend, answer=args.answer)
         r = TraceResult.from_dict(res)
         stem = out / f"trace{get_kind(kind).suffix}"
         r.save(stem.with_suffix(".npz"))
@@ -184,6 +189,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--noise-corpus", help="text file (one text a line) for the 'm' rule")
     p.add_argument("--samples", type=positive_int, default=10, help="corrupted runs per pass (default 10)")
     p.add_argument("--window", type=positive_int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--whole-answer", action="store_true",
+                   help="with --facts: score each fact's whole attribute (teacher-forced, the product of its "
+                        "tokens' probabilities) instead of the clean top-1 token; every fact is traced")
+    p.add_argument("--answer", help="with --prompt: score this whole answer instead of the clean top-1 token")
     p.add_argument("--replace", action="store_true", help="replace the subject embeddings with noise instead of adding it")
     p.add_argument("--model", default="smollm2-135m",
                    help="model: smollm2-135m (embedded default), a hub id, a local path or a .gguf")

@@ -53,6 +53,14 @@ def _other_fact(mt, r: TraceResult, fact: dict) -> str | None:
     return None
 
 
+def fact_answer(fact: dict) -> str:
+    """The answer a whole-answer trace scores: the fact's `attribute`."""
+    answer = fact.get("attribute")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"fact {fact.get('known_id')!r} has no 'attribute' to score as its whole answer")
+    return answer
+
+
 def default_facts_per_batch(engine: TraceEngine) -> int:
     """Facts per engine call: enough rows to fill a GPU, few on a CPU (whose passes are already
     compute-bound at a few thousand tokens)."""
@@ -72,11 +80,12 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
                         uniform_noise: bool = False, samples: int = 10, window: int = 10,
                         replace: bool = False, progress: bool = True, engine: TraceEngine | None = None,
                         facts_per_batch: int | None = None, batches: Sequence[Sequence[int]] | None = None,
-                        after_batch: Callable[[], None] | None = None) -> int:
+                        after_batch: Callable[[], None] | None = None, whole_answer: bool = False) -> int:
     """Trace every (fact, kind) not yet on disk; returns how many files were written. A batch's
     files are written together once it is done (each atomically). `batches` restricts the run to
     some of `fact_batches(...)` (a process's share); `after_batch` is called once each computed
-    batch's files are written."""
+    batch's files are written. whole_answer: score each fact's whole `attribute` instead of
+    checking it against the clean top-1 token (see runner.trace_facts)."""
     from tqdm import tqdm
 
     engine = engine or TraceEngine(mt)
@@ -91,9 +100,10 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
     written, t0, done_now = 0, time.perf_counter(), 0
     for idx in (b for b in todo if b):
         inputs = {i: make_fact_input(mt, facts[i]["prompt"], facts[i]["subject"], samples, noise,
-                                     uniform_noise) for i in idx}
-        checks = engine.trace([inputs[i] for i in idx], kinds=(), window=window)
-        results, traced = {}, []
+                                     uniform_noise, answer=fact_answer(facts[i]) if whole_answer else None)
+                  for i in idx}
+        checks = [] if whole_answer else engine.trace([inputs[i] for i in idx], kinds=(), window=window)
+        results, traced = {}, list(idx) if whole_answer else []
         for i, res in zip(idx, checks):
             expect = facts[i].get("attribute")
             if expect is not None and mt.tokenizer.decode([res.answer]).strip() != expect:
@@ -107,6 +117,9 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
             for i, res in zip(traced, engine.trace([inputs[i] for i in traced], kinds=kinds_due,
                                                    window=window, replace=replace)):
                 results.update({(i, k): fact_dict(mt, inputs[i], res, k, window) for k in due[i]})
+                if whole_answer:  # the whole answer scored, not its first token
+                    for k in due[i]:
+                        results[(i, k)]["answer"] = mt.tokenizer.decode(res.answer_ids)
         for (i, kind), result in results.items():
             TraceResult.from_dict(result).save(case_path(cases_dir, facts[i]["known_id"], kind))
             written += 1

@@ -26,17 +26,28 @@ def draw_noise(rows: int, tokens: int, width: int, noise: NoiseSpec = 0.1,
     A fresh RandomState(1) every call; standard normal draws (uniform in [-1, 1) with
     `uniform_noise`), then scaled: a float `noise` is the standard deviation, a callable is applied
     to the raw draws (the reference's `noise_fn`, e.g. a fitted multivariate Gaussian)."""
+    return noise_draws(rows, tokens, width, noise, uniform_noise, count=1)[0]
+
+
+def noise_draws(rows: int, tokens: int, width: int, noise: NoiseSpec = 0.1, uniform_noise: bool = False,
+                count: int = 1) -> list[torch.Tensor]:
+    """The first `count` consecutive draws of one fresh RandomState(1), each as `draw_noise`
+    gives the first. The severed-path trace (`trace_with_repatch`) corrupts its two forward passes
+    with the first and the second draw, as the reference's single generator does."""
     check_noise(noise)
     rs = np.random.RandomState(1)
     shape = (int(rows), int(tokens), int(width))
-    raw = rs.uniform(-1, 1, shape) if uniform_noise else rs.randn(*shape)
-    x = torch.from_numpy(raw)
-    if callable(noise):
-        x = noise(x)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("the noise function returned NaN or infinite values")
-        return x
-    return float(noise) * x
+    out = []
+    for _ in range(count):
+        x = torch.from_numpy(rs.uniform(-1, 1, shape) if uniform_noise else rs.randn(*shape))
+        if callable(noise):
+            x = noise(x)
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("the noise function returned NaN or infinite values")
+            out.append(x)
+        else:
+            out.append(float(noise) * x)
+    return out
 
 
 def check_noise(noise) -> None:
@@ -108,12 +119,17 @@ def embedding_mean_cov(mt, texts: Sequence[str], max_texts: int = 1000,
     return mean, cov
 
 
+def gaussian_factor(cov: torch.Tensor) -> torch.Tensor:
+    """W with W Wᵀ = cov (float64), from the SVD of cov as the reference builds it: cov is
+    symmetric positive semi-definite, so its SVD is V S Vᵀ and W = V·sqrt(S)."""
+    _, s, vh = torch.linalg.svd(cov.double())
+    return vh.T * s.clamp_min(0).sqrt()[None, :]
+
+
 def gaussian_transform(mean: torch.Tensor, cov: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Maps standard-normal draws z (..., d) to N(mean, cov): z @ Wᵀ + mean with W Wᵀ = cov, W
     built from the SVD of cov as the reference does (its 'm' rule)."""
-    _, s, vh = torch.linalg.svd(cov.double())
-    # cov is symmetric PSD, so its SVD is V S Vᵀ: W = V·sqrt(S) gives W Wᵀ = cov.
-    w = vh.T * s.clamp_min(0).sqrt()[None, :]
+    w = gaussian_factor(cov)
     mean = mean.double()
 
     def transform(z: torch.Tensor) -> torch.Tensor:

@@ -112,8 +112,11 @@ def load_facts(path) -> list[dict]:
 
 def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] | str = "all", noise=0.1,
                    uniform_noise: bool = False, samples: int = 10, window: int = 10,
-                   replace: bool = False, backend: str = DEFAULT_BACKEND) -> dict[str, bool]:
+                   replace: bool = False, backend: str = DEFAULT_BACKEND,
+                   whole_answer: bool = False) -> dict[str, bool]:
     """Trace one fact for each kind not yet on disk; returns {kind: True if computed now}.
+    whole_answer: score the fact's whole `attribute` (see `calculate_hidden_flow`'s `answer`)
+    instead of checking it against the clean top-1 token.
 
     The single place a batched engine would replace (it sees the fact and the kinds still due)."""
     kinds = kind_names(kinds)
@@ -124,9 +127,10 @@ def trace_one_fact(mt, fact: dict, cases_dir, kinds: Sequence[str] | str = "all"
             done[kind] = False
             continue
         path = case_path(cases_dir, fact["known_id"], kind)
+        answer = {"answer": many.fact_answer(fact)} if whole_answer else {"expect": fact.get("attribute")}
         result = calculate_hidden_flow(mt, fact["prompt"], fact["subject"], samples=samples, noise=noise,
                                        uniform_noise=uniform_noise, replace=replace, window=window,
-                                       kind=kind, expect=fact.get("attribute"), backend=backend)
+                                       kind=kind, backend=backend, **answer)
         TraceResult.from_dict(result).save(path)
         done[kind] = True
     return done
@@ -137,7 +141,7 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
                 backend: str = DEFAULT_BACKEND, progress: bool = True, replace: bool = False,
                 uniform_noise: bool = False, noise_texts: Sequence[str] | None = None,
                 figures: bool = True, case_plots: bool = False, skip_bad: bool = False,
-                source: str = "facts") -> dict:
+                source: str = "facts", whole_answer: bool = False) -> dict:
     """Trace facts into `out_dir/cases/` (resuming), then aggregate into `out_dir`.
 
     noise: a rule ("s3" = 3σ with σ over *all* the given facts' subjects, as the reference; a
@@ -153,11 +157,20 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
     Every fact is checked first (`check_fact`; the prompt fits the model's context and is more than
     one token): bad ones are an error naming each, or with `skip_bad` are left out and listed in
     summary.json under "skipped_records" (`source` names the facts in messages). A finished case
-    file is reused only if it holds the same fact's trace; one that does not load is traced again."""
+    file is reused only if it holds the same fact's trace; one that does not load is traced again.
+    whole_answer: score each fact's whole `attribute` (teacher-forced, the product of its tokens'
+    probabilities) instead of the clean top-1 token; every fact is traced (one without an
+    attribute is a bad record)."""
     records = list(facts)
     if not records:
         raise ValueError(f"{source}: no facts to trace")
-    facts, bad = check_facts(records, lambda f: check_prompt(mt, f["prompt"], f["subject"]))
+
+    def check(f):
+        check_prompt(mt, f["prompt"], f["subject"])
+        if whole_answer:
+            many.fact_answer(f)
+
+    facts, bad = check_facts(records, check)
     if bad and not skip_bad:
         raise bad_records_error(source, bad)
     if not facts:
@@ -182,6 +195,8 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
                     # what was read: another facts file (or corpus) in the same folder is refused
                     facts_sha256=content_sha256(facts),
                     noise_corpus_sha256=None if noise_texts is None else content_sha256(list(noise_texts)))
+    if whole_answer:  # recorded only when set, so runs from before the option still resume
+        settings["whole_answer"] = True
     info = distributed.current()
     recorded = _agree_run_settings(out_dir / "run.json", settings, info)
     if isinstance(level, float) and isinstance(recorded.get("noise_level"), float):
@@ -194,7 +209,7 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
         batches = distributed.shard(many.fact_batches(mt, todo, many.default_facts_per_batch(engine)), info)
         many.trace_facts_batched(mt, todo, cases, kinds, noise=level, uniform_noise=uniform_noise,
                                  samples=samples, window=window, replace=replace, progress=progress,
-                                 engine=engine, batches=batches, after_batch=fail)
+                                 engine=engine, batches=batches, after_batch=fail, whole_answer=whole_answer)
         mine = [todo[i] for b in batches for i in b]
         if case_plots:
             for fact in mine:
@@ -206,7 +221,8 @@ def trace_facts(mt, facts: Iterable[dict], out_dir, kinds: Sequence[str] | str =
         for fact in bar:
             bar.set_postfix_str(str(fact["subject"])[:24])
             done = trace_one_fact(mt, fact, cases, kinds, noise=level, uniform_noise=uniform_noise,
-                                  samples=samples, window=window, replace=replace, backend=backend)
+                                  samples=samples, window=window, replace=replace, backend=backend,
+                                  whole_answer=whole_answer)
             if case_plots:
                 _case_plots(out_dir, fact["known_id"], kinds, getattr(mt, "name", None))
             if fail is not None and any(done.values()):
