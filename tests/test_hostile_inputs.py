@@ -427,3 +427,16 @@ def test_an_unsupported_gguf_is_not_called_corrupt(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF")
     with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'mamba'"):
         loading.load_model(str(gguf), device="cpu")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C in any command: no traceback, one line, the shell's code for SIGINT."""
+    from rome_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    monkeypatch.delenv("ROME_FAST_DEBUG", raising=False)
+    assert cli.main(["info"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
