@@ -1,4 +1,4 @@
-"""Generation metrics (REFERENCE.md §4.4): seeded top-k sampling, n-gram entropy (GE, fluency),
+"""Generation metrics of the evaluation: seeded top-k sampling, n-gram entropy (GE, fluency),
 TF-IDF cosine against reference snippets (RS, consistency) and the essence perplexity.
 
 Written without nltk / sklearn / scipy: a regex word tokenizer approximating nltk's
@@ -32,7 +32,7 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
     renormalised top-k softmax, and the text returned is prompt + continuation, decoded without
     special tokens, NFKD-normalised, with blank lines joined.
 
-    Unlike the reference (REFERENCE §6.2 item 1) the attention mask passed with the KV cache is
+    Unlike the reference's sampler, the attention mask passed with the KV cache is
     the full mask of all positions so far, so cached logits equal those of a full forward pass;
     prompts are left-padded with explicit position ids. Sampling uses its own CPU generator
     seeded with `seed`, so results do not depend on the global RNG; `seed=None` draws from
@@ -146,7 +146,7 @@ def _treebank(text: str) -> list[str]:
 
 def word_tokenize(text: str) -> list[str]:
     """Words and punctuation, approximating `nltk.word_tokenize` (which needs the punkt model, a
-    runtime download: REFERENCE §6.2 item 5). Sentences are split with a small abbreviation-aware
+    runtime download). Sentences are split with a small abbreviation-aware
     rule (`_sentences`), then each sentence goes through the Treebank rules nltk applies: quotes
     become `` and '', punctuation is split off except commas/colons inside numbers and periods
     inside a sentence, clitics are split ("don't" → "do", "n't"; "John's" → "John", "'s";
