@@ -28,8 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics, chunk_dir,  # noqa: F401
-                    finished_chunks, summarize)
+from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics, case_path,  # noqa: F401
+                    chunk_dir, finished_chunks, summarize)
 from .datasets import EvalRecord
 
 STATE_FILE = "state.safetensors"
@@ -126,7 +126,7 @@ def _write_chunk(out_dir: Path, k: int, cases: list[dict], meta: dict, state: Op
     tmp.mkdir()
     try:
         for c in cases:
-            _write_json_atomic(tmp / f"case_{c['case_id']}.json", c)
+            _write_json_atomic(case_path(tmp, c["case_id"]), c)
         if state is not None:
             from safetensors.torch import save_file
             save_file({n: t.detach().cpu().contiguous() for n, t in state.items()}, str(tmp / STATE_FILE))
