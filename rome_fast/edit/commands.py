@@ -1,4 +1,4 @@
-"""`rome-fast stats` and `rome-fast edit`.
+"""`rome-fast stats` and `rome-fast edit` (ROME: one fact; MEMIT: --requests FILE, many at once).
 
 Statistics are cached under --stats-dir (default $ROME_FAST_CACHE/stats, i.e.
 ~/.cache/rome_fast/stats) in the reference's layout, so reference .npz files placed there load.
@@ -14,6 +14,16 @@ import json
 import sys
 import time
 from pathlib import Path
+
+
+EDIT_METHODS = ("rome", "memit")  # the CLI's --method choices
+
+
+def edit_backend_names() -> list[str]:
+    """The CLI's --backend choices: every registered implementation of the methods (backend.py)."""
+    from . import memit  # noqa: F401  (registers MEMIT's backends)
+    from .backend import backend_names
+    return sorted({name for m in EDIT_METHODS for name in backend_names(m)})
 
 
 def _stats_dir(args) -> Path:
@@ -36,7 +46,7 @@ def _corpus(args, mt, hp, stats_dir):
 def statistics_corpus(corpus, model_spec, model, hp, stats_dir):
     """The corpus for an edit's statistics when they are computed: `corpus` if given; else
     hparams.mom2_dataset when it is a local file; else None when no corpus is needed (no
-    mom2_adjustment, or the mom2_dataset's statistics are cached); else, for the embedded model,
+    mom2_adjustment, or the mom2_dataset's statistics of every edited layer are cached); else, for the embedded model,
     the default corpus (WikiText-2, shipped with the package); else None when `datasets` can load
     mom2_dataset from the Hugging Face hub (the reference's Wikipedia), or an error saying what
     to pass."""
@@ -52,11 +62,13 @@ def statistics_corpus(corpus, model_spec, model, hp, stats_dir):
     local = local_corpus(None, hp.mom2_dataset)
     if local is not None:
         return str(local)
-    cached = stats_path(stats_dir, stats_model_name(model), hp.mom2_dataset,
-                        adapter_for(model).rewrite_name(hp.layers[0]), hp.mom2_dtype, ("mom2",),
-                        hp.mom2_n_samples, act_dtype=hp.mom2_act_dtype)
-    if cached.is_file():
+    a = adapter_for(model)
+    missing = [p for p in (stats_path(stats_dir, stats_model_name(model), hp.mom2_dataset, a.rewrite_name(layer),
+                                      hp.mom2_dtype, ("mom2",), hp.mom2_n_samples, act_dtype=hp.mom2_act_dtype)
+                           for layer in hp.layers) if not p.is_file()]
+    if not missing:  # every edited layer's statistics are cached
         return None
+    cached = missing[0]
     if str(model_spec).lower() in EMBEDDED_ALIASES:
         return str(default_corpus())
     if importlib.util.find_spec("datasets") is not None:
@@ -169,6 +181,11 @@ def cmd_stats(args) -> int:
 
 
 def cmd_edit(args) -> int:
+    if args.method == "memit":
+        return cmd_edit_memit(args)
+    if args.requests or not (args.prompt and args.subject and args.target):
+        raise ValueError("ROME edits one fact: give --prompt, --subject and --target (--requests FILE is "
+                         "for --method memit)")
     from ..models import load_model
     from .demo import greedy_completion, hparams_for, target_probability
     from .hparams import ROMEHyperParams
@@ -206,9 +223,69 @@ def cmd_edit(args) -> int:
                                       key_mode=args.key_mode, seed=args.seed, backend=args.backend)
     print(f"edited {', '.join(orig)} in {time.time() - t0:.1f} s")
     show("after:")
+    save_edit(args, model, orig, {"request": json.dumps(request), "hparams": json.dumps(hp.to_dict()),
+                                  "model": mt.name})
+    return 0
+
+
+def load_requests(path) -> list[dict]:
+    """A JSON list of requests in ROME's format: {"prompt": "{} is located in", "subject": ...,
+    "target_new": {"str": " Rome"}} (a bare string target is accepted)."""
+    from .memit.main import normalize_requests
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"requests file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    return normalize_requests(data, f"{path}: ")
+
+
+def cmd_edit_memit(args) -> int:
+    """`rome-fast edit --method memit --requests FILE.json`: many facts edited at once, with the
+    probability of each new target before and after."""
+    from ..models import load_model_spec
+    from .demo import target_probability
+    from .memit import MEMITHyperParams, apply_memit_to_model
+
+    if args.prompt or args.subject or args.target or args.layer is not None or args.key_mode != "reference":
+        raise ValueError("--method memit takes its requests from --requests FILE (and its layers from --hparams); "
+                         "--prompt/--subject/--target/--layer/--key-mode are ROME options")
+    if not args.requests:
+        raise ValueError("--method memit needs --requests FILE: a JSON list of {prompt, subject, target_new}")
+    requests = load_requests(args.requests)
+    mt = load_model_spec(args.model, device=args.device)
+    model, tok = mt.model, mt.tokenizer
+    hp = (MEMITHyperParams.from_json(args.hparams) if args.hparams
+          else MEMITHyperParams.for_model(model, name=mt.name))
+    stats_dir = _stats_dir(args)
+    corpus, hp = _corpus(args, mt, hp, stats_dir)
+
+    def show(title):
+        print(title)
+        for r in requests:
+            text, target = r["prompt"].format(r["subject"]), r["target_new"]["str"]
+            print(f"  {text!r}: p({target!r}) = {target_probability(model, tok, text, target):.4f}")
+        for p in args.probe or []:
+            print(f"  {p!r}: p({requests[0]['target_new']['str']!r}) = "
+                  f"{target_probability(model, tok, p, requests[0]['target_new']['str']):.4f}")
+
+    show("before:")
+    t0 = time.time()
+    model, orig = apply_memit_to_model(model, tok, requests, hp, return_orig_weights=True, stats_dir=stats_dir,
+                                       corpus=corpus, seed=args.seed, backend=args.backend)
+    print(f"edited {len(requests)} fact(s) into {', '.join(orig)} in {time.time() - t0:.1f} s")
+    show("after:")
+    save_edit(args, model, orig, {"requests": json.dumps(requests), "hparams": json.dumps(hp.to_dict()),
+                                  "model": mt.name})
+    return 0
+
+
+def save_edit(args, model, orig: dict, meta: dict) -> None:
+    """--save-weights / --save-delta: the edited tensors, or their changes, as safetensors."""
     if args.save_weights or args.save_delta:
         from safetensors.torch import save_file
-        meta = {"request": json.dumps(request), "hparams": json.dumps(hp.to_dict()), "model": mt.name}
         if args.save_weights:  # only the tensors the edit changed
             save_file({n: model.get_parameter(n).detach().cpu().contiguous() for n in orig},
                       args.save_weights, metadata=meta)
@@ -217,11 +294,9 @@ def cmd_edit(args) -> int:
             save_file({n: (model.get_parameter(n).detach() - w).cpu().contiguous() for n, w in orig.items()},
                       args.save_delta, metadata=meta)
             print(f"weight deltas -> {args.save_delta} (add each to its weight)")
-    return 0
 
 
 def add_parsers(sub) -> None:
-    from .backend import backend_names
 
     s = sub.add_parser("stats", help="second-moment statistics of a layer's MLP keys (cached, resumable; "
                                      "run under torchrun to shard)")
@@ -254,20 +329,23 @@ def add_parsers(sub) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_stats)
 
-    e = sub.add_parser("edit", help="rewrite one fact with ROME and show before/after")
+    e = sub.add_parser("edit", help="rewrite one fact with ROME (or many at once with MEMIT) and show before/after")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--prompt", required=True, help="with {} for the subject, e.g. '{} is located in'")
-    e.add_argument("--subject", required=True)
-    e.add_argument("--target", required=True, help="the new object, e.g. ' Rome'")
-    e.add_argument("--layer", type=int, default=None, help="edit layer (default: the preset's)")
-    e.add_argument("--hparams", help="a ROME hyperparameter JSON file (reference format)")
+    e.add_argument("--method", default="rome", choices=EDIT_METHODS,
+                   help="rome: --prompt/--subject/--target; memit: --requests FILE, all edited at once")
+    e.add_argument("--requests", help="MEMIT: a JSON list of requests {prompt (with {}), subject, target_new}")
+    e.add_argument("--prompt", help="with {} for the subject, e.g. '{} is located in'")
+    e.add_argument("--subject")
+    e.add_argument("--target", help="the new object, e.g. ' Rome'")
+    e.add_argument("--layer", type=int, default=None, help="ROME edit layer (default: the preset's)")
+    e.add_argument("--hparams", help="a ROME (or MEMIT) hyperparameter JSON file (reference format)")
     e.add_argument("--corpus", help="text file for the statistics (default: hparams.mom2_dataset's cached "
                                     "statistics or text file, else WikiText-2 for the embedded model)")
     e.add_argument("--samples", type=int, default=None,
                    help="texts for the statistics (default: the preset's mom2_n_samples, 100000)")
     e.add_argument("--stats-dir", help="statistics cache (default $ROME_FAST_CACHE/stats)")
     e.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"])
-    e.add_argument("--backend", default="fast", choices=backend_names("rome"), help="ROME implementation")
+    e.add_argument("--backend", default="fast", choices=edit_backend_names(), help="implementation of --method")
     e.add_argument("--seed", type=int, default=0, help="seed of the context-template sampling")
     e.add_argument("--probe", action="append", help="another prompt to complete before/after (repeatable)")
     e.add_argument("--max-new-tokens", type=int, default=8)
