@@ -1,4 +1,4 @@
-"""Probability metrics of an edit (REFERENCE.md §4.3, §4.5) and their aggregation.
+"""Probability metrics of an edit (CounterFact, zsRE) and their aggregation.
 
 Scoring a target o after a prefix: the token ids are `tok(prefix)` followed by
 `tok(" " + o)` (no special tokens), so o's tokens are exactly those of " " + o whatever the
@@ -89,7 +89,7 @@ def target_nll(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int = D
 
 def token_accuracy(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int = DEFAULT_BATCH) -> list[list[bool]]:
     """Teacher-forced token accuracy: for each (prefix, target) and each token j of " " + target,
-    whether the arg-max after prefix + target[:j] is target[j] (REFERENCE §4.5). One forward
+    whether the arg-max after prefix + target[:j] is target[j] (the reference's zsRE rule). One forward
     per sequence covers all j, since a causal model's prediction at a position only sees the
     tokens before it. (The reference re-tokenises prefix + decode(target[:j]) as a string for
     each j and compares with the first token of tok(decode(target[j])); that equals this
