@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 
-EDIT_METHODS = ("rome", "memit")  # the CLI's --method choices
+EDIT_METHODS = ("rome", "memit", "alphaedit")  # the CLI's --method choices
 
 
 def edit_backend_names() -> list[str]:
     """The CLI's --backend choices: every registered implementation of the methods (backend.py)."""
-    from . import memit  # noqa: F401  (registers MEMIT's backends)
+    from . import alphaedit, memit  # noqa: F401  (registers MEMIT's and AlphaEdit's backends)
     from .backend import backend_names
     return sorted({name for m in EDIT_METHODS for name in backend_names(m)})
 
@@ -113,7 +113,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    if args.method == "memit":
+    if args.method in ("memit", "alphaedit"):
         from .memit.cli import cmd_edit_memit
         return cmd_edit_memit(args)
     if args.requests or not (args.prompt and args.subject and args.target):

@@ -133,7 +133,7 @@ def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams", "key_mode",
-                    "sequential", "method", "num_edits", "generation_interval"):
+                    "sequential", "method", "num_edits", "generation_interval", "eval_every", "pre"):
             if key in old and old[key] != config.get(key):
                 raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}; "
                                  "use another --out folder (or delete this one) to start afresh")
@@ -175,7 +175,8 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
              snippets: Optional[dict] = None, backend: Optional[str] = None,
              editor_kwargs: Optional[dict] = None, batch_size: int = M.DEFAULT_BATCH,
              summary: bool = True, sequential: bool = False, method: str = "rome",
-             num_edits: Optional[int] = None, generation_interval: int = 1) -> Optional[dict]:
+             num_edits: Optional[int] = None, generation_interval: int = 1, eval_every: Optional[int] = None,
+             stop_on_collapse: Optional[float] = None, pre: bool = True) -> Optional[dict]:
     """Evaluate edits of `records` (EvalRecords or a data file path) on `mt` and write the case
     files to `out_dir`; returns `summarize(out_dir)` (None with summary=False).
 
@@ -196,7 +197,12 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     num_edits=N (or a method other than "rome"): the mass-editing protocol of `chunked.py`:
     records in chunks of N edited together (`sequential`: chunks accumulate, resumably), with
     the teacher-forced accuracies; `editor` is then `edit(mt, requests) -> original weights`.
-    generation_interval=k: generation metrics only for records with case_id % k == 0."""
+    generation_interval=k: generation metrics only for records with case_id % k == 0.
+    With num_edits and sequential (AlphaEdit's protocol): the batches are applied one after another
+    under the collapse monitor (monitor.json), and every record is measured after the last one;
+    eval_every=k also measures the records edited so far after every k-th batch;
+    stop_on_collapse=KL ends the run when the monitor's KL exceeds it; pre=False skips measuring
+    the unedited model."""
     if dataset not in ("counterfact", "zsre"):
         raise ValueError(f"unknown dataset {dataset!r}; use 'counterfact' or 'zsre'")
     if isinstance(records, (str, Path)):
@@ -214,7 +220,8 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
                                sequential=sequential, editor=editor, backend=backend, editor_kwargs=editor_kwargs,
                                skip_generation=skip_generation, generation_interval=generation_interval, seed=seed,
                                tfidf=tfidf, snippets=snippets, batch_size=batch_size, progress=progress,
-                               summary=summary, config_extra=extra)
+                               summary=summary, config_extra=extra, eval_every=eval_every,
+                               stop_on_collapse=stop_on_collapse, pre=pre)
     if editor is None:
         editor = rome_editor(hparams, backend, **(editor_kwargs or {}))
     check = _debug_default() if check_restore is None else check_restore
@@ -327,8 +334,9 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     per_case = M.zsre_case_scores if zsre else M.counterfact_case_scores
     keys = M.ZSRE_KEYS if zsre else M.CF_KEYS
     result = {"dataset": "zsre" if zsre else "counterfact", "n": len(cases), "dir": str(out_dir)}
-    for phase in ("pre", "post"):
-        result[phase] = M.aggregate([per_case(c[phase]) for c in cases], keys)
+    for phase in ("pre", "post"):  # a sequential run may skip "pre"
+        have = [c[phase] for c in cases if c.get(phase) is not None]
+        result[phase] = M.aggregate([per_case(x) for x in have], keys) if have else {}
     result["time"] = M.mean_std_ci([c["time"] for c in cases], scale=1.0)
     run = out_dir / "run.json"
     if run.is_file():

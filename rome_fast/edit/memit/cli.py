@@ -30,16 +30,23 @@ def cmd_edit_memit(args) -> int:
     from .hparams import MEMITHyperParams
     from .main import apply_memit_to_model
 
+    m = args.method
     if args.prompt or args.subject or args.target or args.layer is not None or args.key_mode != "reference":
-        raise ValueError("--method memit takes its requests from --requests FILE (and its layers from --hparams); "
+        raise ValueError(f"--method {m} takes its requests from --requests FILE (and its layers from --hparams); "
                          "--prompt/--subject/--target/--layer/--key-mode are ROME options")
     if not args.requests:
-        raise ValueError("--method memit needs --requests FILE: a JSON list of {prompt, subject, target_new}")
+        raise ValueError(f"--method {m} needs --requests FILE: a JSON list of {{prompt, subject, target_new}}")
+    if m == "alphaedit":  # one batch: projected into the statistics' null space (no earlier batches)
+        from ..alphaedit import AlphaEditHyperParams as H, apply_alphaedit_to_model
+
+        def apply_memit_to_model(*a, **k):  # noqa: F811
+            return apply_alphaedit_to_model(*a, **k)[:2]
+    else:
+        H = MEMITHyperParams
     requests = load_requests(args.requests)
     mt = load_model_spec(args.model, device=args.device)
     model, tok = mt.model, mt.tokenizer
-    hp = (MEMITHyperParams.from_json(args.hparams) if args.hparams
-          else MEMITHyperParams.for_model(model, name=mt.name))
+    hp = H.from_json(args.hparams) if args.hparams else H.for_model(model, name=mt.name)
     stats_dir = _stats_dir(args)
     corpus, hp = _corpus(args, mt, hp, stats_dir)
 

@@ -24,6 +24,7 @@ class MEMITHyperParams(ReferenceHParams):
     METHOD: ClassVar[str] = "MEMIT"
     PRESETS: ClassVar[Path] = PRESET_DIR
     OPTIONAL: ClassVar[tuple] = ("model_name", "mom2_act_dtype", "mom2_ridge")
+    USES_LAMBDA: ClassVar[bool] = True     # False where the solve ignores mom2_update_weight (AlphaEdit)
 
     layers: list[int]
     layer_selection: str = "all"           # read, as in the reference, but unused

@@ -51,8 +51,8 @@ def check_memit_requests(model, requests, hparams) -> list[dict]:
                              f"to {out[j]['target_new']['str']!r} and to {r['target_new']['str']!r}; MEMIT fits "
                              "a batch jointly, so drop one of them (or edit them in separate calls)")
         seen.setdefault(key, i)
-    d_k = key_width(model, hparams, hparams.layers[0])
-    check_lambda(float(hparams.mom2_update_weight), len(out), d_k)
+    if hparams.USES_LAMBDA:
+        check_lambda(float(hparams.mom2_update_weight), len(out), key_width(model, hparams, hparams.layers[0]))
     return out
 
 
