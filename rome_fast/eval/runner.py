@@ -291,18 +291,24 @@ def _evaluate_sequential(mt, dataset, records, hparams, out_dir, editor, skip_ge
     from tqdm.auto import tqdm
     _check_run_config(out_dir, _run_config(mt, dataset, records, hparams, skip_generation, seed, backend,
                                            {**extra, "sequential": True}))
+    from .monitor import CollapseMonitor, write_monitor
     kw = dict(skip_generation=skip_generation, seed=seed, tfidf=tfidf, snippets=snippets, batch_size=batch_size)
-    first_restore = None
+    monitor = CollapseMonitor(mt, seed=seed)  # one batch per edit here
+    watched = [f"{hparams.rewrite_module_tmp.format(l)}.weight" for l in getattr(hparams, "layers", [])]
+    batches, first_restore = [], None
     try:
         for n, record in enumerate(tqdm(records, desc=f"eval {dataset} (sequential)", unit="case",
                                         disable=not progress), 1):
             pre = case_metrics(mt, record, **kw)  # the model with the earlier cases' edits
+            before = {w: mt.model.get_parameter(w).detach().clone() for w in watched}
             restore, elapsed = _timed_edit(editor, mt, record)
             first_restore = first_restore or restore  # puts back the weights from before every edit
             post = case_metrics(mt, record, **kw)
             _write_json_atomic(case_path(out_dir, record.case_id),
                                {"case_id": record.case_id, "requested_rewrite": record.requested_rewrite,
                                 "time": elapsed, "edits": n, "post": post, "pre": pre})
+            batches.append(monitor.measure(mt, n - 1, n, before, elapsed))
+            write_monitor(out_dir, monitor.header(), batches)
     finally:
         if first_restore is not None:
             first_restore()
