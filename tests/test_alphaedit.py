@@ -214,3 +214,37 @@ def test_presets():
         assert hp.nullspace_threshold == 2e-2 and hp.L2 == 10
         assert {k: v for k, v in hp.to_dict().items() if k not in ("nullspace_threshold", "L2", "model_name")} == \
             {k: v for k, v in mp.to_dict().items() if k != "model_name"}
+
+
+def test_cli_edit_and_eval_alphaedit(setup, tmp_path, capsys):
+    """rome-fast edit --method alphaedit (one batch, the saved delta is the update) and a
+    two-batch sequential eval with the collapse monitor, on a tiny model."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from rome_fast.cli import main
+    from cf_cases import COMPACT_CASES
+    s = setup["llama"]
+    (tmp_path / "reqs.json").write_text(json.dumps(requests(3)))
+    dataclasses.replace(s["hp"], nullspace_threshold=1e9).to_json(tmp_path / "hp.json")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(s["corpus"]))
+    common = ["--model", "tiny:llama", "--hparams", str(tmp_path / "hp.json"), "--corpus", str(tmp_path / "corpus.txt"),
+              "--stats-dir", str(tmp_path / "stats")]
+    assert main(["edit", "--method", "alphaedit", "--requests", str(tmp_path / "reqs.json"),
+                 "--save-delta", str(tmp_path / "delta.safetensors"), *common]) == 0
+    assert "edited 3 fact(s)" in capsys.readouterr().out
+    delta = load_file(str(tmp_path / "delta.safetensors"))
+    assert sorted(delta) == [f"model.layers.{l}.mlp.down_proj.weight" for l in LAYERS]
+    assert all(t.norm() > 0 for t in delta.values())
+    (tmp_path / "cf.json").write_text(json.dumps(COMPACT_CASES))
+    assert main(["eval", "--method", "alphaedit", "--num-edits", "2", "--sequential", "--skip-generation",
+                 "--data", str(tmp_path / "cf.json"), "--out", str(tmp_path / "run"), "--quiet", *common]) == 0
+    mon = json.loads((tmp_path / "run" / "monitor.json").read_text())
+    assert [b["edits"] for b in mon["batches"]] == [2, 4]
+    assert len(list((tmp_path / "run").glob("case_*.json"))) == 4
+    # bad input: a threshold that keeps no direction, one line
+    dataclasses.replace(s["hp"], nullspace_threshold=1e-30).to_json(tmp_path / "hp0.json")
+    common[3] = str(tmp_path / "hp0.json")
+    assert main(["edit", "--method", "alphaedit", "--requests", str(tmp_path / "reqs.json"), *common]) == 2
+    assert "keeps no direction" in capsys.readouterr().err

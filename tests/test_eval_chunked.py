@@ -286,3 +286,7 @@ def test_cli_parses_mass_editing_options():
                                    "--sequential", "--generation-interval", "10"])
     assert (a.method, a.num_edits, a.sequential, a.generation_interval) == ("memit", 100, True, 10)
     assert build_parser().parse_args(["eval", "--out", "x"]).num_edits is None
+    a = build_parser().parse_args(["eval", "--out", "x", "--method", "alphaedit", "--num-edits", "100", "--sequential",
+                                   "--eval-every", "5", "--stop-on-collapse", "0.5", "--skip-pre"])
+    assert (a.method, a.eval_every, a.stop_on_collapse, a.skip_pre) == ("alphaedit", 5, 0.5, True)
+    assert build_parser().parse_args(["edit", "--method", "alphaedit", "--requests", "r.json"]).method == "alphaedit"
