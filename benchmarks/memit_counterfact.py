@@ -68,7 +68,7 @@ def report(args) -> dict:
 
 
 def _cases(folder: Path) -> dict:
-    from rome_fast.eval.runner import _load_cases
+    from rome_fast.eval.cases import _load_cases
     return {c["case_id"]: c for c in _load_cases(folder)}
 
 

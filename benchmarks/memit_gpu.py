@@ -39,11 +39,11 @@ def synthetic_requests(n: int) -> list[dict]:
 
 
 def random_covs(model, hp, device, seed: int = 0) -> dict:
-    from rome_fast.hooks import module_input_size
+    from rome_fast.edit.sites import edit_sites
     g = torch.Generator(device=device).manual_seed(seed)
     covs = {}
-    for layer in hp.layers:
-        d = module_input_size(model, hp.rewrite_module_tmp.format(layer))
+    for site in edit_sites(model, hp):
+        layer, d = site.layer, site.key_size
         G = torch.randn(d, d, generator=g, device=device)
         covs[layer] = (G @ G.T).div_(d).add_(torch.eye(d, device=device), alpha=1e-2)
         del G

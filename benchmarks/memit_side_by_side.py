@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/memit_side_by_side.py [--edits 100]
 
-N CounterFact requests edited at once by each backend (same seeded context templates, same
-statistics file: the whole WikiText-2 test set, already collected; each backend reads it from disk
+N CounterFact requests (the file's first) edited at once by each backend (same seeded context
+templates, same statistics file: the whole WikiText-2 test set or --samples articles of it, collected
+before anything is timed; each backend reads it from disk
 inside its timing, the fast one also factors C). Reports the wall time of each call and its phases
 (statistics, z, layer updates), their ratio, the relative difference of every edited weight's
 update and of the z vectors, the steps, and ES/PS/NS of the N cases after each edit.
@@ -11,6 +12,7 @@ Writes benchmarks/results/memit_cpu.json."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--edits", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=None,
+                    help="WikiText articles for the statistics (default: the preset's, i.e. the whole file)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memit_cpu.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -45,6 +49,8 @@ def main(argv=None) -> int:
 
     mt = rome_fast.load_model("smollm2-135m", device="cpu")
     hp = MEMITHyperParams.from_name(mt.name)
+    if args.samples is not None:
+        hp = dataclasses.replace(hp, mom2_n_samples=args.samples)
     corpus = str(DATA / "wikitext-2-raw-test.txt")
     records, dropped = drop_conflicts(load_counterfact(DATA / "counterfact-edit.json", limit=args.edits))
     reqs = [r.request() for r in records]
@@ -57,6 +63,13 @@ def main(argv=None) -> int:
            "note": f"one run of each backend in one process, {args.threads} thread(s), on a shared 2-core CPU "
                    "with other jobs running (timings are indicative; the ratio is from this one run)"}
     upd, info, quality = {}, {}, {}
+
+    def scores():
+        per = [M.counterfact_case_scores(M.counterfact_probs(mt.model, mt.tokenizer, r, accuracy=True))
+               for r in records]
+        return {k: (v["mean"] if isinstance(v, dict) else v) for k, v in M.aggregate(per).items()}
+
+    res["pre"] = scores()  # the unedited model
     for backend in ("fast", "reference"):
         clear_caches()  # each call reads the statistics from disk
         info[backend] = {}
@@ -66,9 +79,7 @@ def main(argv=None) -> int:
                                        return_info=info[backend])
         info[backend]["wall"] = time.perf_counter() - t0
         upd[backend] = {n: (mt.model.get_parameter(n) - w).detach().clone() for n, w in orig.items()}
-        per = [M.counterfact_case_scores(M.counterfact_probs(mt.model, mt.tokenizer, r, accuracy=True))
-               for r in records]
-        quality[backend] = {k: (v["mean"] if isinstance(v, dict) else v) for k, v in M.aggregate(per).items()}
+        quality[backend] = scores()
         restore_weights(mt.model, orig)
         print(backend, f"{info[backend]['wall']:.1f} s", info[backend]["seconds"], quality[backend], flush=True)
     f, r = info["fast"], info["reference"]

@@ -34,9 +34,9 @@ def setup(tiny_models, tmp_path_factory):
         mt = tiny_models[fam]
         base = MEMITHyperParams.for_model(mt.model, layers=LAYERS)
         stats_dir = tmp_path_factory.mktemp(f"alpha-stats-{fam}")
-        st = layer_stats_fast(mt.model, mt.tokenizer, [base.rewrite_module_tmp.format(l) for l in LAYERS],
+        st = layer_stats_fast(mt.model, mt.tokenizer, [mt.adapter.rewrite_name(l) for l in LAYERS],
                               stats_dir, corpus_ds_name(corpus), sample_size=300, corpus=corpus, progress=False)
-        moments = {l: st[base.rewrite_module_tmp.format(l)].mom2 for l in LAYERS}
+        moments = {l: st[mt.adapter.rewrite_name(l)].mom2 for l in LAYERS}
         hp = AlphaEditHyperParams(**{**base.to_dict(), "v_num_grad_steps": 6, "mom2_n_samples": 300,
                                      "mom2_dataset": "synthetic", "nullspace_threshold": _threshold(moments)})
         out[fam] = dict(mt=mt, hp=hp, moments=moments, corpus=corpus,
@@ -121,7 +121,7 @@ def test_fast_matches_reference_after_three_sequential_batches(setup, fam):
     s = setup[fam]
     ref, ref_cache = _sequential(s, "reference")
     fast, fast_cache = _sequential(s, "fast")
-    assert sorted(ref) == sorted(fast) == sorted(f"{s['hp'].rewrite_module_tmp.format(l)}.weight" for l in LAYERS)
+    assert sorted(ref) == sorted(fast) == sorted(s["mt"].adapter.rewrite_weight_name(l) for l in LAYERS)
     for n in ref:
         assert ref[n].norm() > 0
         assert rel(fast[n], ref[n]) < TOL, n
@@ -135,7 +135,7 @@ def test_updates_stay_in_the_null_space(setup):
     s = setup["gpt2"]   # Conv1D layout: the update is [d_k, d_v], P acts on its rows
     upd, _ = _sequential(s, "fast", batches=1)
     for l in LAYERS:
-        name = f"{s['hp'].rewrite_module_tmp.format(l)}.weight"
+        name = s["mt"].adapter.rewrite_weight_name(l)
         P = projection_reference(s["moments"][l].moment(), s["hp"].nullspace_threshold).double()
         D = upd[name].double()
         D = D if D.shape[1] == P.shape[0] else D.T       # as [d_v, d_k]

@@ -247,6 +247,25 @@ def test_bad_input(setup, tmp_path):
         dataclasses.replace(hp, mom2_update_weight=-1.0)
 
 
+def test_module_names_default_to_the_adapters_and_are_checked(setup):
+    s = setup["llama"]
+    model, tok = s["mt"].model, s["mt"].tokenizer
+    names = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+             "lm_head_module")
+    bare = dataclasses.replace(s["hp"], **dict.fromkeys(names))  # null: the model's own modules
+    assert all(k not in bare.to_dict() for k in names)
+    before = _params(model)
+    _, a = apply_memit_to_model(model, tok, requests(2), bare, return_orig_weights=True, **s["kw"])
+    upd_bare = {n: model.get_parameter(n) - w for n, w in a.items()}
+    restore_weights(model, a)
+    _, b = apply_memit_to_model(model, tok, requests(2), s["hp"], return_orig_weights=True, **s["kw"])
+    assert all(torch.equal(model.get_parameter(n) - w, upd_bare[n]) for n, w in b.items())
+    restore_weights(model, b)
+    assert _unchanged(model, before)
+    wrong = dataclasses.replace(s["hp"], rewrite_module_tmp="model.layers.{}.mlp.up_proj")
+    _refused(s, requests(2), wrong, r"hparams.rewrite_module_tmp names 'model.layers.1.mlp.up_proj'")
+
+
 def _resized_stats(path, d):
     """A statistics file like `path` but with a d×d second moment."""
     import io

@@ -1,12 +1,16 @@
-"""MEMIT on the embedded SmolLM2-135M: 50 CounterFact edits at once (fast backend, the preset's
-layers and λ, statistics of 8 WikiText-2 articles), ES/PS/NS of the 50 records against thresholds
-from a run of the reference backend, and the weights restored bit for bit.
+"""MEMIT on the embedded SmolLM2-135M: the first N_CASES CounterFact records edited at once (fast
+backend, the preset's layers and λ, statistics of 8 WikiText-2 articles, templates seeded 0),
+ES/PS/NS of those records against thresholds from a run of the reference backend, and the weights
+restored bit for bit.
 
-The reference backend, run once on exactly this setup (`edit_and_score(mt, data_dir, stats_dir,
-"reference")`, docs/memit.md §5), gave the numbers in REFERENCE_RUN; the thresholds sit below them
-by about two standard errors of a 50-record mean (±√(p(1−p)/50) ≈ 6–7 points), so that the rounding
-differences between the backends (which can flip a borderline record) do not fail the test, while
-a broken edit (ES near the unedited model's 20–30 %) does."""
+REFERENCE_RUN is what the reference backend gave on exactly this setup, in the run of
+`benchmarks/memit_side_by_side.py --edits 8 --samples 8` (benchmarks/results/memit_cpu.json, which
+also holds the fast backend's numbers from the same run). N_CASES is 8, not the 50 first planned: the
+reference backend's serial z step for 50 requests did not fit on the shared CPU in the time there
+was; docs/smollm2_memit_layers.md holds the broader evidence (100 held-out records). The thresholds
+leave one record of slack below the reference's ES and PS (the backends agree to rounding, which
+can flip a borderline record) and ask NS not to fall more than two records below the unedited
+model's, while a broken edit (ES near the unedited 20–30 %) fails."""
 import os
 
 import pytest
@@ -14,11 +18,11 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-N_CASES = 50
+N_CASES = 8
 N_ARTICLES = 8
-# reference backend, same setup (ES / PS / NS ×100 of the 50 records; unedited model in "pre")
-REFERENCE_RUN = {"post": {"ES": None, "PS": None, "NS": None}, "pre": {"ES": None, "PS": None, "NS": None}}
-THRESHOLDS = {"ES": None, "PS": None, "NS": None}
+# reference backend, same setup (ES / PS / NS ×100 of the records; the unedited model in "pre")
+REFERENCE_RUN = {"post": {"ES": 100.0, "PS": 87.5, "NS": 62.5}, "pre": {"ES": 12.5, "PS": 12.5, "NS": 75.0}}
+SLACK = 100 / N_CASES  # one record
 
 
 def edit_and_score(mt, data_dir, stats_dir, backend: str = "fast"):
@@ -68,6 +72,9 @@ def test_fifty_counterfact_edits_at_once(embedded, data_dir, tmp_path_factory, t
     hp = MEMITHyperParams.from_name(embedded.name)
     assert changed == [f"model.layers.{l}.mlp.down_proj.weight" for l in hp.layers]
     assert restored
-    for k, floor in THRESHOLDS.items():
-        assert post[k] >= floor, (k, post, REFERENCE_RUN)
-    assert post["ES"] - pre["ES"] >= 40 and post["PS"] > pre["PS"]
+    ref = REFERENCE_RUN["post"]
+    # the same records on the same unedited model
+    assert {k: pre[k] for k in REFERENCE_RUN["pre"]} == pytest.approx(REFERENCE_RUN["pre"]), pre
+    assert post["ES"] >= ref["ES"] - SLACK and post["PS"] >= ref["PS"] - SLACK, (post, ref)
+    assert post["NS"] >= pre["NS"] - 2 * SLACK, (post, pre)
+    assert post["ES"] - pre["ES"] >= 40, (post, pre)

@@ -38,6 +38,20 @@ def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
+def delta_adder(module_name: str, rows, at, delta: torch.Tensor, state: dict):
+    """The `edit_output` of a TraceDict that adds δ to `module_name`'s output at (rows, at) and
+    keeps row 0's output before δ (at the first call) as state["v_init"]."""
+    def add_delta(out, name):
+        if name != module_name:
+            return out
+        if state["v_init"] is None:
+            state["v_init"] = out[rows[0], at[0]].detach().float().clone()
+        out = out.clone()  # transformers 5 blocks return the bare hidden tensor (no tuple)
+        out[rows, at] = out[rows, at] + delta.to(out.dtype)
+        return out
+    return add_delta
+
+
 def optimise_delta(model, hparams, delta: torch.Tensor, state: dict, forward) -> tuple[list, int]:
     """The reference's optimisation of δ (docs/editing.md), shared by both paths: Adam(v_lr);
     loss = nll + kl_factor·KL(p‖p₀) + v_weight_decay·‖δ‖/‖v_init‖²; stop when loss < 5e-2; the
@@ -110,14 +124,7 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
     delta = torch.zeros(site.value_size, dtype=torch.float32, device=device, requires_grad=True)
     state = {"v_init": None}
 
-    def add_delta(out, name):
-        if name != mlp_name:
-            return out
-        if state["v_init"] is None:
-            state["v_init"] = out[0, lookup[0]].detach().float().clone()
-        out = out.clone()
-        out[rows, at] = out[rows, at] + delta.to(out.dtype)
-        return out
+    add_delta = delta_adder(mlp_name, rows, at, delta, state)
 
     # hparams.v_loss_layer is not read: as at the reference's HEAD, the loss uses the final logits
     tmask = (targets != -100).float()

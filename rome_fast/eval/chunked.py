@@ -30,6 +30,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics, case_path,  # noqa: F401
+                    chunk_dir, finished_chunks, summarize)
 from .datasets import EvalRecord
 
 STATE_FILE = "state.safetensors"
@@ -125,9 +127,6 @@ def method_hparams(method: str, model_name: str, path=None):
 # ---------------------------------------------------------------------------------------------
 # Files
 
-def chunk_dir(out_dir, k: int) -> Path:
-    return Path(out_dir) / f"chunk_{k:05d}"
-
 
 def _fingerprint(tensors: dict) -> str:
     """A hash of the bytes of the given tensors, by name (to recognise a model's weights)."""
@@ -143,7 +142,6 @@ def _write_chunk(out_dir: Path, k: int, cases: list[dict], meta: dict, state: Op
                  cases_under: str = "") -> None:
     """The chunk's files in a temporary folder, synced, then renamed into place (atomic); the
     case files in its subfolder `cases_under` if given."""
-    from .runner import _write_json_atomic
     final = chunk_dir(out_dir, k)
     tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -171,16 +169,6 @@ def _write_chunk(out_dir: Path, k: int, cases: list[dict], meta: dict, state: Op
         raise
 
 
-def finished_chunks(out_dir) -> dict[int, dict]:
-    """{k: chunk.json} of the chunks whose folder is in place."""
-    out = {}
-    for d in Path(out_dir).glob("chunk_*"):
-        meta = d / "chunk.json"
-        if d.is_dir() and meta.is_file() and d.name[6:].isdigit():
-            out[int(d.name[6:])] = json.loads(meta.read_text(encoding="utf-8"))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -192,7 +180,6 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
                     config_extra: Optional[dict] = None, eval_every: Optional[int] = None,
                     stop_on_collapse: Optional[float] = None, pre: bool = True, monitor=None):
     from .. import distributed
-    from .runner import _check_run_config, _run_config, case_metrics, summarize
 
     if distributed.current().distributed:
         raise ValueError("the chunked (--num-edits) evaluation runs in one process, not under torchrun")
@@ -285,7 +272,6 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
     from tqdm.auto import tqdm
 
     from .monitor import CollapseMonitor, write_monitor
-    from .runner import _write_json_atomic, case_path
 
     monitor = monitor or CollapseMonitor(mt, seed=seed)          # on the original model
     header = monitor.header()

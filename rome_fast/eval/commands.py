@@ -74,7 +74,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_summarize(args) -> int:
-    from .runner import format_summary, summarize
+    from .cases import format_summary, summarize
     for d in args.dirs:
         print(format_summary(summarize(d, print_table=False)))
     return 0

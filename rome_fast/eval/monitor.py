@@ -92,7 +92,7 @@ class CollapseMonitor:
 def write_monitor(out_dir, header: dict, batches: list[dict], stopped: dict | None = None,
                   plot: bool = True) -> Path:
     """out_dir/monitor.json (atomically) and, with plot=True, out_dir/monitor.png."""
-    from .runner import _write_json_atomic
+    from .cases import _write_json_atomic
     out_dir = Path(out_dir)
     log = {**header, "batches": sorted(batches, key=lambda b: b["batch"])}
     if stopped:

@@ -80,7 +80,7 @@ def execute_alphaedit(model, tok, requests, hparams, cache_c: dict, *, context_t
     Z = torch.stack([z.z for z in zinfo], 1)                                 # [d, n]
     m, alpha = len(hparams.layers), float(hparams.L2)
     deltas, layers = [], {}
-    for i, (layer, name) in enumerate(zip(hparams.layers, weight_names(hparams))):
+    for i, (layer, name) in enumerate(zip(hparams.layers, weight_names(model, hparams))):
         K = compute_ks(model, tok, requests, hparams, layer, templates).T.float()       # [d_k, n]
         H = residual_at_z_layer(model, tok, requests, hparams).T                      # [d, n]
         R = ((Z - H) / (m - i)).float()
@@ -110,14 +110,14 @@ class AlphaEditBackend(EditBackend):
     batches = True
 
     def weight_names(self, model, hparams) -> list[str]:
-        return weight_names(hparams)
+        return weight_names(model, hparams)
 
     def check_requests(self, model, tok, requests, hparams) -> list:
         return check_alphaedit_requests(model, requests, hparams)
 
     def compute(self, model, tok, requests, hparams, cache_c: dict | None = None, **kw) -> list[WeightDelta]:
         """The batch's updates on the model as it is; the model and cache_c are left as they were."""
-        names = weight_names(hparams)
+        names = weight_names(model, hparams)
         saved = {n: model.get_parameter(n).detach().clone() for n in names}
         try:
             return self.edit(model, tok, requests, hparams, cache_c=dict(cache_c or {}), **kw)

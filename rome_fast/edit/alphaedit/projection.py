@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ...models import adapter_for
 from ..fast_stats import layer_stats_fast
 from ..memit.stats import check_cov, default_stats
 from ..solve_update import factor_key
@@ -98,9 +99,8 @@ def null_space(C: torch.Tensor, threshold: float, count=None, where: str = "C", 
     return NullSpace(V[:, S < threshold].float().contiguous(), S.float().cpu(), float(threshold))
 
 
-def _where(hparams, layer, path) -> str:
-    return f"statistics of layer {layer} ({hparams.rewrite_module_tmp.format(layer)}" + (
-        f", {path})" if path else ")")
+def _where(model, layer, path) -> str:
+    return f"statistics of layer {layer} ({adapter_for(model).rewrite_name(layer)}" + (f", {path})" if path else ")")
 
 
 def get_project(model, tok, hparams, layer: int, stats_dir=None, corpus=None, cov=None,
@@ -108,16 +108,16 @@ def get_project(model, tok, hparams, layer: int, stats_dir=None, corpus=None, co
     """The reference's P of `layer` (fp32, on the model's device), cached for the process."""
     device = next(model.parameters()).device
     if cov is not None:
-        from ..memit.main import key_width
-        C = check_cov(cov, hparams, {l: key_width(model, hparams, l) for l in hparams.layers})[layer]
-        return projection_reference(C, float(hparams.nullspace_threshold), None, _where(hparams, layer, None)
+        from ..sites import edit_sites
+        C = check_cov(cov, hparams, {s.layer: s.key_size for s in edit_sites(model, hparams)})[layer]
+        return projection_reference(C, float(hparams.nullspace_threshold), None, _where(model, layer, None)
                                     ).to(device)
     model_name = stats_model_name(model)
     stats_dir = default_stats(stats_dir, corpus)
     ds_name = corpus_ds_name(corpus, hparams.mom2_dataset)
     where = (str(Path(stats_dir).resolve()) if stats_dir else
              str(corpus) if isinstance(corpus, (str, Path)) else id(corpus))
-    name = hparams.rewrite_module_tmp.format(layer)
+    name = adapter_for(model).rewrite_name(layer)
     key = (model_name, name, where, ds_name, hparams.mom2_n_samples, hparams.mom2_dtype,
            float(hparams.nullspace_threshold))
     if key not in _P_REF:
@@ -125,7 +125,7 @@ def get_project(model, tok, hparams, layer: int, stats_dir=None, corpus=None, co
                          sample_size=hparams.mom2_n_samples, precision=hparams.mom2_dtype, corpus=corpus,
                          model_name=model_name, progress=progress)
         _P_REF[key] = projection_reference(st.mom2.moment(), float(hparams.nullspace_threshold), st.mom2.count,
-                                           _where(hparams, layer, st.path))
+                                           _where(model, layer, st.path))
     return _P_REF[key].to(device)
 
 
@@ -137,12 +137,12 @@ def layer_null_spaces(model, tok, hparams, key_sizes: dict, stats_dir, corpus, c
     device = device or next(model.parameters()).device
     t = float(hparams.nullspace_threshold)
     if cov is not None:
-        return {l: null_space(c, t, None, _where(hparams, l, None), device)
+        return {l: null_space(c, t, None, _where(model, l, None), device)
                 for l, c in check_cov(cov, hparams, key_sizes).items()}
     stats_dir = default_stats(stats_dir, corpus)
     model_name = stats_model_name(model)
     ds_name = corpus_ds_name(corpus, hparams.mom2_dataset)
-    names = {l: hparams.rewrite_module_tmp.format(l) for l in hparams.layers}
+    names = {l: adapter_for(model).rewrite_name(l) for l in hparams.layers}
     collect = dict(sample_size=hparams.mom2_n_samples, precision=hparams.mom2_dtype, corpus=corpus,
                    model_name=model_name, progress=progress, act_dtype=hparams.mom2_act_dtype)
     paths = {}
@@ -170,7 +170,7 @@ def layer_null_spaces(model, tok, hparams, key_sizes: dict, stats_dir, corpus, c
                     in_memory.update(layer_stats_fast(model, tok, [n for n in names.values() if n not in in_memory],
                                                       None, ds_name, **collect))
                 st = in_memory[name]
-            _BASIS[key] = null_space(st.mom2.moment(), t, st.mom2.count, _where(hparams, l, paths.get(l)), device)
+            _BASIS[key] = null_space(st.mom2.moment(), t, st.mom2.count, _where(model, l, paths.get(l)), device)
             while len(_BASIS) > CACHE_SIZE:
                 _BASIS.popitem(last=False)
         out[l] = _BASIS[key]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ...models import adapter_for
 from ..compute_u import module_io_at
 from .templates import flat
 
@@ -27,7 +28,7 @@ def compute_ks(model, tok, requests, hparams, layer: int, context_templates, sto
     templates = flat(context_templates)
     sentences = [c.format(r["prompt"]) for r in requests for c in templates]
     words = [r["subject"] for r in requests for _ in templates]
-    ks = get_module_input_output_at_words(model, tok, layer, sentences, words, hparams.rewrite_module_tmp,
+    ks = get_module_input_output_at_words(model, tok, layer, sentences, words, adapter_for(model).rewrite_template,
                                           hparams.fact_token, stop=stop)[0]
     ks = ks.view(len(requests), len(templates), -1)
     bounds = [0]
@@ -40,5 +41,5 @@ def compute_ks(model, tok, requests, hparams, layer: int, context_templates, sto
 def residual_at_z_layer(model, tok, requests, hparams, stop: bool = False) -> torch.Tensor:
     """The z layer's block output for the bare prompts at the subject's last token: [n, d]."""
     return get_module_input_output_at_words(model, tok, hparams.z_layer, [r["prompt"] for r in requests],
-                                            [r["subject"] for r in requests], hparams.layer_module_tmp,
+                                            [r["subject"] for r in requests], adapter_for(model).layer_template,
                                             hparams.fact_token, stop=stop)[1]

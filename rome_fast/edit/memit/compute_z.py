@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ...models import adapter_for
 from ..compute_u import key_indices, right_padded
-from ..compute_v import KL_PROMPT, _escape, optimise_delta, target_token_ids
+from ..compute_v import KL_PROMPT, _escape, delta_adder, optimise_delta, target_token_ids
 from ...hooks import TraceDict
 from .templates import flat
 
@@ -62,10 +62,9 @@ def compute_z(model, tok, request: dict, hparams, layer: int, context_templates,
     rows = torch.arange(ids.shape[0], device=device)
     at = torch.tensor(lookup, device=device)
 
-    layer_name = hparams.layer_module_tmp.format(layer)
-    loss_name = hparams.layer_module_tmp.format(loss_layer(hparams, layer, adapter.num_layers))
-    ln_f = model.get_submodule(hparams.ln_f_module)
-    head = model.get_submodule(hparams.lm_head_module)
+    layer_name = adapter.layer_name(layer)
+    loss_name = adapter.layer_name(loss_layer(hparams, layer, adapter.num_layers))
+    ln_f, head = adapter.final_norm(), adapter.lm_head()
     lm_w = head.weight.T
     lm_b = getattr(head, "bias", None)
     if lm_b is None:
@@ -74,14 +73,7 @@ def compute_z(model, tok, request: dict, hparams, layer: int, context_templates,
     delta = torch.zeros(adapter.hidden_size, dtype=torch.float32, device=device, requires_grad=True)
     state = {"v_init": None}
 
-    def add_delta(out, name):
-        if name != layer_name:
-            return out
-        if state["v_init"] is None:
-            state["v_init"] = out[0, lookup[0]].detach().float().clone()
-        out = out.clone()  # transformers 5 blocks return the bare hidden tensor (no tuple)
-        out[rows, at] = out[rows, at] + delta.to(out.dtype)
-        return out
+    add_delta = delta_adder(layer_name, rows, at, delta, state)
 
     tmask = (targets != -100).float()
 

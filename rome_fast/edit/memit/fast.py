@@ -46,7 +46,7 @@ class MEMITFast(MEMITBackend):
 
     # ---- the protocol -----------------------------------------------------------------------
     def compute(self, model, tok, requests, hparams, **kw) -> list[WeightDelta]:
-        names = weight_names(hparams)
+        names = weight_names(model, hparams)
         saved = {n: model.get_parameter(n).detach().clone() for n in names}
         try:
             return self.edit(model, tok, requests, hparams, **kw)
@@ -76,7 +76,7 @@ class MEMITFast(MEMITBackend):
         bare_first = templates[0] == ["{}"]
         m = len(hparams.layers)
         deltas, layers = [], {}
-        for i, (layer, name) in enumerate(zip(hparams.layers, weight_names(hparams))):
+        for i, (layer, name) in enumerate(zip(hparams.layers, weight_names(model, hparams))):
             K = compute_ks(model, tok, requests, hparams, layer, templates, stop=True).T      # [d_k, n]
             if i == 0 and bare_first:  # nothing is updated yet: H is the z step's h_init
                 H = torch.stack([z.h_init for z in zinfo], 1)

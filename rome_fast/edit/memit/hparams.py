@@ -23,7 +23,8 @@ _ALIASES = {"llama-3-8b": "Meta-Llama-3-8B", "llama3-8b": "Meta-Llama-3-8B"}
 class MEMITHyperParams(ReferenceHParams):
     METHOD: ClassVar[str] = "MEMIT"
     PRESETS: ClassVar[Path] = PRESET_DIR
-    OPTIONAL: ClassVar[tuple] = ("model_name", "mom2_act_dtype", "mom2_ridge")
+    OPTIONAL: ClassVar[tuple] = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+                                 "ln_f_module", "lm_head_module", "model_name", "mom2_act_dtype", "mom2_ridge")
     USES_LAMBDA: ClassVar[bool] = True     # False where the solve ignores mom2_update_weight (AlphaEdit)
 
     layers: list[int]
@@ -37,12 +38,13 @@ class MEMITHyperParams(ReferenceHParams):
     kl_factor: float = 0.0625
     mom2_adjustment: bool = True
     mom2_update_weight: float = 15000.0    # λ in  ΔW = R Kᵀ (λC + KKᵀ)⁻¹
-    rewrite_module_tmp: str = "transformer.h.{}.mlp.c_proj"
-    layer_module_tmp: str = "transformer.h.{}"
-    mlp_module_tmp: str = "transformer.h.{}.mlp"
-    attn_module_tmp: str = "transformer.h.{}.attn"
-    ln_f_module: str = "transformer.ln_f"
-    lm_head_module: str = "transformer.wte"
+    # module names ("{}" = the layer): None = the model adapter's, else checked against it (sites.py)
+    rewrite_module_tmp: str | None = None
+    layer_module_tmp: str | None = None
+    mlp_module_tmp: str | None = None
+    attn_module_tmp: str | None = None
+    ln_f_module: str | None = None
+    lm_head_module: str | None = None
     mom2_dataset: str = "wikipedia"
     mom2_n_samples: int | None = 100000    # None: every text of the corpus
     mom2_dtype: str = "float32"

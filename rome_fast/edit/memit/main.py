@@ -18,7 +18,7 @@ import torch
 
 from ...models import adapter_for
 from ..backend import EditBackend, WeightDelta, apply_edits, register_backend
-from ...hooks import module_input_size
+from ..sites import edit_sites
 from ..rome import normalize_request
 from .compute_ks import compute_ks, residual_at_z_layer
 from .compute_z import compute_z
@@ -34,14 +34,8 @@ def check_memit_requests(model, requests, hparams) -> list[dict]:
     if not isinstance(hparams, MEMITHyperParams):
         raise TypeError(f"MEMIT needs MEMITHyperParams, got {type(hparams).__name__}")
     out = normalize_requests(requests)
-    adapter = adapter_for(model)
-    check_layers(hparams, adapter.num_layers)
-    for layer in hparams.layers:
-        name = hparams.rewrite_module_tmp.format(layer)
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the model has no module {name!r} (hparams.rewrite_module_tmp)") from None
+    check_layers(hparams, adapter_for(model).num_layers)
+    sites = edit_sites(model, hparams)  # the hparams' module names checked against the adapter's
     seen = {}
     for i, r in enumerate(out):
         key = (r["subject"], r["prompt"])
@@ -52,7 +46,7 @@ def check_memit_requests(model, requests, hparams) -> list[dict]:
                              "a batch jointly, so drop one of them (or edit them in separate calls)")
         seen.setdefault(key, i)
     if hparams.USES_LAMBDA:
-        check_lambda(float(hparams.mom2_update_weight), len(out), key_width(model, hparams, hparams.layers[0]))
+        check_lambda(float(hparams.mom2_update_weight), len(out), sites[0].key_size)
     return out
 
 
@@ -71,12 +65,9 @@ def normalize_requests(requests, where: str = "") -> list[dict]:
     return out
 
 
-def key_width(model, hparams, layer: int) -> int:
-    return module_input_size(model, hparams.rewrite_module_tmp.format(layer))
-
-
-def weight_names(hparams) -> list[str]:
-    return [f"{hparams.rewrite_module_tmp.format(l)}.weight" for l in hparams.layers]
+def weight_names(model, hparams) -> list[str]:
+    """The edited weights, in hparams.layers' (ascending) order, from the model's adapter."""
+    return [s.weight for s in edit_sites(model, hparams)]
 
 
 def prepare(model, tok, hparams, context_templates, seed):
@@ -84,7 +75,7 @@ def prepare(model, tok, hparams, context_templates, seed):
     adapter = adapter_for(model)
     templates = (check_templates(context_templates) if context_templates is not None
                  else get_context_templates(model, tok, seed))
-    return adapter, adapter.weight_layout, templates, {l: key_width(model, hparams, l) for l in hparams.layers}
+    return adapter, adapter.weight_layout, templates, {s.layer: s.key_size for s in edit_sites(model, hparams)}
 
 
 def execute_memit(model, tok, requests, hparams, *, context_templates=None, stats_dir=None, corpus=None,
@@ -102,7 +93,7 @@ def execute_memit(model, tok, requests, hparams, *, context_templates=None, stat
     # statistics first, so a missing or malformed file fails before the long z optimisation
     covs = layer_covs(model, tok, hparams, d_k, default_stats(stats_dir, corpus), corpus, cov, progress)
     clock.append(time.perf_counter())
-    names = weight_names(hparams)
+    names = weight_names(model, hparams)
     weights = {n: model.get_parameter(n) for n in names}
     saved = {n: w.detach().clone() for n, w in weights.items()}
     lam = float(hparams.mom2_update_weight)
@@ -138,12 +129,10 @@ def _in_layout(upd: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 class MEMITBackend(EditBackend):
-    """What both MEMIT backends share: the batch check and the weights they change."""
+    """What both MEMIT backends share: the batch check (the weights they change: the protocol's
+    default, every edited layer's rewrite weight)."""
     method = "memit"
     batches = True
-
-    def weight_names(self, model, hparams) -> list[str]:
-        return weight_names(hparams)
 
     def check_requests(self, model, tok, requests, hparams) -> list:
         return check_memit_requests(model, requests, hparams)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ...models import adapter_for
 from ..fast import layer_factor
 from ..solve_update import CovarianceFactor, get_factor
 from ..stats import (context_length, corpus_ds_name, default_stats_dir, layer_stats, stats_model_name,
@@ -80,7 +81,8 @@ def layer_covs(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=None
         device = next(model.parameters()).device
         return {l: c.to(device, torch.float32) for l, c in check_cov(cov, hparams, key_sizes).items()}
     _refuse_half_stats(hparams)
-    covs = {l: get_cov(model, tok, hparams.rewrite_module_tmp.format(l), hparams.mom2_dataset,
+    a = adapter_for(model)
+    covs = {l: get_cov(model, tok, a.rewrite_name(l), hparams.mom2_dataset,
                        hparams.mom2_n_samples, hparams.mom2_dtype, stats_dir=stats_dir, corpus=corpus,
                        progress=progress) for l in hparams.layers}
     if hparams.mom2_ridge is not None:  # as covariance.edit_covariance regularises the fast path's C
@@ -109,7 +111,7 @@ def layer_factors(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=N
     stats_dir = default_stats(stats_dir, corpus)
     model_name = stats_model_name(model)
     ds_name = corpus_ds_name(corpus, hparams.mom2_dataset)
-    names = {l: hparams.rewrite_module_tmp.format(l) for l in hparams.layers}
+    names = {l: adapter_for(model).rewrite_name(l) for l in hparams.layers}
     collect = dict(sample_size=hparams.mom2_n_samples, precision=hparams.mom2_dtype, corpus=corpus,
                    model_name=model_name, progress=progress, act_dtype=hparams.mom2_act_dtype)
     if stats_dir is not None:
