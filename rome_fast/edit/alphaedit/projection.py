@@ -25,9 +25,9 @@ import torch
 
 from ...models import adapter_for
 from ..fast_stats import layer_stats_fast
-from ..memit.stats import check_cov, default_stats
+from ..memit.stats import check_cov, collect_missing_stats, default_stats
 from ..solve_update import factor_key
-from ..stats import context_length, corpus_ds_name, layer_stats, stats_model_name, stats_path
+from ..stats import corpus_ds_name, layer_stats, stats_model_name
 
 _P_REF: dict = {}
 _BASIS: "OrderedDict[tuple, NullSpace]" = OrderedDict()
@@ -140,20 +140,8 @@ def layer_null_spaces(model, tok, hparams, key_sizes: dict, stats_dir, corpus, c
         return {l: null_space(c, t, None, _where(model, l, None), device)
                 for l, c in check_cov(cov, hparams, key_sizes).items()}
     stats_dir = default_stats(stats_dir, corpus)
-    model_name = stats_model_name(model)
-    ds_name = corpus_ds_name(corpus, hparams.mom2_dataset)
-    names = {l: adapter_for(model).rewrite_name(l) for l in hparams.layers}
-    collect = dict(sample_size=hparams.mom2_n_samples, precision=hparams.mom2_dtype, corpus=corpus,
-                   model_name=model_name, progress=progress, act_dtype=hparams.mom2_act_dtype)
-    paths = {}
-    if stats_dir is not None:
-        maxlen = context_length(model)
-        paths = {l: stats_path(stats_dir, model_name, ds_name, n, hparams.mom2_dtype, ("mom2",),
-                               hparams.mom2_n_samples, 3 * maxlen, maxlen, hparams.mom2_act_dtype)
-                 for l, n in names.items()}
-        missing = [names[l] for l, p in paths.items() if not p.is_file()]
-        if missing:
-            layer_stats_fast(model, tok, missing, stats_dir, ds_name, **collect)
+    names, paths, collect = collect_missing_stats(model, tok, hparams, stats_dir, corpus, progress)
+    model_name, ds_name = collect["model_name"], collect["ds_name"]
     in_memory = {}
     out = {}
     for l, name in names.items():
@@ -164,11 +152,11 @@ def layer_null_spaces(model, tok, hparams, key_sizes: dict, stats_dir, corpus, c
             _BASIS.move_to_end(key)
         else:
             if stats_dir is not None:
-                st = layer_stats_fast(model, tok, name, stats_dir, ds_name, **collect)
+                st = layer_stats_fast(model, tok, name, stats_dir, **collect)
             else:  # an in-memory corpus: one pass for every layer at the first miss
                 if name not in in_memory:
                     in_memory.update(layer_stats_fast(model, tok, [n for n in names.values() if n not in in_memory],
-                                                      None, ds_name, **collect))
+                                                      None, **collect))
                 st = in_memory[name]
             _BASIS[key] = null_space(st.mom2.moment(), t, st.mom2.count, _where(model, l, paths.get(l)), device)
             while len(_BASIS) > CACHE_SIZE:
