@@ -165,6 +165,10 @@ def test_sequential_resumes_to_the_same_state(mt, tmp_path):
         "weights.model.layers.1.mlp.down_proj.weight"], final)
     strip = lambda m: [{**b, "seconds": None} for b in m["batches"]]  # noqa: E731
     assert strip(json.loads((part / "monitor.json").read_text())) == strip(mon)
+    # extended by one more batch (a larger --limit): every record is measured again, after 5 edits
+    R.evaluate(mt, "counterfact", _records(tmp_path), None, part, editor=HashEditor(), **kw)
+    assert _same(mt.model, original)
+    assert {c["edits"] for c in _final(part).values()} == {5} and len(_final(part)) == 5
     # a resume on a model whose original weights differ is refused, the model left alone
     bad = tmp_path / "bad"
     with pytest.raises(KeyboardInterrupt):

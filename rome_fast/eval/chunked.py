@@ -328,7 +328,7 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
                 break
         if not stopped:  # every record, once, on the final model
             final = [(k, r) for k, c in enumerate(kept_all) for r in c]
-            todo_final = [(k, r) for k, r in final if not case_path(out_dir, r.case_id).is_file()]
+            todo_final = [(k, r) for k, r in final if _measured_edits(case_path(out_dir, r.case_id)) != edits]
             seconds = {k: m["edit_seconds"] for k, m in finished_chunks(out_dir).items()}
             for k, r in tqdm(todo_final, desc="post (after the last batch)", unit="case",
                              disable=not progress or not todo_final):
@@ -341,6 +341,12 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
     finally:
         _restore(mt.model, originals)
     return stopped
+
+
+def _measured_edits(path: Path):
+    """How many edits the model had when the final case file was measured (None: no file). A run
+    extended by more batches (a larger --limit) measures its records again."""
+    return json.loads(path.read_text(encoding="utf-8")).get("edits") if path.is_file() else None
 
 
 def _restore(model, orig: dict) -> None:
