@@ -116,6 +116,7 @@ def test_projection_annihilates_the_preserved_keys_and_is_a_projector(setup):
         assert float((P @ P - P).abs().max()) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_fast_matches_reference_after_three_sequential_batches(setup, fam):
     s = setup[fam]
@@ -216,6 +217,7 @@ def test_presets():
             {k: v for k, v in mp.to_dict().items() if k != "model_name"}
 
 
+@pytest.mark.slow
 def test_cli_edit_and_eval_alphaedit(setup, tmp_path, capsys):
     """rome-fast edit --method alphaedit (one batch, the saved delta is the update) and a
     two-batch sequential eval with the collapse monitor, on a tiny model."""

@@ -212,6 +212,7 @@ def test_stop_on_collapse_restores_the_weights(mt, tmp_path):
                    **{**kw, "sequential": False})
 
 
+@pytest.mark.slow
 def test_alphaedit_sequential_run_resumes_to_the_same_weights_and_keys(mt, tmp_path):
     """The real AlphaEdit editor, 3 batches of 2; killed in the third, resumed from the second's
     saved state (weights and accumulated keys): bitwise the same end state as one run."""
