@@ -1,4 +1,5 @@
-"""The evaluation loop (REFERENCE.md §4.1); the metrics, files and summary of a case are in cases.py.
+"""The evaluation loop of one edit at a time (docs/memit.md §4 for both protocols); the metrics, files
+and summary of a case are in cases.py.
 
 Per record: edit (timed) → "post" metrics → restore the weights → "pre" metrics → write
 `case_{id}.json` ({case_id, requested_rewrite, time, post, pre}) atomically. Cases whose file
