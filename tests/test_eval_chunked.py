@@ -255,18 +255,23 @@ def test_alphaedit_sequential_run_resumes_to_the_same_weights_and_keys(mt, tmp_p
     assert _final(tmp_path / "part") == _final(tmp_path / "full")
 
 
-def test_memit_chunks_on_a_tiny_model(mt, tmp_path):
-    """The real editor: MEMIT (fast) in chunks of 2, statistics from an in-memory corpus."""
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_memit_chunks_on_a_tiny_model(mt, tmp_path, method):
+    """The real editor: MEMIT or AlphaEdit (fast) in chunks of 2 (each from the original model;
+    AlphaEdit from no accumulated keys), statistics from an in-memory corpus."""
+    from rome_fast.edit.alphaedit import AlphaEditHyperParams
     from rome_fast.edit.memit import MEMITHyperParams
     from rome_fast.models.random_init import random_texts
     recs = _records(tmp_path)[:4]
     hp = dataclasses.replace(MEMITHyperParams.for_model(mt.model, layers=[1, 2]), v_num_grad_steps=3,
                              mom2_update_weight=1.0, mom2_n_samples=300)
+    if method == "alphaedit":
+        hp = AlphaEditHyperParams(**{**hp.to_dict(), "nullspace_threshold": 1e9})
     original = _snapshot(mt.model)
-    s = R.evaluate(mt, "counterfact", recs, hp, tmp_path / "m", method="memit", num_edits=2, skip_generation=True,
+    s = R.evaluate(mt, "counterfact", recs, hp, tmp_path / "m", method=method, num_edits=2, skip_generation=True,
                    progress=False, editor_kwargs=dict(corpus=list(random_texts()), progress=False))
     assert _same(mt.model, original)
-    assert s["chunks"]["method"] == "memit" and s["chunks"]["edits"] == 4 and s["chunks"]["chunks"] == 2
+    assert s["chunks"]["method"] == method and s["chunks"]["edits"] == 4 and s["chunks"]["chunks"] == 2
     run = json.loads((tmp_path / "m" / "run.json").read_text())
     assert run["hparams"]["mom2_update_weight"] == 1.0 and run["num_edits"] == 2
     post = [json.loads(p.read_text())["post"] for p in (tmp_path / "m").glob("chunk_*/case_*.json")]
