@@ -149,7 +149,7 @@ def plot_monitors(runs: dict, png, title: str | None = None) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    axes[1].set_yscale("symlog", linthresh=1e-3)
+    axes[1].set_yscale("log", nonpositive="mask")  # KL > 0 once anything is edited
     if title:
         fig.suptitle(title)
     fig.tight_layout()
