@@ -71,8 +71,8 @@ class ReferenceHParams:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, path):
-        path = Path(path)
+    def from_json(cls, fpath):
+        path = Path(fpath)  # the parameter keeps the reference's name
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

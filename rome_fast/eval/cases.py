@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..files import file_id, inside
 from . import generation as G
 from . import metrics as M
 from .datasets import EvalRecord
@@ -72,7 +73,8 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def case_path(out_dir, case_id: int) -> Path:
-    return Path(out_dir) / f"case_{case_id}.json"
+    """out_dir/case_{id}.json; the id must be a non-negative integer (it becomes a file name)."""
+    return inside(out_dir, Path(out_dir) / f"case_{file_id(case_id, 'case_id', names=False)}.json")
 
 
 def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
@@ -83,7 +85,10 @@ def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams", "key_mode",
-                    "sequential", "method", "num_edits", "generation_interval", "eval_every", "pre"):
+                    "sequential", "method", "num_edits", "generation_interval", "data_sha256", "eval_every",
+                    "pre"):
+            if key == "data_sha256" and (key not in old or config.get(key) is None):
+                continue  # a run.json of an earlier version, or records passed in without their file
             if key in old and old[key] != config.get(key):
                 raise ValueError(f"{out_dir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}; "
                                  "use another --out folder (or delete this one) to start afresh")

@@ -151,7 +151,7 @@ def _write_chunk(out_dir: Path, k: int, cases: list[dict], meta: dict, state: Op
         if cases and cases_under:
             (tmp / cases_under).mkdir()
         for c in cases:
-            _write_json_atomic(tmp / cases_under / f"case_{c['case_id']}.json", c)
+            _write_json_atomic(case_path(tmp / cases_under, c["case_id"]), c)
         if state is not None:
             from safetensors.torch import save_file
             save_file({n: t.detach().cpu().contiguous() for n, t in state.items()}, str(tmp / STATE_FILE))

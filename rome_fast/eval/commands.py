@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..arguments import positive_int
+
 # The official file of each dataset, downloaded once into $ROME_FAST_CACHE/data (rome_fast.data).
 DEFAULT_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mend_eval.json"}
 
@@ -23,10 +25,9 @@ def data_file(dataset: str, data: str | None) -> Path:
 def _cmd_eval(args) -> int:
     from .datasets import load_dataset
     from .generation import TfIdf, load_attribute_snippets
+    from ..files import file_sha256
     from .runner import evaluate
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be at least 1")
     data = data_file(args.dataset, args.data)
     records = load_dataset(args.dataset, data, args.limit)
     tfidf = snippets = None
@@ -66,8 +67,8 @@ def _cmd_eval(args) -> int:
                  progress=not args.quiet and info.is_main, seed=args.seed, tfidf=tfidf,
                  snippets=snippets, backend=args.backend, editor_kwargs=editor_kwargs,
                  sequential=args.sequential, method=args.method, num_edits=args.num_edits,
-                 generation_interval=args.generation_interval, eval_every=args.eval_every,
-                 stop_on_collapse=args.stop_on_collapse, pre=not args.skip_pre)
+                 generation_interval=args.generation_interval, data_sha256=file_sha256(data),
+                 eval_every=args.eval_every, stop_on_collapse=args.stop_on_collapse, pre=not args.skip_pre)
     finally:
         distributed.finalize()
     return 0
@@ -92,7 +93,7 @@ def add_parsers(sub) -> None:
                                   "an official file (e.g. multi_counterfact.json) to download once; default: "
                                   "the official counterfact.json / zsre_mend_eval.json, downloaded once "
                                   "into $ROME_FAST_CACHE/data")
-    p.add_argument("--limit", type=int, help="first N records")
+    p.add_argument("--limit", type=positive_int, help="first N records")
     p.add_argument("--out", required=True, help="output folder for case_*.json and summary.json")
     p.add_argument("--model", default="smollm2-135m",
                    help="model name or path (default: the embedded model); tiny:<family> for tests")

@@ -14,6 +14,7 @@ of the full records, so GE here is comparable in kind, not in exact value).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 from .. import distributed
 from . import generation as G
 from . import metrics as M
+from ..files import file_sha256
 from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics, case_path,
                     format_summary, summarize)  # noqa: F401  (format_summary: runner's API before cases.py)
 from .datasets import load_dataset
@@ -67,6 +69,25 @@ def _debug_default() -> bool:
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+def _finished(path: Path, record) -> bool:
+    """Whether `path` holds `record`'s finished case. A file that does not parse is computed again
+    (said in one line); one holding another request is a ValueError (the folder holds another data
+    file's cases, which must not be mixed with these)."""
+    if not path.exists():
+        return False
+    try:
+        case = json.loads(path.read_text(encoding="utf-8"))
+        stored = case["requested_rewrite"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        print(f"rome-fast: {path} does not load ({type(exc).__name__}: {exc}); evaluating it again",
+              file=sys.stderr)
+        return False
+    if stored != record.request():  # as the file stores it (a JSON copy)
+        raise ValueError(f"{path} holds another request than case {record.case_id} ({stored!r}): the folder "
+                         "holds the cases of other data; use another --out folder")
+    return True
+
+
 def _agree_run_config(out_dir: Path, config: dict, info) -> None:
     """run.json checked (or written) by rank 0, then checked by every other rank."""
     distributed.agree_on_run_file(out_dir / "run.json", lambda write: _check_run_config(out_dir, config, write),
@@ -91,7 +112,8 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
              snippets: Optional[dict] = None, backend: Optional[str] = None,
              editor_kwargs: Optional[dict] = None, batch_size: int = M.DEFAULT_BATCH,
              summary: bool = True, sequential: bool = False, method: str = "rome",
-             num_edits: Optional[int] = None, generation_interval: int = 1, eval_every: Optional[int] = None,
+             num_edits: Optional[int] = None, generation_interval: int = 1,
+             data_sha256: Optional[str] = None, eval_every: Optional[int] = None,
              stop_on_collapse: Optional[float] = None, pre: bool = True) -> Optional[dict]:
     """Evaluate edits of `records` (EvalRecords or a data file path) on `mt` and write the case
     files to `out_dir`; returns `summarize(out_dir)` (None with summary=False).
@@ -118,16 +140,21 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     under the collapse monitor (monitor.json), and every record is measured after the last one;
     eval_every=k also measures the records edited so far after every k-th batch;
     stop_on_collapse=KL ends the run when the monitor's KL exceeds it; pre=False skips measuring
-    the unedited model."""
+    the unedited model.
+
+    data_sha256: the data file's sha256 (computed here when `records` is a path), kept in run.json
+    so a resumed run on another data file is refused; a case file is reused only if it holds the
+    same request, and one that does not parse is evaluated again."""
     if dataset not in ("counterfact", "zsre"):
         raise ValueError(f"unknown dataset {dataset!r}; use 'counterfact' or 'zsre'")
     if isinstance(records, (str, Path)):
+        data_sha256 = data_sha256 or file_sha256(records)
         records = load_dataset(dataset, records, limit)
     records = list(records)[:limit]
     for r in records:
         if r.dataset != dataset:
             raise ValueError(f"case {r.case_id} is a {r.dataset} record, not {dataset}")
-    extra = {}
+    extra = {} if data_sha256 is None else {"data_sha256": data_sha256}  # another data file is refused
     if (editor_kwargs or {}).get("key_mode", "reference") != "reference":
         extra["key_mode"] = editor_kwargs["key_mode"]
     if num_edits is not None or method != "rome":
@@ -167,7 +194,7 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     done = skipped = 0
     for record in bar:
         path = case_path(out_dir, record.case_id)
-        if path.exists():
+        if _finished(path, record):
             skipped += 1
             bar.set_postfix(done=done, skipped=skipped)
             continue
