@@ -120,6 +120,10 @@ def test_chunks_resume_and_conflicts(mt, tmp_path):
         R.evaluate(mt, "counterfact", recs, None, out, editor=HashEditor(), **{**kw, "num_edits": 3})
 
 
+def _final(out):
+    return {p.name: {**json.loads(p.read_text()), "time": None} for p in sorted(out.glob("case_*.json"))}
+
+
 def test_sequential_resumes_to_the_same_state(mt, tmp_path):
     recs = _records(tmp_path)[:4]
     original = _snapshot(mt.model)
@@ -134,7 +138,21 @@ def test_sequential_resumes_to_the_same_state(mt, tmp_path):
     by_hand = HashEditor()
     orig = by_hand(mt, [r.request() for r in recs])
     assert torch.equal(mt.adapter.rewrite_weight(1), final)
+    # every record measured once after the last batch ("post"), "pre" on the unedited model
+    cases = _final(full)
+    assert sorted(cases) == ["case_11.json", "case_12.json", "case_20.json", "case_3.json"]
+    assert cases["case_11.json"]["post"] == R.case_metrics(mt, recs[1], skip_generation=True, accuracy=True)
+    assert cases["case_11.json"]["edits"] == 4 and cases["case_11.json"]["chunk"] == 1
     mt.model.get_parameter(next(iter(orig))).data.copy_(orig[next(iter(orig))])
+    assert cases["case_11.json"]["pre"] == R.case_metrics(mt, recs[1], skip_generation=True, accuracy=True)
+    assert not list(full.glob("chunk_*/case_*.json"))
+    # the collapse monitor: one record per batch
+    mon = json.loads((full / "monitor.json").read_text())
+    assert [b["batch"] for b in mon["batches"]] == [0, 1, 2, 3] and [b["edits"] for b in mon["batches"]] == [1, 2, 3, 4]
+    assert set(mon["batches"][0]) == {"batch", "edits", "update_norm", "kl", "ngram_entropy", "seconds"}
+    assert list(mon["batches"][0]["update_norm"]) == ["model.layers.1.mlp.down_proj.weight"]
+    assert mon["batches"][0]["update_norm"]["model.layers.1.mlp.down_proj.weight"] > 0 and mon["batches"][0]["kl"] > 0
+    assert mon["probe_prompts"] and (full / "monitor.png").stat().st_size > 0
     # killed in chunk 2, resumed: the same files and the same final state
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
@@ -142,11 +160,15 @@ def test_sequential_resumes_to_the_same_state(mt, tmp_path):
     assert _same(mt.model, original)
     R.evaluate(mt, "counterfact", recs, None, part, editor=HashEditor(), **kw)
     assert _same(mt.model, original)
-    assert _no_time(_cases(part)) == _no_time(_cases(full))
+    assert _final(part) == _final(full)
     assert torch.equal(load_file(str(chunk_dir(part, 3) / "state.safetensors"))[
         "weights.model.layers.1.mlp.down_proj.weight"], final)
-    seq = _cases(full)
-    assert seq["chunk_00001/case_11.json"]["pre"] != R.case_metrics(mt, recs[1], skip_generation=True, accuracy=True)
+    strip = lambda m: [{**b, "seconds": None} for b in m["batches"]]  # noqa: E731
+    assert strip(json.loads((part / "monitor.json").read_text())) == strip(mon)
+    # extended by one more batch (a larger --limit): every record is measured again, after 5 edits
+    R.evaluate(mt, "counterfact", _records(tmp_path), None, part, editor=HashEditor(), **kw)
+    assert _same(mt.model, original)
+    assert {c["edits"] for c in _final(part).values()} == {5} and len(_final(part)) == 5
     # a resume on a model whose original weights differ is refused, the model left alone
     bad = tmp_path / "bad"
     with pytest.raises(KeyboardInterrupt):
@@ -164,18 +186,92 @@ def test_sequential_resumes_to_the_same_state(mt, tmp_path):
     assert _same(mt.model, original)
 
 
-def test_memit_chunks_on_a_tiny_model(mt, tmp_path):
-    """The real editor: MEMIT (fast) in chunks of 2, statistics from an in-memory corpus."""
+def test_stop_on_collapse_restores_the_weights(mt, tmp_path):
+    recs = _records(tmp_path)[:4]
+    original = _snapshot(mt.model)
+    kw = dict(method="memit", num_edits=1, sequential=True, skip_generation=True, progress=False,
+              stop_on_collapse=0.0, eval_every=1)
+    s = R.evaluate(mt, "counterfact", recs, None, tmp_path / "c", editor=HashEditor(), **kw)
+    assert _same(mt.model, original)
+    assert s["stopped_on_collapse"]["batch"] == 0 and s["stopped_on_collapse"]["kl"] > 0
+    mon = json.loads((tmp_path / "c" / "monitor.json").read_text())
+    assert len(mon["batches"]) == 1 and mon["stopped"]["batch"] == 0
+    again = HashEditor()   # a rerun does not go on editing past the collapse
+    assert R.evaluate(mt, "counterfact", recs, None, tmp_path / "c", editor=again, **kw)["stopped_on_collapse"]
+    assert again.calls == 0 and _same(mt.model, original)
+    # without the stop, eval_every=1 measures the records edited so far in each chunk's folder
+    R.evaluate(mt, "counterfact", recs, None, tmp_path / "e", editor=HashEditor(),
+               **{**kw, "stop_on_collapse": None, "pre": False})
+    after = sorted(p.relative_to(tmp_path / "e").as_posix() for p in (tmp_path / "e").glob("chunk_*/after/*.json"))
+    assert after == ["chunk_00000/after/case_3.json", "chunk_00001/after/case_11.json",
+                     "chunk_00001/after/case_3.json", "chunk_00002/after/case_11.json",
+                     "chunk_00002/after/case_12.json", "chunk_00002/after/case_3.json"]
+    assert R.summarize(tmp_path / "e", print_table=False)["pre"] == {}
+    with pytest.raises(ValueError, match="--sequential"):
+        R.evaluate(mt, "counterfact", recs, None, tmp_path / "x", editor=HashEditor(),
+                   **{**kw, "sequential": False})
+
+
+@pytest.mark.slow
+def test_alphaedit_sequential_run_resumes_to_the_same_weights_and_keys(mt, tmp_path):
+    """The real AlphaEdit editor, 3 batches of 2; killed in the third, resumed from the second's
+    saved state (weights and accumulated keys): bitwise the same end state as one run."""
+    import torch as _t
+    from safetensors.torch import load_file
+    from rome_fast.edit.alphaedit import AlphaEditHyperParams
+    from rome_fast.edit.memit import MEMITHyperParams
+    from rome_fast.models.random_init import random_texts
+    recs = _records(tmp_path)   # chunks [3, 11], [12, 20], [100]
+    base = MEMITHyperParams.for_model(mt.model, layers=[1, 2])
+    hp = AlphaEditHyperParams(**{**base.to_dict(), "v_num_grad_steps": 3, "mom2_n_samples": 300,
+                                 "nullspace_threshold": 1e9})   # keep every direction: P = I
+    original = _snapshot(mt.model)
+    ekw = dict(corpus=list(random_texts()), progress=False)
+    kw = dict(method="alphaedit", num_edits=2, sequential=True, skip_generation=True, progress=False,
+              editor_kwargs=ekw)
+    R.evaluate(mt, "counterfact", recs, hp, tmp_path / "full", **kw)
+    assert _same(mt.model, original)
+
+    class Killed(ChunkEditor):
+        calls = 0
+
+        def __call__(self, mt_, requests):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().__call__(mt_, requests)
+
+    with pytest.raises(KeyboardInterrupt):
+        R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part",
+                   editor=Killed("alphaedit", hp, sequential=True, **ekw), **kw)
+    assert _same(mt.model, original)
+    assert sorted(p.name for p in (tmp_path / "part").glob("chunk_*")) == ["chunk_00000"]
+    R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
+    assert _same(mt.model, original)
+    a = load_file(str(chunk_dir(tmp_path / "full", 2) / "state.safetensors"))
+    b = load_file(str(chunk_dir(tmp_path / "part", 2) / "state.safetensors"))
+    assert sorted(a) == sorted(b) and {"editor.cache_c.1", "editor.cache_c.2"} <= set(a)
+    assert all(_t.equal(a[k], b[k]) for k in a)
+    assert _final(tmp_path / "part") == _final(tmp_path / "full")
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_memit_chunks_on_a_tiny_model(mt, tmp_path, method):
+    """The real editor: MEMIT or AlphaEdit (fast) in chunks of 2 (each from the original model;
+    AlphaEdit from no accumulated keys), statistics from an in-memory corpus."""
+    from rome_fast.edit.alphaedit import AlphaEditHyperParams
     from rome_fast.edit.memit import MEMITHyperParams
     from rome_fast.models.random_init import random_texts
     recs = _records(tmp_path)[:4]
     hp = dataclasses.replace(MEMITHyperParams.for_model(mt.model, layers=[1, 2]), v_num_grad_steps=3,
                              mom2_update_weight=1.0, mom2_n_samples=300)
+    if method == "alphaedit":
+        hp = AlphaEditHyperParams(**{**hp.to_dict(), "nullspace_threshold": 1e9})
     original = _snapshot(mt.model)
-    s = R.evaluate(mt, "counterfact", recs, hp, tmp_path / "m", method="memit", num_edits=2, skip_generation=True,
+    s = R.evaluate(mt, "counterfact", recs, hp, tmp_path / "m", method=method, num_edits=2, skip_generation=True,
                    progress=False, editor_kwargs=dict(corpus=list(random_texts()), progress=False))
     assert _same(mt.model, original)
-    assert s["chunks"]["method"] == "memit" and s["chunks"]["edits"] == 4 and s["chunks"]["chunks"] == 2
+    assert s["chunks"]["method"] == method and s["chunks"]["edits"] == 4 and s["chunks"]["chunks"] == 2
     run = json.loads((tmp_path / "m" / "run.json").read_text())
     assert run["hparams"]["mom2_update_weight"] == 1.0 and run["num_edits"] == 2
     post = [json.loads(p.read_text())["post"] for p in (tmp_path / "m").glob("chunk_*/case_*.json")]
@@ -200,3 +296,7 @@ def test_cli_parses_mass_editing_options():
                                    "--sequential", "--generation-interval", "10"])
     assert (a.method, a.num_edits, a.sequential, a.generation_interval) == ("memit", 100, True, 10)
     assert build_parser().parse_args(["eval", "--out", "x"]).num_edits is None
+    a = build_parser().parse_args(["eval", "--out", "x", "--method", "alphaedit", "--num-edits", "100", "--sequential",
+                                   "--eval-every", "5", "--stop-on-collapse", "0.5", "--skip-pre"])
+    assert (a.method, a.eval_every, a.stop_on_collapse, a.skip_pre) == ("alphaedit", 5, 0.5, True)
+    assert build_parser().parse_args(["edit", "--method", "alphaedit", "--requests", "r.json"]).method == "alphaedit"

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 
-EDIT_METHODS = ("rome", "memit")  # the CLI's --method choices
+EDIT_METHODS = ("rome", "memit", "alphaedit")  # the CLI's --method choices
 
 
 def edit_backend_names() -> list[str]:
     """The CLI's --backend choices: every registered implementation of the methods (backend.py)."""
-    from . import memit  # noqa: F401  (registers MEMIT's backends)
+    from . import alphaedit, memit  # noqa: F401  (registers MEMIT's and AlphaEdit's backends)
     from .backend import backend_names
     return sorted({name for m in EDIT_METHODS for name in backend_names(m)})
 
@@ -181,7 +181,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    if args.method == "memit":
+    if args.method in ("memit", "alphaedit"):
         return cmd_edit_memit(args)
     if args.requests or not (args.prompt and args.subject and args.target):
         raise ValueError("ROME edits one fact: give --prompt, --subject and --target (--requests FILE is "
@@ -243,22 +243,29 @@ def load_requests(path) -> list[dict]:
 
 
 def cmd_edit_memit(args) -> int:
-    """`rome-fast edit --method memit --requests FILE.json`: many facts edited at once, with the
-    probability of each new target before and after."""
+    """`rome-fast edit --method memit|alphaedit --requests FILE.json`: many facts edited at once,
+    with the probability of each new target before and after."""
     from ..models import load_model_spec
     from .demo import target_probability
     from .memit import MEMITHyperParams, apply_memit_to_model
 
+    m = args.method
     if args.prompt or args.subject or args.target or args.layer is not None or args.key_mode != "reference":
-        raise ValueError("--method memit takes its requests from --requests FILE (and its layers from --hparams); "
+        raise ValueError(f"--method {m} takes its requests from --requests FILE (and its layers from --hparams); "
                          "--prompt/--subject/--target/--layer/--key-mode are ROME options")
     if not args.requests:
-        raise ValueError("--method memit needs --requests FILE: a JSON list of {prompt, subject, target_new}")
+        raise ValueError(f"--method {m} needs --requests FILE: a JSON list of {{prompt, subject, target_new}}")
+    if m == "alphaedit":  # one batch, projected into the statistics' null space (no earlier batches)
+        from .alphaedit import AlphaEditHyperParams as H, apply_alphaedit_to_model
+
+        def apply_memit_to_model(*a, **k):  # noqa: F811
+            return apply_alphaedit_to_model(*a, **k)[:2]
+    else:
+        H = MEMITHyperParams
     requests = load_requests(args.requests)
     mt = load_model_spec(args.model, device=args.device)
     model, tok = mt.model, mt.tokenizer
-    hp = (MEMITHyperParams.from_json(args.hparams) if args.hparams
-          else MEMITHyperParams.for_model(model, name=mt.name))
+    hp = H.from_json(args.hparams) if args.hparams else H.for_model(model, name=mt.name)
     stats_dir = _stats_dir(args)
     corpus, hp = _corpus(args, mt, hp, stats_dir)
 

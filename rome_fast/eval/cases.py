@@ -85,7 +85,8 @@ def _check_run_config(out_dir: Path, config: dict, write: bool = True) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key in ("dataset", "model", "skip_generation", "seed", "backend", "hparams", "key_mode",
-                    "sequential", "method", "num_edits", "generation_interval", "data_sha256"):
+                    "sequential", "method", "num_edits", "generation_interval", "data_sha256", "eval_every",
+                    "pre"):
             if key == "data_sha256" and (key not in old or config.get(key) is None):
                 continue  # a run.json of an earlier version, or records passed in without their file
             if key in old and old[key] != config.get(key):
@@ -144,8 +145,9 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     per_case = M.zsre_case_scores if zsre else M.counterfact_case_scores
     keys = M.ZSRE_KEYS if zsre else M.CF_KEYS
     result = {"dataset": "zsre" if zsre else "counterfact", "n": len(cases), "dir": str(out_dir)}
-    for phase in ("pre", "post"):
-        result[phase] = M.aggregate([per_case(c[phase]) for c in cases], keys)
+    for phase in ("pre", "post"):  # a sequential run may skip "pre"
+        have = [c[phase] for c in cases if c.get(phase) is not None]
+        result[phase] = M.aggregate([per_case(x) for x in have], keys) if have else {}
     result["time"] = M.mean_std_ci([c["time"] for c in cases], scale=1.0)
     run = out_dir / "run.json"
     if run.is_file():

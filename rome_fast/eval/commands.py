@@ -67,7 +67,8 @@ def _cmd_eval(args) -> int:
                  progress=not args.quiet and info.is_main, seed=args.seed, tfidf=tfidf,
                  snippets=snippets, backend=args.backend, editor_kwargs=editor_kwargs,
                  sequential=args.sequential, method=args.method, num_edits=args.num_edits,
-                 generation_interval=args.generation_interval, data_sha256=file_sha256(data))
+                 generation_interval=args.generation_interval, data_sha256=file_sha256(data),
+                 eval_every=args.eval_every, stop_on_collapse=args.stop_on_collapse, pre=not args.skip_pre)
     finally:
         distributed.finalize()
     return 0
@@ -110,9 +111,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"],
                    help="r-rome: the template-mean key k̄ also for the denominator and residual")
     p.add_argument("--sequential", action="store_true",
-                   help="accumulate the edits (no restore between cases or chunks); pre/post around each "
-                        "one's own edit; one process; with --num-edits resumable per chunk, otherwise not "
-                        "(needs an empty --out)")
+                   help="accumulate the edits (no restore between cases or batches); one process. With "
+                        "--num-edits (AlphaEdit's protocol): batches one after another under the collapse "
+                        "monitor (monitor.json, monitor.png), every record measured after the last batch, "
+                        "resumable per batch; without: pre/post around each case's own edit, not resumable")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="with --sequential --num-edits: also measure the records edited so far after every K "
+                        "batches (default: only after the last)")
+    p.add_argument("--stop-on-collapse", type=float, default=None, metavar="KL",
+                   help="with --sequential --num-edits: end the run, weights restored, when the collapse "
+                        "monitor's KL on the probe prompts exceeds KL (nats)")
+    p.add_argument("--skip-pre", action="store_true",
+                   help="with --sequential --num-edits: do not measure the unedited model")
     p.add_argument("--stats-dir", help="folder of second-moment statistics for ROME "
                                        "(default: $ROME_FAST_CACHE/stats)")
     p.add_argument("--corpus", help="text file for the statistics when they are not cached (default: "

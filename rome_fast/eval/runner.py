@@ -113,7 +113,8 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
              editor_kwargs: Optional[dict] = None, batch_size: int = M.DEFAULT_BATCH,
              summary: bool = True, sequential: bool = False, method: str = "rome",
              num_edits: Optional[int] = None, generation_interval: int = 1,
-             data_sha256: Optional[str] = None) -> Optional[dict]:
+             data_sha256: Optional[str] = None, eval_every: Optional[int] = None,
+             stop_on_collapse: Optional[float] = None, pre: bool = True) -> Optional[dict]:
     """Evaluate edits of `records` (EvalRecords or a data file path) on `mt` and write the case
     files to `out_dir`; returns `summarize(out_dir)` (None with summary=False).
 
@@ -135,6 +136,11 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
     records in chunks of N edited together (`sequential`: chunks accumulate, resumably), with
     the teacher-forced accuracies; `editor` is then `edit(mt, requests) -> original weights`.
     generation_interval=k: generation metrics only for records with case_id % k == 0.
+    With num_edits and sequential (AlphaEdit's protocol): the batches are applied one after another
+    under the collapse monitor (monitor.json), and every record is measured after the last one;
+    eval_every=k also measures the records edited so far after every k-th batch;
+    stop_on_collapse=KL ends the run when the monitor's KL exceeds it; pre=False skips measuring
+    the unedited model.
 
     data_sha256: the data file's sha256 (computed here when `records` is a path), kept in run.json
     so a resumed run on another data file is refused; a case file is reused only if it holds the
@@ -157,7 +163,8 @@ def evaluate(mt, dataset: str, records, hparams, out_dir, limit: Optional[int] =
                                sequential=sequential, editor=editor, backend=backend, editor_kwargs=editor_kwargs,
                                skip_generation=skip_generation, generation_interval=generation_interval, seed=seed,
                                tfidf=tfidf, snippets=snippets, batch_size=batch_size, progress=progress,
-                               summary=summary, config_extra=extra)
+                               summary=summary, config_extra=extra, eval_every=eval_every,
+                               stop_on_collapse=stop_on_collapse, pre=pre)
     if editor is None:
         editor = rome_editor(hparams, backend, **(editor_kwargs or {}))
     check = _debug_default() if check_restore is None else check_restore
@@ -227,18 +234,24 @@ def _evaluate_sequential(mt, dataset, records, hparams, out_dir, editor, skip_ge
     from tqdm.auto import tqdm
     _check_run_config(out_dir, _run_config(mt, dataset, records, hparams, skip_generation, seed, backend,
                                            {**extra, "sequential": True}))
+    from .monitor import CollapseMonitor, write_monitor
     kw = dict(skip_generation=skip_generation, seed=seed, tfidf=tfidf, snippets=snippets, batch_size=batch_size)
-    first_restore = None
+    monitor = CollapseMonitor(mt, seed=seed)  # one batch per edit here
+    watched = [mt.adapter.rewrite_weight_name(l) for l in getattr(hparams, "layers", [])]
+    batches, first_restore = [], None
     try:
         for n, record in enumerate(tqdm(records, desc=f"eval {dataset} (sequential)", unit="case",
                                         disable=not progress), 1):
             pre = case_metrics(mt, record, **kw)  # the model with the earlier cases' edits
+            before = {w: mt.model.get_parameter(w).detach().clone() for w in watched}
             restore, elapsed = _timed_edit(editor, mt, record)
             first_restore = first_restore or restore  # puts back the weights from before every edit
             post = case_metrics(mt, record, **kw)
             _write_json_atomic(case_path(out_dir, record.case_id),
                                {"case_id": record.case_id, "requested_rewrite": record.requested_rewrite,
                                 "time": elapsed, "edits": n, "post": post, "pre": pre})
+            batches.append(monitor.measure(mt, n - 1, n, before, elapsed))
+            write_monitor(out_dir, monitor.header(), batches)
     finally:
         if first_restore is not None:
             first_restore()

@@ -25,6 +25,7 @@ class MEMITHyperParams(ReferenceHParams):
     PRESETS: ClassVar[Path] = PRESET_DIR
     OPTIONAL: ClassVar[tuple] = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
                                  "ln_f_module", "lm_head_module", "model_name", "mom2_act_dtype", "mom2_ridge")
+    USES_LAMBDA: ClassVar[bool] = True     # False where the solve ignores mom2_update_weight (AlphaEdit)
 
     layers: list[int]
     layer_selection: str = "all"           # read, as in the reference, but unused

@@ -45,7 +45,8 @@ def check_memit_requests(model, requests, hparams) -> list[dict]:
                              f"to {out[j]['target_new']['str']!r} and to {r['target_new']['str']!r}; MEMIT fits "
                              "a batch jointly, so drop one of them (or edit them in separate calls)")
         seen.setdefault(key, i)
-    check_lambda(float(hparams.mom2_update_weight), len(out), sites[0].key_size)
+    if hparams.USES_LAMBDA:
+        check_lambda(float(hparams.mom2_update_weight), len(out), sites[0].key_size)
     return out
 
 

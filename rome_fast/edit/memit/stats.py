@@ -98,6 +98,28 @@ def _refuse_half_stats(hparams):
                          "collects its statistics as the reference does (use backend='fast')")
 
 
+def collect_missing_stats(model, tok, hparams, stats_dir, corpus, progress=True):
+    """({layer: module name}, {layer: statistics file} (none without stats_dir), the collector's
+    keyword arguments after `layer_names, stats_dir`): the files of every edited layer that are
+    missing are collected in one pass (stopped at the deepest edited layer) and written."""
+    from ..fast_stats import layer_stats_fast
+
+    names = {l: adapter_for(model).rewrite_name(l) for l in hparams.layers}
+    collect = dict(ds_name=corpus_ds_name(corpus, hparams.mom2_dataset), sample_size=hparams.mom2_n_samples,
+                   precision=hparams.mom2_dtype, corpus=corpus, model_name=stats_model_name(model),
+                   progress=progress, act_dtype=hparams.mom2_act_dtype)
+    paths = {}
+    if stats_dir is not None:
+        maxlen = context_length(model)
+        paths = {l: stats_path(stats_dir, collect["model_name"], collect["ds_name"], n, hparams.mom2_dtype, ("mom2",),
+                               hparams.mom2_n_samples, 3 * maxlen, maxlen, hparams.mom2_act_dtype)
+                 for l, n in names.items()}
+        missing = [names[l] for l, p in paths.items() if not p.is_file()]
+        if missing:
+            layer_stats_fast(model, tok, missing, stats_dir, **collect)
+    return names, paths, collect
+
+
 def layer_factors(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=None, progress=True,
                   device=None) -> dict:
     """{layer: CovarianceFactor} for the fast path. Statistics files that are missing are collected
@@ -109,18 +131,9 @@ def layer_factors(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=N
     if cov is not None:
         return {l: CovarianceFactor(c, device=device) for l, c in check_cov(cov, hparams, key_sizes).items()}
     stats_dir = default_stats(stats_dir, corpus)
-    model_name = stats_model_name(model)
-    ds_name = corpus_ds_name(corpus, hparams.mom2_dataset)
-    names = {l: adapter_for(model).rewrite_name(l) for l in hparams.layers}
-    collect = dict(sample_size=hparams.mom2_n_samples, precision=hparams.mom2_dtype, corpus=corpus,
-                   model_name=model_name, progress=progress, act_dtype=hparams.mom2_act_dtype)
+    names, _, collect = collect_missing_stats(model, tok, hparams, stats_dir, corpus, progress)
+    model_name, ds_name = collect["model_name"], collect["ds_name"]
     if stats_dir is not None:
-        maxlen = context_length(model)
-        missing = [n for n in names.values()
-                   if not stats_path(stats_dir, model_name, ds_name, n, hparams.mom2_dtype, ("mom2",),
-                                     hparams.mom2_n_samples, 3 * maxlen, maxlen, hparams.mom2_act_dtype).is_file()]
-        if missing:
-            layer_stats_fast(model, tok, missing, stats_dir, ds_name, **collect)
         return {l: layer_factor(model, tok, hparams, l, stats_dir, corpus, progress, device) for l in hparams.layers}
     # an in-memory corpus: no files; at the first factor not cached, one pass for every layer
     got = {}
@@ -128,8 +141,7 @@ def layer_factors(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=N
     def moment(name):
         if name not in got:
             todo = [n for n in names.values() if n not in got]
-            got.update({n: s.mom2.moment() for n, s in layer_stats_fast(model, tok, todo, None, ds_name,
-                                                                          **collect).items()})
+            got.update({n: s.mom2.moment() for n, s in layer_stats_fast(model, tok, todo, None, **collect).items()})
         return got[name]
 
     return {l: get_factor(("memit-in-memory", model_name, names[l], id(corpus), ds_name, hparams.mom2_n_samples,
