@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -55,12 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a subcommand. Bad input (ValueError, a file that cannot be read or written: OSError, a
+    missing optional package: ModuleNotFoundError) is one `rome-fast: error:` line and exit code 2;
+    Ctrl-C one line and exit code 130; ROME_FAST_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+    except (ValueError, OSError, ModuleNotFoundError) as exc:
+        if os.environ.get("ROME_FAST_DEBUG", "") not in ("", "0"):
+            raise
         print(f"rome-fast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # every file is written atomically and an edit restores its weights on the way out, so
+        # there is nothing to report but where to pick up
+        if os.environ.get("ROME_FAST_DEBUG", "") not in ("", "0"):
+            raise
+        print("rome-fast: interrupted; finished files are kept (the same command resumes a run)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

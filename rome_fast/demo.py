@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from .arguments import positive_int
 from .data import bundled
 from .models.loading import load_model_spec
 from .trace.api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow
@@ -48,6 +49,8 @@ def interpret(results: dict, n_layers: int) -> list[str]:
         c = best_cells(r)
         st, sl, _, sfrac = c["subject"]
         lt, ll, _, lfrac = c["last"]
+        if sfrac is None:  # the noise did not lower p(answer): summarize_trace says so
+            continue
         tok = r.input_tokens[st]
         if kind == "hidden":
             out.append(f"- Hidden states: restoring one vector, at the subject token {tok!r} in {layer_band(sl, n_layers)} "
@@ -138,8 +141,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--kind", default="all", choices=["all", *KINDS],
                    help="which states to restore (default all; one kind is that many times faster)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS))
-    p.add_argument("--samples", type=int, default=10, help="corrupted runs per pass (default 10)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
+    p.add_argument("--samples", type=positive_int, default=10, help="corrupted runs per pass (default 10)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--data", help="known-facts JSON whose subjects give σ (default: known_1000.json, "
                                   "shipped with the package)")
     p.add_argument("--no-edit", action="store_true", help="trace only, skip the ROME edit step")

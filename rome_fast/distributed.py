@@ -14,7 +14,7 @@ GPU and must not trip NCCL's watchdog. The group timeout is long for the same re
 (ROME_FAST_DIST_TIMEOUT_MIN, default 2 days).
 
 For tests only, ROME_FAST_FAIL_RANK / ROME_FAST_FAIL_AFTER make one rank fail on purpose (see
-`failure_hook`)."""
+`failure_hook`; with ROME_FAST_FAIL_KILL=1 it is killed with SIGKILL instead)."""
 from __future__ import annotations
 
 import os
@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 FAIL_RANK_ENV = "ROME_FAST_FAIL_RANK"
 FAIL_AFTER_ENV = "ROME_FAST_FAIL_AFTER"
+FAIL_KILL_ENV = "ROME_FAST_FAIL_KILL"
 TIMEOUT_ENV = "ROME_FAST_DIST_TIMEOUT_MIN"
 
 
@@ -128,6 +129,32 @@ def broadcast(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def all_gather(obj: T) -> list[T]:
+    """Every rank's `obj` (picklable), in rank order."""
+    if _info is None or not _info.distributed:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * _info.world
+    dist.all_gather_object(out, obj, group=_group)
+    return out
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the ranks, in place and in its own dtype (fp64 sums stay fp64): a CUDA
+    tensor over NCCL, a CPU one over the gloo group. Every rank gets the same bits."""
+    if _info is None or not _info.distributed:
+        return tensor
+    import torch.distributed as dist
+    if tensor.is_cuda and dist.get_backend() == "nccl":
+        dist.all_reduce(tensor)
+    else:
+        host = tensor.cpu() if tensor.is_cuda else tensor
+        dist.all_reduce(host, group=_group)
+        if host is not tensor:
+            tensor.copy_(host)
+    return tensor
+
+
 def agree_on_run_file(path, check: Callable[[bool], None], info: DistInfo, what_differs: str) -> None:
     """One run's settings file for all ranks: rank 0 runs check(True) (compare with `path`, or
     write it), its refusal reaches every rank, then every other rank runs check(False) (compare
@@ -189,6 +216,9 @@ def failure_hook(unit: str, info: Optional[DistInfo] = None) -> Optional[Callabl
     def tick() -> None:
         done[0] += 1
         if done[0] >= after:
+            if os.environ.get(FAIL_KILL_ENV) == "1":  # as the OOM killer or a preemption would
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
             raise InjectedFailure(f"rank {info.rank}: failing on purpose after {done[0]} {unit}(s) "
                                   f"({FAIL_RANK_ENV}/{FAIL_AFTER_ENV} are set)")
     return tick

@@ -15,6 +15,7 @@ In the package's layers (docs/architecture.md) this module sits above `models/` 
 and `edit/`, which both use it."""
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import OrderedDict
 
@@ -24,8 +25,8 @@ from torch import nn
 from .models import adapter_for, first_tensor
 
 __all__ = ["StopForward", "Trace", "TraceDict", "first_tensor", "get_module", "get_parameter",
-           "in_execution_order", "invoke_with_optional_args", "module_input_size", "recursive_copy",
-           "replace_module", "set_requires_grad"]
+           "hierarchical_subsequence", "in_execution_order", "invoke_with_optional_args",
+           "module_input_size", "recursive_copy", "replace_module", "set_requires_grad", "subsequence"]
 
 
 class StopForward(Exception):
@@ -125,9 +126,9 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     setattr(get_module(model, parent) if parent else model, attr, new_module)
 
 
-def set_requires_grad(requires_grad: bool, *models_or_tensors) -> None:
+def set_requires_grad(requires_grad: bool, *models) -> None:
     """Set `requires_grad` on every parameter of the given modules and on the given tensors."""
-    for m in models_or_tensors:
+    for m in models:
         if isinstance(m, nn.Module):
             for p in m.parameters():
                 p.requires_grad = requires_grad
@@ -135,6 +136,66 @@ def set_requires_grad(requires_grad: bool, *models_or_tensors) -> None:
             m.requires_grad = requires_grad
         else:
             raise TypeError(f"set_requires_grad takes modules and tensors, not {type(m).__name__}")
+
+
+def subsequence(sequential: nn.Module, first_layer=None, last_layer=None, after_layer=None,
+                upto_layer=None, single_layer=None, share_weights: bool = False) -> nn.Sequential:
+    """The run of an nn.Sequential's modules from `first_layer` (or just after `after_layer`)
+    through `last_layer` (or up to, not including, `upto_layer`); `single_layer` is one module.
+    Dotted names reach into nested Sequentials, keeping the part of each one that lies inside
+    the bounds. The modules are deep copies unless `share_weights`."""
+    if single_layer is not None:
+        if any(b is not None for b in (first_layer, last_layer, after_layer, upto_layer)):
+            raise ValueError("single_layer cannot be combined with first/last/after/upto_layer")
+        first_layer = last_layer = single_layer
+    split = [None if b is None else b.split(".") for b in (first_layer, last_layer, after_layer, upto_layer)]
+    return hierarchical_subsequence(sequential, *split, share_weights=share_weights)
+
+
+def hierarchical_subsequence(sequential: nn.Module, first, last, after, upto, share_weights: bool = False,
+                             depth: int = 0):
+    """`subsequence` on bounds given as lists of name components; `depth` is the component
+    that names a child of `sequential`. Returns None for an empty part below the top level."""
+    if first is not None and after is not None:
+        raise ValueError("give first or after, not both")
+    if last is not None and upto is not None:
+        raise ValueError("give last or upto, not both")
+    bounds = {"first": first, "last": last, "after": after, "upto": upto}
+    if all(b is None for b in bounds.values()):
+        return sequential if share_weights else copy.deepcopy(sequential)
+    if not isinstance(sequential, nn.Sequential):
+        where = next(".".join(b[:depth]) for b in bounds.values() if b is not None) or "the model"
+        raise ValueError(f"{where} is not an nn.Sequential: a subsequence cannot reach into it")
+    # per bound: its name at this depth, and whether it names a module deeper inside that child
+    here = {k: (b[depth], len(b) > depth + 1) for k, b in bounds.items() if b is not None}
+    found = set()
+    inside = first is None and after is None
+    kept = OrderedDict()
+    for name, child in sequential.named_children():
+        hits = {k for k, (n, _) in here.items() if n == name}
+        found |= hits
+        deeper = {k: bounds[k] for k in hits if here[k][1]}
+        if "first" in hits or "after" in deeper:
+            inside = True
+        if "upto" in hits and "upto" not in deeper:
+            inside = False
+        if inside:
+            part = hierarchical_subsequence(child, deeper.get("first"), deeper.get("last"), deeper.get("after"),
+                                            deeper.get("upto"), share_weights, depth + 1)
+            if part is not None:
+                kept[name] = part
+        if "last" in hits or "upto" in deeper:
+            inside = False
+        if "after" in hits and "after" not in deeper:
+            inside = True
+    missing = [".".join(bounds[k]) for k in here if k not in found]
+    if missing:
+        raise ValueError(f"no module named {missing[0]!r} to bound the subsequence")
+    if not kept and depth > 0:
+        return None
+    result = nn.Sequential(kept)
+    result.training = sequential.training
+    return result
 
 
 def _retained_input(args: tuple):

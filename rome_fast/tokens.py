@@ -135,3 +135,16 @@ def subject_key_index(tokenizer, template: str, subject: str, fact_token: str = 
         raise ValueError(f"unknown fact_token {fact_token!r}")
     return get_words_idxs_in_templates(tokenizer, [template], [subject],
                                        fact_token[len("subject_"):])[0][0]
+
+
+def answer_token_ids(tokenizer, answer: str) -> list[int]:
+    """The tokens of an answer string that continues a prompt, without special tokens; a leading
+    space is added when missing (the answer follows a word, as ROME's targets do)."""
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("answer must be a non-empty string (the whole answer to score)")
+    if not answer.startswith(" "):
+        answer = " " + answer
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"answer {answer!r} tokenises to nothing")
+    return [int(t) for t in ids]

@@ -658,6 +658,9 @@ def test_sequential_eval_accumulates_and_restores(setup, tmp_path):
     seq = [json.loads((tmp_path / "seq" / f"case_{i}.json").read_text()) for i in range(3)]
     assert [c["edits"] for c in seq] == [1, 2, 3]
     assert json.loads((tmp_path / "seq" / "run.json").read_text())["key_mode"] == "r-rome"
+    mon = json.loads((tmp_path / "seq" / "monitor.json").read_text())   # the collapse monitor, per edit
+    assert [b["edits"] for b in mon["batches"]] == [1, 2, 3]
+    assert all(v > 0 for b in mon["batches"] for v in b["update_norm"].values()) and mon["batches"][2]["kl"] > 0
     R.evaluate(mt, "counterfact", records, hp, tmp_path / "ind", **kw)
     ind = [json.loads((tmp_path / "ind" / f"case_{i}.json").read_text()) for i in range(3)]
     assert seq[0]["pre"] == ind[0]["pre"]        # nothing edited yet

@@ -320,6 +320,9 @@ def test_sampling_with_cache_matches_full_recompute(tiny_models, fam):
     ({"prompt": "{0} is in", "subject": "X", "target_new": {"str": " Rome"}}, r"\{0\}"),
     ({"prompt": "{} is in {", "subject": "X", "target_new": {"str": " Rome"}}, "literal brace"),
     ({"prompt": "{} is in", "subject": " X ", "target_new": {"str": " Rome"}}, "whitespace"),
+    # refused up front, not an IndexError deep inside GPT-2's position embedding
+    ({"prompt": "{} is in" + " the town" * 2000, "subject": "X", "target_new": {"str": " Rome"}},
+     "exceeds the model's context of"),
 ])
 def test_bad_requests_raise(setup, bad, match):
     s = setup["gpt2"]

@@ -55,7 +55,7 @@ def test_reference_signatures(name):
     params = list(inspect.signature(getattr(hooks, name)).parameters.values())
     want = REFERENCE_SIGNATURES[name]
     assert [(p.name, p.default) for p in params[:len(want)]] == want
-    assert [p.name for p in params[len(want):]] in ([], ["before"], ["models_or_tensors"])
+    assert [p.name for p in params[len(want):]] in ([], ["before"], ["models"])
 
 
 def test_trace_defaults_keep_the_output_as_is():

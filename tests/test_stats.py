@@ -176,3 +176,30 @@ def test_text_file_splitting(tmp_path, data_dir):
     empty.write_text("\n\n  \n")
     with pytest.raises(ValueError, match="no text"):
         read_text_file(empty)
+
+
+@pytest.mark.parametrize("collector", ["reference", "fast"])
+def test_a_cached_file_of_another_corpus_with_the_same_name_is_refused(gpt2, tmp_path, collector):
+    """The cache is named after the corpus's file name: a second corpus of the same name must not
+    silently reuse the first one's statistics (the file records the corpus's sha256)."""
+    from rome_fast.edit.fast_stats import layer_stats_fast
+    collect = layer_stats if collector == "reference" else layer_stats_fast
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "wiki.txt", tmp_path / "b" / "wiki.txt"
+    first.write_text("\n\n".join(texts(20, seed=1)))
+    second.write_text("\n\n".join(texts(20, seed=2)))
+    stats_dir = tmp_path / "stats"
+    kw = dict(batch_tokens=200, progress=False)
+    st = collect(gpt2.model, gpt2.tokenizer, LAYER, stats_dir, corpus=str(first), **kw)
+    with np.load(st.path, allow_pickle=False) as f:
+        assert len(str(f["corpus_sha256"])) == 64
+    again = collect(gpt2.model, gpt2.tokenizer, LAYER, stats_dir, corpus=str(first), **kw)  # reused
+    assert again.path == st.path and torch.equal(again.mom2.mom2, st.mom2.mom2)
+    with pytest.raises(ValueError, match="another corpus than the one given now.*delete it"):
+        collect(gpt2.model, gpt2.tokenizer, LAYER, stats_dir, corpus=str(second), **kw)
+    # a file without a digest (the reference's own files) is still accepted
+    with np.load(st.path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files if k != "corpus_sha256"}
+    np.savez(st.path, **data)
+    old = collect(gpt2.model, gpt2.tokenizer, LAYER, stats_dir, corpus=str(second), **kw)
+    assert torch.equal(old.mom2.mom2, st.mom2.mom2)

@@ -1,2 +1,4 @@
-"""Drop-in modules with the reference's names: change `from experiments.causal_trace import …`
-to `from rome_fast.compat.causal_trace import …`."""
+"""Drop-in modules with the reference's module paths, names, signatures and defaults
+(docs/dropin.md): change only the imports, e.g. `from experiments.causal_trace import …` to
+`from rome_fast.compat.experiments.causal_trace import …`, and the same for `rome`,
+`util.nethook`, `util.generate`, `util.globals`, `dsets` and `experiments.py.demo`."""

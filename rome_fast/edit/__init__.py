@@ -28,10 +28,13 @@ from .templates import get_context_templates
 
 def clear_caches() -> None:
     """Forget the process-wide caches (context templates, inverse second moments)."""
-    from . import compute_u as _u, solve_update as _s, templates as _t
-    _u.clear_cache()
-    _s.clear_factor_cache()
-    _t.clear_cache()
+    # the modules' functions by name: `from . import compute_u` would give the function of that name
+    from .compute_u import clear_cache as clear_inverses
+    from .solve_update import clear_factor_cache
+    from .templates import clear_cache as clear_templates
+    clear_inverses()
+    clear_factor_cache()
+    clear_templates()
 
 
 __all__ = ["EditBackend", "EditSite", "LayerStats", "ROMEHyperParams", "SecondMoment", "StatisticsError",

@@ -32,35 +32,40 @@ def right_padded(tok, texts, device):
     return ids.to(device), mask.to(device)
 
 
-def key_indices(tok, templates, subject: str, fact_token: str) -> list[int]:
-    """Per template (with "{}" for the subject): the token whose key is read."""
+def key_indices(tok, templates, subject, fact_token: str) -> list[int]:
+    """Per template (with "{}" for the subject): the token whose key is read. `subject`: one
+    string for every template, or a list with one per template."""
+    subjects = [subject] * len(templates) if isinstance(subject, str) else list(subject)
     if fact_token == "last":
-        return [len(tok(t.format(subject))["input_ids"]) - 1 for t in templates]
+        return [len(tok(t.format(s))["input_ids"]) - 1 for t, s in zip(templates, subjects)]
     if not fact_token.startswith("subject_"):
         raise ValueError(f"unknown fact_token {fact_token!r}")
-    idxs = get_words_idxs_in_templates(tok, templates, [subject] * len(templates),
-                                       fact_token[len("subject_"):])
+    idxs = get_words_idxs_in_templates(tok, templates, subjects, fact_token[len("subject_"):])
     return [i[0] for i in idxs]
 
 
 @torch.no_grad()
-def module_io_at(model, tok, module_name: str, templates, subject: str, fact_token: str,
+def module_io_at(model, tok, module_name: str, templates, subject, fact_token: str,
                  stop: bool = False):
     """(inputs, outputs) of `module_name` at the key token of each filled template: (n, d_in),
-    (n, d_out). The reference's get_reprs_at_word_tokens / get_module_input_output_at_word.
-    `stop` ends each forward right after the module (nothing above it affects the result)."""
-    idxs = key_indices(tok, templates, subject, fact_token)
+    (n, d_out). The reference's get_reprs_at_word_tokens / get_module_input_output_at_word(s).
+    `subject`: one string, or one per template. `stop` ends each forward right after the module
+    (nothing above it affects the result)."""
+    subjects = [subject] * len(templates) if isinstance(subject, str) else list(subject)
+    idxs = key_indices(tok, templates, subjects, fact_token)
     device = next(model.parameters()).device
     ins, outs = [], []
     for s in range(0, len(templates), CHUNK):
         part = templates[s:s + CHUNK]
-        ids, mask = right_padded(tok, [t.format(subject) for t in part], device)
+        ids, mask = right_padded(tok, [t.format(w) for t, w in zip(part, subjects[s:s + CHUNK])], device)
         with Trace(model, module_name, retain_input=True, retain_output=True, detach=True, stop=stop) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(part), device=device)
         at = torch.tensor(idxs[s:s + CHUNK], device=device)
-        ins.append(tr.input[rows, at])
-        outs.append(tr.output[rows, at])
+        x, y = tr.input, tr.output  # a block's input/output may be a tuple: its hidden states first
+        x, y = (x[0] if isinstance(x, tuple) else x), (y[0] if isinstance(y, tuple) else y)
+        ins.append(x[rows, at])
+        outs.append(y[rows, at])
     return torch.cat(ins), torch.cat(outs)
 
 

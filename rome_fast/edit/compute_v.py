@@ -14,6 +14,7 @@ from .requests import check_key_mode, target_token_ids
 from .sites import edit_sites
 
 KL_PROMPT = "{} is a"
+STOP_LOSS = 5e-2  # the value optimisation stops once loss < STOP_LOSS
 
 
 @dataclass
@@ -35,6 +36,20 @@ class ValueInfo:
 
 def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
+
+
+def delta_adder(module_name: str, rows, at, delta: torch.Tensor, state: dict):
+    """The `edit_output` of a TraceDict that adds δ to `module_name`'s output at (rows, at) and
+    keeps row 0's output before δ (at the first call) as state["v_init"]."""
+    def add_delta(out, name):
+        if name != module_name:
+            return out
+        if state["v_init"] is None:
+            state["v_init"] = out[rows[0], at[0]].detach().float().clone()
+        out = out.clone()  # transformers 5 blocks return the bare hidden tensor (no tuple)
+        out[rows, at] = out[rows, at] + delta.to(out.dtype)
+        return out
+    return add_delta
 
 
 def optimise_delta(model, hparams, delta: torch.Tensor, state: dict, forward) -> tuple[list, int]:
@@ -59,7 +74,7 @@ def optimise_delta(model, hparams, delta: torch.Tensor, state: dict, forward) ->
             wd = hparams.v_weight_decay * (delta.norm() / state["v_init"].norm() ** 2)
             loss = nll + kl + wd
             losses.append((nll.item(), kl.item(), wd.item()))
-            if loss.item() < 5e-2:
+            if loss.item() < STOP_LOSS:
                 break
             if it == hparams.v_num_grad_steps - 1:
                 break  # the last iteration only evaluates (at most v_num_grad_steps-1 steps)
@@ -109,14 +124,7 @@ def compute_v(model, tok, request: dict, hparams, layer: int, left_vector: torch
     delta = torch.zeros(site.value_size, dtype=torch.float32, device=device, requires_grad=True)
     state = {"v_init": None}
 
-    def add_delta(out, name):
-        if name != mlp_name:
-            return out
-        if state["v_init"] is None:
-            state["v_init"] = out[0, lookup[0]].detach().float().clone()
-        out = out.clone()
-        out[rows, at] = out[rows, at] + delta.to(out.dtype)
-        return out
+    add_delta = delta_adder(mlp_name, rows, at, delta, state)
 
     # hparams.v_loss_layer is not read: as at the reference's HEAD, the loss uses the final logits
     tmask = (targets != -100).float()

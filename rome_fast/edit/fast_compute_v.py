@@ -22,6 +22,42 @@ from .compute_v import KL_PROMPT, _escape, optimise_delta, right_vector
 from .requests import check_key_mode, target_token_ids
 
 
+@torch.no_grad()
+def prepare_suffix_run(a, emb, mask, lengths, h_in, start, end, first_layer: int):
+    """The suffix batch of blocks first_layer..N-1, for inputs h_in (the hidden states entering
+    block first_layer, full width) that change across steps only at or after each row's
+    start_i: one no-grad run of those blocks over the prefix [0, P) (P = max start_i) records
+    their keys/values; returns (h_suf, ctx): row i's positions start_i + j at column j (width
+    S = max(end_i − start_i), right-padded), and a context whose 4-D mask lets row i see the
+    prefix columns < start_i and its suffix causally, with the recorded prefix replayed."""
+    device = h_in.device
+    n_rows, N = h_in.shape[0], a.num_layers
+    P, S = max(start), max(e - s for s, e in zip(start, end))
+    rec = KVRecorder()  # the prefix run's keys/values
+    if P > 0:
+        hp, pctx = a.prepare(emb[:, :P], mask[:, :P], full_mask=True)
+        pctx.past = rec
+        hp = h_in[:, :P]
+        for l in range(first_layer, N):
+            hp = a.run_block(l, hp, pctx)
+        rec.keys = {k: v.detach() for k, v in rec.keys.items()}
+        rec.values = {k: v.detach() for k, v in rec.values.items()}
+    cols = torch.arange(S, device=device)
+    st = torch.tensor(start, device=device)
+    pos = st[:, None] + cols[None, :]
+    src = torch.minimum(pos, torch.tensor(lengths, device=device)[:, None] - 1)  # padding reads a real token
+    h_suf = h_in.gather(1, src[:, :, None].expand(-1, -1, h_in.shape[2])).contiguous()
+    _, sctx = a.prepare(emb[:, :S], torch.ones(n_rows, S, dtype=mask.dtype, device=device),
+                        position_ids=src, full_mask=True)  # padding columns: any valid position
+    pre_ok = torch.arange(P, device=device)[None, :] < st[:, None]           # (rows, P)
+    suf_ok = cols[None, :] <= cols[:, None]                                  # (S, S) causal
+    allowed = torch.cat([pre_ok[:, None, :].expand(-1, S, -1),
+                         suf_ok[None].expand(n_rows, -1, -1)], dim=2)[:, None]
+    sctx.attention_mask = mask_like(allowed, sctx.attention_mask)
+    sctx.past = KVReplay(rec, width=P)
+    return h_suf, sctx
+
+
 def value_rows(tok, request: dict, context_templates, fact_token: str, device):
     """The reference's 22 rows: ids, mask, lengths, lookup indices, target ids."""
     target_ids = target_token_ids(tok, request["target_new"]["str"])
@@ -51,44 +87,19 @@ def optimize_value(model, tok, request: dict, hparams, layer: int, context_templ
     # its lookup index only
     start = [min(lookup[i], lengths[i] - n_t) for i in range(n_rw)] + [lookup[n_rw]]
     end = lengths[:n_rw] + [lookup[n_rw] + 1]
-    P, S = max(start), max(e - s for s, e in zip(start, end))
 
-    # one no-grad run: blocks 0..L-1 over the full width (block L's input, constant), then blocks
-    # L..N-1 over the prefix [0, P) to record their keys/values
+    # one no-grad run: blocks 0..L-1 over the full width (block L's input, constant)
     with torch.no_grad():
         emb = a.embed(ids)
         h, ctx = a.prepare(emb, mask, full_mask=True)
         for l in range(layer):
             h = a.run_block(l, h, ctx)
         h_in = h
-        rec = KVRecorder()  # the prefix run's keys/values
-        if P > 0:
-            hp, pctx = a.prepare(emb[:, :P], mask[:, :P], full_mask=True)
-            pctx.past = rec
-            hp = h_in[:, :P]
-            for l in range(layer, N):
-                hp = a.run_block(l, hp, pctx)
-            rec.keys = {k: v.detach() for k, v in rec.keys.items()}
-            rec.values = {k: v.detach() for k, v in rec.values.items()}
-
-    # the suffix batch: row i's positions start_i + j at column j
-    cols = torch.arange(S, device=device)
-    st = torch.tensor(start, device=device)
-    width = torch.tensor([e - s for s, e in zip(start, end)], device=device)
-    pos = st[:, None] + cols[None, :]
-    src = torch.minimum(pos, torch.tensor(lengths, device=device)[:, None] - 1)  # padding reads a real token
-    h_suf = h_in.gather(1, src[:, :, None].expand(-1, -1, h_in.shape[2])).contiguous()
-    with torch.no_grad():
-        _, sctx = a.prepare(emb[:, :S], torch.ones(n_rows, S, dtype=mask.dtype, device=device),
-                            position_ids=src, full_mask=True)  # padding columns: any valid position
-    pre_ok = torch.arange(P, device=device)[None, :] < st[:, None]           # (rows, P)
-    suf_ok = cols[None, :] <= cols[:, None]                                  # (S, S) causal
-    allowed = torch.cat([pre_ok[:, None, :].expand(-1, S, -1),
-                         suf_ok[None].expand(n_rows, -1, -1)], dim=2)[:, None]
-    sctx.attention_mask = mask_like(allowed, sctx.attention_mask)
-    sctx.past = KVReplay(rec, width=P)
+    h_suf, sctx = prepare_suffix_run(a, emb, mask, lengths, h_in, start, end, layer)
 
     rows = torch.arange(n_rows, device=device)
+    st = torch.tensor(start, device=device)
+    width = torch.tensor([e - s for s, e in zip(start, end)], device=device)
     at = torch.tensor(lookup, device=device) - st                             # δ's column per row
     # loss positions: rewriting rows' targets (columns ℓ−n_t−s … ℓ−1−s), then the KL row's column
     t_rows = torch.arange(n_rw, device=device).repeat_interleave(n_t)

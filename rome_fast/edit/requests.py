@@ -53,9 +53,11 @@ def normalize_request(request: dict) -> dict:
     return out
 
 
-def check_requests(tok, requests, fact_token: str) -> list[dict]:
+def check_requests(tok, requests, fact_token: str, context: int | None = None, room: int = 0) -> list[dict]:
     """Every request normalised and checked against the tokenizer (the target tokenises to
-    something, the key token can be found); the first bad one is a ValueError naming it."""
+    something, the key token can be found, and with `context` (the model's positions) the prompt
+    and its target fit it with `room` tokens to spare for a context template); the first bad one
+    is a ValueError naming it."""
     if isinstance(requests, dict):
         requests = [requests]
     out = []
@@ -64,6 +66,11 @@ def check_requests(tok, requests, fact_token: str) -> list[dict]:
             r = normalize_request(r)
             target_token_ids(tok, r["target_new"]["str"])
             key_indices(tok, [r["prompt"]], r["subject"], fact_token)
+            if context is not None:
+                n = len(tok(r["prompt"].format(r["subject"]) + r["target_new"]["str"])["input_ids"])
+                if n + room > context:
+                    raise ValueError(f"the prompt with its target is {n} tokens; with {room} more for a context "
+                                     f"template that exceeds the model's context of {context} tokens: shorten it")
         except ValueError as exc:
             raise ValueError(f"request {i}: {exc}") from None
         out.append(r)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models import adapter_for
 from .backend import EditBackend, WeightDelta, apply_edits, register_backend, restore_weights
 from .compute_u import compute_u, get_inv_cov
 from .compute_v import compute_v
@@ -22,7 +23,7 @@ from .corpus import local_corpus
 from .requests import KEY_MODES, check_key_mode, check_requests, normalize_request  # noqa: F401
 from .sites import edit_sites
 from .stats import corpus_ds_name, default_stats_dir
-from .templates import get_context_templates
+from .templates import get_context_templates, template_room
 
 
 # ---- the update -------------------------------------------------------------------------------
@@ -56,7 +57,8 @@ class ROMEBackend(EditBackend):
     batches = False
 
     def check_requests(self, model, tok, requests, hparams):
-        return check_requests(tok, requests, hparams.fact_token)
+        return check_requests(tok, requests, hparams.fact_token, adapter_for(model).context_length,
+                              template_room(hparams.context_template_length_params))
 
     def prepare(self, model, tok, requests, hparams, context_templates=None, stats_dir=None, corpus=None,
                 key_mode: str = "reference", inv_cov=None, seed: int = 0, progress: bool = True) -> dict:

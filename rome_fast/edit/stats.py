@@ -1,23 +1,24 @@
-"""Second-moment statistics C = E[k kᵀ] of a rewrite module's input (docs/editing.md, "Statistics").
+"""Second-moment statistics C = E[k kᵀ] of a rewrite module's input (docs/statistics.md).
 
 Keys are collected at every non-padding token of `sample_size` texts (a fixed pseudo-random
 subset: `random.Random(1)` shuffles the indices, the first `sample_size` are taken), each
 truncated at the model's context length (capped at 2048); the forward stops right after the
 module. The disk cache uses the reference's layout and names, so its statistics files load:
 `{stats_dir}/{model_name}/{ds_name}_stats/{layer}_{precision}_{stats}_{sample_size}.npz` with
-keys `mom2.mom2` (the *sum* of k kᵀ), `mom2.count`, `mom2.constructor`, `sample_size`."""
+keys `mom2.mom2` (the *sum* of k kᵀ), `mom2.count`, `mom2.constructor`, `sample_size`.
+This module holds that naming, the file format and the plain (reference) collector; the fast,
+streamed, resumable one is `fast_stats` with `stats_stream`."""
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .corpus import resolve_corpus
 from ..hooks import module_input_size
+from .corpus import corpus_digest, corpus_name, resolve_corpus
 
 MAX_CONTEXT = 2048       # cap on article length (Llama-style configs claim 8k-128k positions)
 ARTICLES_PER_BATCH = 100  # the reference's DataLoader batch, sorted by length within it
@@ -58,28 +59,38 @@ def default_stats_dir() -> Path:
 
 
 def stats_model_name(model) -> str:
-    """The reference's `config._name_or_path` with '/' -> '_'; a local path gives its last
-    component (an absolute path would otherwise become a long, machine-specific name)."""
+    """The reference's `config._name_or_path` with '/' -> '_', so one model has one statistics
+    folder however it was loaded: a local folder gives its last component, a snapshot folder
+    of the Hugging Face cache (`.../models--org--name/snapshots/<rev>`) its hub id `org_name`
+    (the embedded model is named by `models.loading`)."""
     name = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/")
     if not name:
         return type(model).__name__
     if os.path.isabs(name) or name.startswith(".") or os.path.isdir(name):
+        parts = Path(name).parts
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            return parts[-3][len("models--"):].replace("--", "_")
         name = Path(name).name
     return name.replace("/", "_")
 
 
 def corpus_ds_name(corpus, default: str | None = None) -> str:
-    """The cache folder name of a corpus: a file's stem, a dataset's name ('/' -> '_'), 'corpus'
-    for an in-memory list; `default` (the hparams' mom2_dataset) when there is no corpus."""
+    """The cache folder name of a corpus (`corpus.corpus_name`: a file's stem, a folder's or a
+    dataset's name); with no corpus, that of `default` (the hparams' mom2_dataset: a dataset
+    name or a local path)."""
     if corpus is None:
         if not default:
             raise ValueError("no corpus and no dataset name for the statistics")
-        return default
-    if isinstance(corpus, (list, tuple)):
-        return "corpus"
-    if Path(corpus).is_file():
-        return Path(corpus).stem
-    return str(corpus).replace("/", "_")
+        corpus = default
+    return corpus_name(corpus)
+
+
+def sample_order(n_texts: int, sample_size=None, seed: int = 1) -> list[int]:
+    """The indices of the texts used, in order: the reference's FixedRandomSubsetSampler
+    (`random.Random(1)` shuffles every index, the first `sample_size` are kept)."""
+    order = list(range(n_texts))
+    random.Random(seed).shuffle(order)
+    return order if sample_size is None else order[:int(sample_size)]
 
 
 def context_length(model) -> int:
@@ -90,7 +101,7 @@ def context_length(model) -> int:
 
 def stats_path(stats_dir, model_name: str, ds_name: str, layer_name: str, precision="float32",
                to_collect=("mom2",), sample_size=None, batch_tokens=None, maxlen=None,
-               act_dtype=None) -> Path:
+               act_dtype=None, seed: int = 1) -> Path:
     precision = precision or "float64"
     # statistics from a half-precision forward are approximate: never under the exact ones' name
     act_sfx = f"_act-{act_dtype}" if act_dtype not in (None, "float32") else ""
@@ -98,8 +109,15 @@ def stats_path(stats_dir, model_name: str, ds_name: str, layer_name: str, precis
     # the reference meant a `_t{batch_tokens}` suffix when batch_tokens truncates articles below
     # the context length; its string lacked the f-prefix. Here it is written out.
     t_sfx = f"_t{batch_tokens}" if batch_tokens is not None and maxlen is not None and batch_tokens < maxlen else ""
-    name = f"{layer_name}_{precision}_{'-'.join(sorted(to_collect))}{size_sfx}{t_sfx}{act_sfx}.npz"
-    return Path(stats_dir) / model_name.replace("/", "_") / f"{ds_name}_stats" / name
+    seed_sfx = f"_seed{seed}" if seed != 1 else ""  # another subset than the reference's
+    name = f"{layer_name}_{precision}_{'-'.join(sorted(to_collect))}{size_sfx}{t_sfx}{act_sfx}{seed_sfx}.npz"
+    return Path(stats_dir) / _path_part(model_name) / f"{_path_part(ds_name)}_stats" / name
+
+
+def _path_part(name: str) -> str:
+    """One path component (names come from configs and hparams: nothing may climb out)."""
+    name = str(name).replace("/", "_").replace("\\", "_")
+    return "_" if name in ("", ".", "..") else name
 
 
 def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> SecondMoment | None:
@@ -141,20 +159,30 @@ def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> 
     return SecondMoment(torch.from_numpy(mom2), count)
 
 
-def save_stats_file(path, stat: SecondMoment, sample_size=None) -> None:
-    """Written to a temporary file beside the target and renamed, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{"mom2.mom2": stat.mom2.cpu().numpy(), "mom2.count": np.array(stat.count),
-                           "mom2.constructor": np.array(_CONSTRUCTOR),
-                           "sample_size": np.array(-1 if sample_size is None else sample_size)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_stats_file(path, stat: SecondMoment, sample_size=None, corpus_sha256: str | None = None) -> None:
+    """Written atomically (`stats_checkpoint.atomic_write`): a reader never sees half a file.
+    corpus_sha256 (`corpus.corpus_digest`) is checked when the file is reused (`check_corpus`)."""
+    from .stats_checkpoint import atomic_write
+    extra = {} if corpus_sha256 is None else {"corpus_sha256": np.array(corpus_sha256)}
+    atomic_write(path, lambda f: np.savez(
+        f, **{"mom2.mom2": stat.mom2.cpu().numpy(), "mom2.count": np.array(stat.count),
+              "mom2.constructor": np.array(_CONSTRUCTOR),
+              "sample_size": np.array(-1 if sample_size is None else sample_size), **extra}))
+
+
+def check_corpus(path, corpus_sha256: str | None) -> None:
+    """Refuses a cached statistics file made from another corpus than the one given now (the cache
+    is named after the corpus's file name, so two corpora of one name would share it). Files
+    without a recorded digest (the reference's, older ones) and corpora without one (dataset
+    names) are not compared."""
+    if corpus_sha256 is None:
+        return
+    with np.load(path, allow_pickle=False) as f:
+        stored = str(f["corpus_sha256"]) if "corpus_sha256" in f.files else None
+    if stored is not None and stored != corpus_sha256:
+        raise ValueError(f"statistics file {path} was computed from another corpus than the one given now "
+                         f"(same name, other content): delete it to recompute, or give the corpus another "
+                         f"file name or another --stats-dir")
 
 
 def length_batches(lengths, batch_tokens: int):
@@ -253,20 +281,17 @@ def layer_stats(model, tok, layer_name: str, stats_dir, ds_name: str | None = No
         if path.is_file() and not force_recompute:
             stat = load_stats_file(path, dim, sample_size)
             if stat is not None:
+                check_corpus(path, corpus_digest(corpus if corpus is not None else ds_name))
                 return LayerStats(stat, path, sample_size)
 
     texts, _ = resolve_corpus(corpus, ds_name)
-    order = list(range(len(texts)))
-    random.Random(1).shuffle(order)  # the reference's FixedRandomSubsetSampler
-    if sample_size is not None:
-        order = order[:int(sample_size)]
-    subset = _Subset(texts, order)
+    subset = _Subset(texts, sample_order(len(texts), sample_size))
     stat = collect_mom2(model, tok, [layer_name], subset, min(maxlen, batch_tokens), batch_tokens,
                         _PRECISIONS[precision], progress)[layer_name]
     if stat.mom2.shape[0] != dim:
         raise ValueError(f"{layer_name}: collected keys of width {stat.mom2.shape[0]}, expected {dim}")
     if path is not None:
-        save_stats_file(path, stat, sample_size)
+        save_stats_file(path, stat, sample_size, corpus_digest(corpus if corpus is not None else ds_name))
     return LayerStats(stat, path, sample_size)
 
 

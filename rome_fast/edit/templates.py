@@ -91,3 +91,8 @@ def get_context_templates(model, tok, length_params=((5, 10), (10, 10)), seed: i
 
 def clear_cache() -> None:
     _CACHE.clear()
+
+
+def template_room(length_params) -> int:
+    """Tokens a context template adds before a prompt at most: the longest sample and ". "."""
+    return max((int(length) for length, _ in length_params), default=0) + 2

@@ -9,7 +9,8 @@ from .datasets import (DATA_URLS, EvalRecord, counterfact_record, download, load
 from .generation import TfIdf, generate, load_attribute_snippets, n_gram_entropy, word_tokenize
 from .metrics import (aggregate, counterfact_case_scores, counterfact_probs, harmonic_mean,
                       target_nll, token_accuracy, zsre_case_scores, zsre_correct)
-from .runner import case_metrics, evaluate, format_summary, rome_editor, summarize
+from .cases import case_metrics, format_summary, summarize
+from .runner import evaluate, rome_editor
 
 __all__ = ["DATA_URLS", "EvalRecord", "TfIdf", "aggregate", "case_metrics", "counterfact_case_scores",
            "counterfact_probs", "counterfact_record", "download", "evaluate", "format_summary",

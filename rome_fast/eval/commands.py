@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..arguments import positive_int
+
 # The official file of each dataset, downloaded once into $ROME_FAST_CACHE/data (rome_fast.data).
 DEFAULT_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mend_eval.json"}
 
@@ -23,10 +25,9 @@ def data_file(dataset: str, data: str | None) -> Path:
 def _cmd_eval(args) -> int:
     from .datasets import load_dataset
     from .generation import TfIdf, load_attribute_snippets
+    from ..files import file_sha256
     from .runner import evaluate
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be at least 1")
     data = data_file(args.dataset, args.data)
     records = load_dataset(args.dataset, data, args.limit)
     tfidf = snippets = None
@@ -35,11 +36,14 @@ def _cmd_eval(args) -> int:
         tfidf = TfIdf.from_files(d / "idf.npy", d / "tfidf_vocab.json")
         snippets = load_attribute_snippets(d / "attribute_snippets.json")
 
-    from ..edit import ROMEHyperParams
+    from .chunked import method_hparams
     if not args.hparams and args.model.startswith("tiny:"):
         raise ValueError("a tiny model needs --hparams FILE (there is no preset for it)")
-    hparams = (ROMEHyperParams.from_json(args.hparams) if args.hparams
-               else ROMEHyperParams.from_name(args.model))
+    if args.method != "rome" and args.key_mode != "reference":
+        raise ValueError(f"--key-mode is a ROME option, not one of {args.method}")
+    if args.num_edits is not None and args.num_edits < 1:
+        raise ValueError("--num-edits must be at least 1")
+    hparams = method_hparams(args.method, args.model, args.hparams)
     from ..edit.commands import statistics_corpus
     from ..models.loading import cache_root
     stats_dir = args.stats_dir or str(cache_root() / "stats")
@@ -56,26 +60,30 @@ def _cmd_eval(args) -> int:
         if corpus:
             editor_kwargs["corpus"] = corpus
         if info.is_main:
-            print(f"ROME statistics: {stats_dir} (corpus: {corpus or hparams.mom2_dataset})")
+            print(f"{args.method.upper()} statistics: {stats_dir} (corpus: {corpus or hparams.mom2_dataset})")
             print(f"evaluating {len(records)} {args.dataset} cases from {data} on {mt!r} -> {args.out}"
                   + (f" ({info.world} processes)" if info.distributed else ""))
         evaluate(mt, args.dataset, records, hparams, args.out, skip_generation=args.skip_generation,
                  progress=not args.quiet and info.is_main, seed=args.seed, tfidf=tfidf,
                  snippets=snippets, backend=args.backend, editor_kwargs=editor_kwargs,
-                 sequential=args.sequential)
+                 sequential=args.sequential, method=args.method, num_edits=args.num_edits,
+                 generation_interval=args.generation_interval, data_sha256=file_sha256(data),
+                 eval_every=args.eval_every, stop_on_collapse=args.stop_on_collapse, pre=not args.skip_pre)
     finally:
         distributed.finalize()
     return 0
 
 
 def _cmd_summarize(args) -> int:
-    from .runner import format_summary, summarize
+    from .cases import format_summary, summarize
     for d in args.dirs:
         print(format_summary(summarize(d, print_table=False)))
     return 0
 
 
 def add_parsers(sub) -> None:
+    from ..edit.commands import EDIT_METHODS, edit_backend_names
+
     p = sub.add_parser("eval", help="evaluate ROME edits on CounterFact or zsRE",
                        description="Edit, measure post-edit metrics, restore, measure pre-edit "
                                    "metrics, per record; one JSON file per case in --out "
@@ -85,18 +93,36 @@ def add_parsers(sub) -> None:
                                   "an official file (e.g. multi_counterfact.json) to download once; default: "
                                   "the official counterfact.json / zsre_mend_eval.json, downloaded once "
                                   "into $ROME_FAST_CACHE/data")
-    p.add_argument("--limit", type=int, help="first N records")
+    p.add_argument("--limit", type=positive_int, help="first N records")
     p.add_argument("--out", required=True, help="output folder for case_*.json and summary.json")
     p.add_argument("--model", default="smollm2-135m",
                    help="model name or path (default: the embedded model); tiny:<family> for tests")
-    p.add_argument("--hparams", help="ROME hyperparameters JSON (default: the model's bundled preset)")
+    p.add_argument("--method", choices=EDIT_METHODS, default="rome", help="editing method (default rome)")
+    p.add_argument("--num-edits", type=int, default=None,
+                   help="edit the records in consecutive chunks of N together (MultiCounterFact protocol: each "
+                        "chunk applied to the original model, measured, restored; resumable per chunk; "
+                        "conflicting requests within a chunk are dropped); default: one record at a time "
+                        "(the single-edit protocol; MEMIT: chunks of 1)")
+    p.add_argument("--generation-interval", type=int, default=1,
+                   help="with --num-edits: generation metrics only for case_id %% K == 0 (default every case)")
+    p.add_argument("--hparams", help="hyperparameters JSON of --method (default: the model's bundled preset)")
     p.add_argument("--skip-generation", action="store_true", help="skip the generation metrics (GE, RS)")
-    p.add_argument("--backend", choices=["reference", "fast"], help="ROME implementation (default: fast)")
+    p.add_argument("--backend", choices=edit_backend_names(), help="implementation of --method (default: fast)")
     p.add_argument("--key-mode", default="reference", choices=["reference", "r-rome"],
                    help="r-rome: the template-mean key k̄ also for the denominator and residual")
     p.add_argument("--sequential", action="store_true",
-                   help="accumulate the edits (no restore between cases); pre/post per case around its "
-                        "own edit; one process, not resumable (needs an empty --out)")
+                   help="accumulate the edits (no restore between cases or batches); one process. With "
+                        "--num-edits (AlphaEdit's protocol): batches one after another under the collapse "
+                        "monitor (monitor.json, monitor.png), every record measured after the last batch, "
+                        "resumable per batch; without: pre/post around each case's own edit, not resumable")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="with --sequential --num-edits: also measure the records edited so far after every K "
+                        "batches (default: only after the last)")
+    p.add_argument("--stop-on-collapse", type=float, default=None, metavar="KL",
+                   help="with --sequential --num-edits: end the run, weights restored, when the collapse "
+                        "monitor's KL on the probe prompts exceeds KL (nats)")
+    p.add_argument("--skip-pre", action="store_true",
+                   help="with --sequential --num-edits: do not measure the unedited model")
     p.add_argument("--stats-dir", help="folder of second-moment statistics for ROME "
                                        "(default: $ROME_FAST_CACHE/stats)")
     p.add_argument("--corpus", help="text file for the statistics when they are not cached (default: "

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data import DATA_URLS, fetch
+from ..files import parse_json, read_text
 
-# zsRE has no true object for the edited fact; the reference stores this placeholder (§4.5).
+# zsRE has no true object for the edited fact; the reference stores this placeholder.
 ZSRE_TARGET_TRUE = "<|endoftext|>"
 NQ_PREFIX = "nq question: "
 
@@ -152,7 +153,7 @@ def _counterfact_full(rec: dict, where: str) -> EvalRecord:
     rewrite["prompt"] = _template(_str(rr["prompt"], "requested_rewrite.prompt", where), subject, where)
     rewrite["target_new"] = _target(rr["target_new"], "requested_rewrite.target_new", where)
     rewrite["target_true"] = _target(rr["target_true"], "requested_rewrite.target_true", where)
-    # Neighbourhood subjects share the relation and the *true* object of the edited fact (§4.2).
+    # Neighbourhood subjects share the relation and the *true* object of the edited fact.
     neighbours = [{"prompt": p, "target": rewrite["target_true"]["str"]}
                   for p in _str_list(rec["neighborhood_prompts"], "neighborhood_prompts", where)]
     return EvalRecord(
@@ -176,7 +177,7 @@ def load_counterfact(path, limit: int | None = None) -> list[EvalRecord]:
 
 def zsre_record(rec: dict, case_id: int, where: str = "record", target: str = "answers") -> EvalRecord:
     """One zsRE record ({subject, src, pred, rephrase, alt, answers, loc, loc_ans, cond}) as an
-    edit request, as the reference maps it (§4.5):
+    edit request, as the reference maps it:
 
     - prompt = src with the subject replaced by "{}";
     - target_new = answers[0] (the reference's choice; `alt`, the counterfactual answer that
@@ -254,10 +255,7 @@ def _read_json_list(path) -> list:
         if path.name in DATA_URLS:
             hint = f"; download it from {DATA_URLS[path.name]} (or rome_fast.data.fetch({path.name!r}))"
         raise FileNotFoundError(f"data file not found: {path}{hint}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    raw = parse_json(read_text(path, "data file"), path, "a JSON list of records")
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     return raw

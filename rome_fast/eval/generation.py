@@ -1,4 +1,4 @@
-"""Generation metrics (REFERENCE.md §4.4): seeded top-k sampling, n-gram entropy (GE, fluency),
+"""Generation metrics of the evaluation: seeded top-k sampling, n-gram entropy (GE, fluency),
 TF-IDF cosine against reference snippets (RS, consistency) and the essence perplexity.
 
 Written without nltk / sklearn / scipy: a regex word tokenizer approximating nltk's
@@ -26,16 +26,17 @@ from ..models.base import cache_argument, returned_cache
 
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: int = 5,
-             seed: int = 0, n_gen_per_prompt: int = 1) -> list[str]:
+             seed: int | None = 0, n_gen_per_prompt: int = 1) -> list[str]:
     """Top-k sampling as the reference's `generate_fast`: sequences grow to `max_out_len` tokens
     in total (prompt included), EOS does not stop them, the sampled token is drawn from the
     renormalised top-k softmax, and the text returned is prompt + continuation, decoded without
     special tokens, NFKD-normalised, with blank lines joined.
 
-    Unlike the reference (REFERENCE §6.2 item 1) the attention mask passed with the KV cache is
+    Unlike the reference's sampler, the attention mask passed with the KV cache is
     the full mask of all positions so far, so cached logits equal those of a full forward pass;
     prompts are left-padded with explicit position ids. Sampling uses its own CPU generator
-    seeded with `seed`, so results do not depend on the global RNG."""
+    seeded with `seed`, so results do not depend on the global RNG; `seed=None` draws from
+    torch's global RNG instead, as the reference does (`torch.manual_seed` then decides)."""
     prompts = [p for p in prompts for _ in range(n_gen_per_prompt)]
     if not prompts:
         return []
@@ -49,7 +50,7 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
         ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
         mask[i, width - len(e):] = 1
     ids, mask = ids.to(dev), mask.to(dev)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
     past, step_ids = None, ids
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     step_pos = positions
@@ -145,7 +146,7 @@ def _treebank(text: str) -> list[str]:
 
 def word_tokenize(text: str) -> list[str]:
     """Words and punctuation, approximating `nltk.word_tokenize` (which needs the punkt model, a
-    runtime download: REFERENCE §6.2 item 5). Sentences are split with a small abbreviation-aware
+    runtime download). Sentences are split with a small abbreviation-aware
     rule (`_sentences`), then each sentence goes through the Treebank rules nltk applies: quotes
     become `` and '', punctuation is split off except commas/colons inside numbers and periods
     inside a sentence, clitics are split ("don't" → "do", "n't"; "John's" → "John", "'s";
@@ -202,7 +203,15 @@ class TfIdf:
             if not Path(p).is_file():
                 raise FileNotFoundError(f"TF-IDF file not found: {p} (official copies: "
                                         "rome_fast.eval.datasets.DATA_URLS)")
-        return cls(np.load(idf_path), json.loads(Path(vocab_path).read_text(encoding="utf-8")))
+        try:  # never pickle: a data file must not run code
+            idf = np.load(idf_path, allow_pickle=False)
+            vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        except (ValueError, OSError, EOFError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"TF-IDF files {idf_path}, {vocab_path} do not load ({type(exc).__name__}: "
+                             f"{exc}): download them again") from None
+        if not isinstance(idf, np.ndarray) or not isinstance(vocab, dict):
+            raise ValueError(f"{idf_path} must hold one array and {vocab_path} a JSON object (word: column)")
+        return cls(idf, vocab)
 
     def vector(self, text: str) -> dict[int, float]:
         counts = Counter(self.vocab[w] for w in _TFIDF_TOKEN.findall(text.lower()) if w in self.vocab)

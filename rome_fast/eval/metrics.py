@@ -1,4 +1,4 @@
-"""Probability metrics of an edit (REFERENCE.md §4.3, §4.5) and their aggregation.
+"""Probability metrics of an edit (CounterFact, zsRE) and their aggregation.
 
 Scoring a target o after a prefix: the token ids are `tok(prefix)` followed by
 `tok(" " + o)` (no special tokens), so o's tokens are exactly those of " " + o whatever the
@@ -63,10 +63,14 @@ def _forward_right_padded(model, seqs: Sequence[Sequence[int]], pad: int) -> tor
     return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
 
 
-def target_nll(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int = DEFAULT_BATCH) -> list[float]:
-    """Mean per-token NLL (nats) of each target after its prefix: pairs = [(prefix, target)]."""
+def target_nll(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int = DEFAULT_BATCH,
+               return_correct: bool = False):
+    """Mean per-token NLL (nats) of each target after its prefix: pairs = [(prefix, target)].
+    return_correct=True also returns, per pair, whether every target token is the arg-max under
+    teacher forcing (read from the same forward): (nlls, corrects)."""
     pad = _pad_id(tok)
     out: list[float] = []
+    correct: list[bool] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         pre = [prefix_ids(tok, p) for p, _ in chunk]
@@ -76,15 +80,16 @@ def target_nll(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int = D
             # the logits at position k predict token k+1
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=logits.device)
             logp = torch.log_softmax(logits[i, pos].float(), dim=-1)
-            nll = -logp[torch.arange(len(t), device=logits.device),
-                        torch.tensor(t, device=logits.device)]
+            t_ids = torch.tensor(t, device=logits.device)
+            nll = -logp[torch.arange(len(t), device=logits.device), t_ids]
             out.append(nll.mean().item())
-    return out
+            correct.append(bool((logits[i, pos].argmax(-1) == t_ids).all()))
+    return (out, correct) if return_correct else out
 
 
 def token_accuracy(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int = DEFAULT_BATCH) -> list[list[bool]]:
     """Teacher-forced token accuracy: for each (prefix, target) and each token j of " " + target,
-    whether the arg-max after prefix + target[:j] is target[j] (REFERENCE §4.5). One forward
+    whether the arg-max after prefix + target[:j] is target[j] (the reference's zsRE rule). One forward
     per sequence covers all j, since a causal model's prediction at a position only sees the
     tokens before it. (The reference re-tokenises prefix + decode(target[:j]) as a string for
     each j and compares with the first token of tok(decode(target[j])); that equals this
@@ -105,11 +110,16 @@ def token_accuracy(model, tok, pairs: Sequence[tuple[str, str]], batch_size: int
 # ---------------------------------------------------------------------------------------------
 # Per-record metrics (what goes into a case file's "pre" / "post")
 
-def counterfact_probs(model, tok, record, batch_size: int = DEFAULT_BATCH) -> dict:
+def counterfact_probs(model, tok, record, batch_size: int = DEFAULT_BATCH, accuracy: bool = False) -> dict:
     """Mean NLLs of target_new and target_true for the rewrite, paraphrase, neighbourhood and
     attribute prompts, in one batched pass: {"<kind>_prompts_probs": [{"target_new",
     "target_true"}]}. A neighbourhood prompt's true target is its own (full CounterFact: the
-    edited fact's true object; compact: locality_ground_truth)."""
+    edited fact's true object; compact: locality_ground_truth).
+
+    accuracy=True adds the mass-editing evaluation's teacher-forced accuracies, from the same
+    pass: "{rewrite,paraphrase}_prompts_correct" (every token of target_new is the arg-max) and
+    "neighborhood_prompts_correct" (every token of the prompt's true target is), one bool per
+    prompt."""
     new, true = record.target_new, record.target_true
     groups = {
         "rewrite_prompts": [(record.rewrite_prompt, true)],
@@ -118,11 +128,13 @@ def counterfact_probs(model, tok, record, batch_size: int = DEFAULT_BATCH) -> di
         "attribute_prompts": [(p, true) for p in record.attribute_prompts],
     }
     pairs = [(p, o) for items in groups.values() for p, t in items for o in (new, t)]
-    nll = target_nll(model, tok, pairs, batch_size) if pairs else []
+    nll, ok = target_nll(model, tok, pairs, batch_size, return_correct=True) if pairs else ([], [])
     out, k = {}, 0
     for key, items in groups.items():
         out[f"{key}_probs"] = [{"target_new": nll[k + 2 * i], "target_true": nll[k + 2 * i + 1]}
                                for i in range(len(items))]
+        if accuracy and key != "attribute_prompts":  # new target; the neighbours' own true one
+            out[f"{key}_correct"] = [ok[k + 2 * i + (key == "neighborhood_prompts")] for i in range(len(items))]
         k += 2 * len(items)
     return out
 
@@ -165,6 +177,9 @@ def counterfact_case_scores(metrics: dict) -> dict:
         if rows:
             out[short] = success(rows, new_wins)
             out[short[0] + "M"] = margin(rows, new_wins)
+        correct = metrics.get(f"{key}_prompts_correct")
+        if correct:  # the teacher-forced accuracies (mass-editing runs)
+            out[f"{key}_acc"] = float(np.mean(correct))
     for key in ("ngram_entropy", "reference_score", "essence_score"):
         if key in metrics:
             out[{"ngram_entropy": "GE", "reference_score": "RS", "essence_score": "essence"}[key]] = metrics[key]
@@ -208,7 +223,8 @@ def mean_std_ci(values: Sequence[float], scale: float = 100.0) -> dict:
             "ci95": 1.96 * std / math.sqrt(a.size) * scale, "n": int(a.size)}
 
 
-CF_KEYS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "essence")
+CF_KEYS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "essence", "rewrite_acc", "paraphrase_acc",
+           "neighborhood_acc")
 ZSRE_KEYS = ("Efficacy", "Paraphrase", "Specificity")
 
 

@@ -148,6 +148,16 @@ class ModelAdapter:
         return self.embedding.weight.shape[1]
 
     @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes (its configuration's n_positions /
+        max_position_embeddings); None when the configuration does not say."""
+        for name in ("n_positions", "max_position_embeddings"):
+            n = getattr(self.config, name, None)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                return n
+        return None
+
+    @property
     def key_size(self) -> int:
         """Width of the MLP key (the rewrite module's input)."""
         return self.linear_io(self.rewrite_name(0))[0]

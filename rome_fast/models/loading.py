@@ -5,6 +5,7 @@ The embedded default is SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside the Py
 safetensors under $ROME_FAST_CACHE (default ~/.cache/rome_fast) and later loads take ~1 s."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .families import adapter_class_for, adapter_for
+from ..files import looks_like_path
+from .families import UnsupportedArchitectureError, adapter_class_for, adapter_for
 from .random_init import RANDOM_FAMILIES, random_model
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -50,7 +52,21 @@ def _load_gguf(path: Path, dtype):
     _check_supported(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # named after the file, not its folder (which may hold several models); the statistics
+    # cache is keyed by this name
+    model.config._name_or_path = _embedded_or(path, path.stem)
     return model, tok
+
+
+def _embedded_or(path: Path, name: str) -> str:
+    """EMBEDDED_NAME for the embedded GGUF (however it is reached), else `name`: one model, one
+    name, one statistics folder."""
+    try:
+        if path.resolve() == embedded_model_path().resolve():
+            return EMBEDDED_NAME
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    return name
 
 
 def _load_embedded():
@@ -64,10 +80,9 @@ def _load_embedded():
         config = AutoConfig.from_pretrained(cached)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         load_weights(model, cached / "model.safetensors")
+        model.config._name_or_path = EMBEDDED_NAME  # not the cache folder's name
         return model, AutoTokenizer.from_pretrained(cached)
-    model, tok = _load_gguf(gguf, torch.float32)
-    # the name later loads from the cache get, so the first run's statistics are found again
-    model.config._name_or_path = str(cached)
+    model, tok = _load_gguf(gguf, torch.float32)  # named EMBEDDED_NAME, as later loads from the cache
     try:  # the cache is an optimisation: a read-only home must not stop the load
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
@@ -134,18 +149,53 @@ class ModelAndTokenizer:
 
 
 def _load(name_or_path: str, dtype):
+    """(model, tokenizer) of a name. What cannot be loaded is one error naming the file or id and
+    what is wrong (a ValueError, or FileNotFoundError for a path that does not exist); a name that
+    looks like a path is never looked up on the hub."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if name_or_path.lower() in EMBEDDED_ALIASES:
         model, tok = _load_embedded()
         return model.to(dtype), tok
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        return _load_gguf(path, dtype)
-    _check_supported(AutoConfig.from_pretrained(name_or_path))
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype), tok
+        with _naming_failures(f"the GGUF file {path}", "it may be truncated or corrupt: download it again"):
+            return _load_gguf(path, dtype)
+    if path.is_file():
+        raise ValueError(f"{path} is a file: give the model's folder (config.json and weights), a .gguf "
+                         "file or a hub id")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: not a Hugging Face model folder")
+        where, fix = f"the model folder {path}", "a file may be half-written or corrupt: download it again"
+    elif looks_like_path(name_or_path, _MODEL_FILE_SUFFIXES) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"model path not found: {name_or_path} (a hub id is 'name' or 'org/name')")
+    else:
+        where, fix = f"the hub model {name_or_path!r}", ("check the id and your connection, or give a local "
+                                                         "folder or .gguf file")
+    with _naming_failures(where, fix):
+        config = AutoConfig.from_pretrained(name_or_path)
+    _check_supported(config)
+    with _naming_failures(where, fix):
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype), tok
+
+
+_MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+@contextlib.contextmanager
+def _naming_failures(what: str, fix: str):
+    """Turn what a loader raises (transformers, safetensors and gguf each have their own errors)
+    into one ValueError line naming `what` failed and `fix`; Ctrl-C passes through."""
+    try:
+        yield
+    except UnsupportedArchitectureError:
+        raise  # already says what is wrong, and the file is fine
+    except Exception as exc:  # noqa: BLE001 - the loaders raise many unrelated types for a bad file
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"could not load {what}: {type(exc).__name__}: {first}; {fix}") from None
 
 
 def load_model(name_or_path: str = EMBEDDED_NAME, dtype=None, device=None) -> ModelAndTokenizer:

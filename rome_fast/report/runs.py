@@ -1,5 +1,5 @@
 """Finding and reading run folders for the report. Everything read here is untrusted: `.npz`
-files are opened with `allow_pickle=False`, JSON is parsed as data, and a file that cannot be read
+files are read without pickle (`TraceResult.load`), JSON is parsed as data, and a file that cannot be read
 safely is skipped with a warning (collected in `Warnings`) instead of failing the report."""
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ import json
 import math
 import re
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 
-import numpy as np
-
 from ..trace.kinds import KINDS as _TRACE_KINDS
-from ..trace.results import TraceResult
+from ..trace.results import ResultFileError, TraceResult
 
 KINDS = tuple(_TRACE_KINDS)  # the registered tracing kinds: hidden, mlp, attn
 _SUFFIXES = "(" + "|".join(re.escape(k.suffix) for k in _TRACE_KINDS.values() if k.suffix) + ")?"
@@ -103,41 +100,14 @@ def read_json(path: Path, warnings: Warnings):
         return None
 
 
-def read_npz(path: Path, warnings: Warnings) -> dict | None:
-    """The arrays of an `.npz`, without pickle; None (with a warning) for a file that needs pickle
-    (object arrays) or is not an npz."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except ValueError as exc:
-        reason = ("holds object arrays that only pickle can read; refusing to unpickle a data file"
-                  if "allow_pickle" in str(exc) or "Object arrays" in str(exc) else f"not a valid npz ({exc})")
-        warnings.add(path, reason)
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        warnings.add(path, f"not a valid npz ({exc})")
-    return None
-
-
 def read_trace(path: Path, warnings: Warnings) -> TraceResult | None:
-    """One fact's trace, checked for consistent shapes; None (with a warning) otherwise."""
-    arrays = read_npz(path, warnings)
-    if arrays is None:
-        return None
+    """One fact's trace, read without pickle and checked for consistent shapes
+    (`TraceResult.load`); None (with a warning) otherwise."""
     try:
-        r = TraceResult.from_dict(arrays)
-        if r.input_tokens is None:
-            raise ValueError("no input_tokens")
-        if r.correct_prediction:
-            if r.scores is None or r.scores.ndim != 2 or r.low_score is None or r.high_score is None:
-                raise ValueError("a correct prediction needs 2-D scores, low_score and high_score")
-            if r.scores.shape[0] != len(r.input_tokens):
-                raise ValueError(f"{r.scores.shape[0]} score rows for {len(r.input_tokens)} tokens")
-            if r.subject_range is None or not 0 <= r.subject_range[0] < r.subject_range[1] <= len(r.input_tokens):
-                raise ValueError(f"subject_range {r.subject_range} outside the {len(r.input_tokens)} tokens")
-        return r
-    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
-        warnings.add(path, f"not a trace result ({exc})")
-        return None
+        return TraceResult.load(path)
+    except ResultFileError as exc:
+        warnings.add(path, exc.reason)
+    return None
 
 
 def read_trace_cases(cases_dir: Path, warnings: Warnings) -> dict[str, dict[str, TraceResult]]:

@@ -16,6 +16,7 @@ from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from ..files import file_id, inside
 from .kinds import get_kind, kind_names
 from .plots import plot_aie_heatmaps, plot_aie_lines
 from .results import TraceResult
@@ -135,8 +136,10 @@ def aggregate_results(results: Iterable, kind: str = "hidden") -> KindAggregate:
 
 
 def case_path(cases_dir, known_id, kind: str = "hidden") -> Path:
-    """The reference's file name of one fact's result: knowledge_{id}[_mlp|_attn].npz."""
-    return Path(cases_dir) / f"knowledge_{known_id}{get_kind(kind).suffix}.npz"
+    """The reference's file name of one fact's result: knowledge_{id}[_mlp|_attn].npz. The id must
+    be a safe file name (`files.file_id`), and the path stays inside `cases_dir`."""
+    name = f"knowledge_{file_id(known_id, 'known_id')}{get_kind(kind).suffix}.npz"
+    return inside(cases_dir, Path(cases_dir) / name)
 
 
 def load_cases(cases_dir, kind: str = "hidden", ids: Iterable | None = None) -> list[TraceResult]:
@@ -150,9 +153,10 @@ def load_cases(cases_dir, kind: str = "hidden", ids: Iterable | None = None) -> 
 
 
 def aggregate_dir(out_dir, kinds: Sequence[str] | str = "all", ids: Iterable | None = None,
-                  figures: bool = True, modelname: str | None = None) -> dict:
+                  figures: bool = True, modelname: str | None = None, skipped: Sequence[dict] = ()) -> dict:
     """Aggregate `out_dir/cases`, write `out_dir/summary.json` and, with `figures`, the AIE heat
-    maps and line plots (PNG + PDF). Returns the summary dict (kinds without results are left out)."""
+    maps and line plots (PNG + PDF). Returns the summary dict: {kind: its summary} (kinds without
+    results are left out), and "skipped_records" (the bad fact records left out) when any were."""
     out_dir = Path(out_dir)
     ids = list(ids) if ids is not None else None
     aggs = {}
@@ -161,6 +165,8 @@ def aggregate_dir(out_dir, kinds: Sequence[str] | str = "all", ids: Iterable | N
         if any(r.correct_prediction for r in results):
             aggs[kind] = aggregate_results(results, kind)
     summary = {kind: agg.summary() for kind, agg in aggs.items()}
+    if skipped:
+        summary["skipped_records"] = list(skipped)
     _write_json(out_dir / "summary.json", summary)
     if figures and aggs:
         plot_aie_heatmaps(aggs, out_dir / "aie_heatmap", modelname=modelname)

@@ -6,7 +6,12 @@ from the first layer where it differs from the corrupted run, cells of every kin
 batch; docs/tracing.md explains each saving and why it is exact.
 
 `mode="grid"` runs every cell from the embeddings through the whole model with hooks instead (no
-block-by-block reuse), the path for a model the adapters cannot run block by block."""
+block-by-block reuse), the path for a model the adapters cannot run block by block.
+
+Two options beyond the reference's trace: an answer of several tokens scored whole (teacher-forced,
+the product of its tokens' probabilities; `FactInput.answer` a sequence), and severed paths
+(`sever="mlp"` / `"attn"`: the paper's Fig. 3, hidden-state restores while that module stays
+corrupted at the restored token in every layer)."""
 from __future__ import annotations
 
 import math
@@ -18,30 +23,49 @@ import torch
 from ..hooks import TraceDict, first_tensor
 from ..models.base import BlockContext, KVRecorder, KVReplay
 from ..ops import add_noise_, restore_rows_
-from .kinds import TraceKind, get_kind, kind_names
+from .kinds import KINDS, TraceKind, get_kind, kind_names
 
 
 @dataclass
 class FactInput:
-    """One fact to trace: token ids, subject range [b, e), noise [S, e-b, D] for its corrupted rows,
-    the tokens whose rows are wanted (None: all), and the answer token (None: the clean top-1)."""
+    """One fact to trace: the prompt's token ids, subject range [b, e), noise [S, e-b, D] for its
+    corrupted rows, the tokens whose rows are wanted (None: all), and the answer: None (the clean
+    top-1 token, as the reference), a token id, or a sequence of token ids scored whole (the
+    product of their probabilities, each after the prompt and the answer tokens before it).
+    sever_noise: the second noise draw of a severed-path trace (`TraceEngine.trace(sever=...)`)."""
     input_ids: Sequence[int]
     subject_range: tuple[int, int]
     noise: torch.Tensor
     tokens: Sequence[int] | None = None
-    answer: int | None = None
+    answer: int | Sequence[int] | None = None
+    sever_noise: torch.Tensor | None = None
 
     def token_rows(self) -> list[int]:
         return list(self.tokens) if self.tokens is not None else list(range(len(self.input_ids)))
 
+    def answer_ids(self) -> list[int] | None:
+        if self.answer is None:
+            return None
+        if isinstance(self.answer, int) or (torch.is_tensor(self.answer) and self.answer.dim() == 0):
+            return [int(self.answer)]
+        return [int(t) for t in self.answer]
+
+    def run_ids(self) -> list[int]:
+        """What the model runs on: the prompt, then the answer's tokens but the last (teacher
+        forcing; nothing is appended for a one-token answer)."""
+        ids = self.answer_ids()
+        return list(self.input_ids) + (ids[:-1] if ids else [])
+
 
 @dataclass
 class FactTrace:
-    answer: int
+    answer: int                 # the answer's first token
     high_score: float
     low_score: float
     scores: dict = field(default_factory=dict)  # kind name -> [len(tokens), N] float32 CPU tensor
     tokens: list = field(default_factory=list)
+    answer_ids: list = field(default_factory=list)  # every scored answer token
+    greedy: bool = True         # each answer token is the clean run's top-1 after the ones before
 
 
 class Cell(NamedTuple):
@@ -75,13 +99,14 @@ class _Batch:
 
 
 def _pad_facts(facts: list, device) -> _Batch:
-    width = max(len(f.input_ids) for f in facts)
+    runs = [f.run_ids() for f in facts]
+    width = max(len(r) for r in runs)
     ids = torch.zeros(len(facts), width, dtype=torch.long)
     mask = torch.zeros(len(facts), width, dtype=torch.long)
     pad = []
-    for i, f in enumerate(facts):
-        p = width - len(f.input_ids)
-        ids[i, p:] = torch.as_tensor(list(f.input_ids))
+    for i, run in enumerate(runs):
+        p = width - len(run)
+        ids[i, p:] = torch.as_tensor(run)
         mask[i, p:] = 1
         pad.append(p)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -93,8 +118,9 @@ class _Baseline:
     """The clean and corrupted passes of a batch: what every cell restores from and starts from."""
     batch: _Batch
     samples: int                  # S corrupted rows per fact
-    answers: torch.Tensor         # [F] answer token per fact
+    answers: torch.Tensor         # [F, n] answer tokens per fact, right-aligned, -1 before a shorter one
     high: torch.Tensor            # [F] clean p(answer)
+    greedy: torch.Tensor | None = None    # [F] the answer is the clean run's greedy continuation
     ctx: BlockContext | None = None       # the clean batch's block context (one row per fact)
     clean_states: list | None = None      # block inputs 0..N of the clean run, [F, T, D] each
     clean_modules: dict | None = None     # hooked module name -> its clean output [F, T, D]
@@ -103,6 +129,11 @@ class _Baseline:
     kv: KVRecorder | None = None          # the corrupted run's keys/values (suffix runs)
     low: torch.Tensor | None = None       # [F] corrupted p(answer)
     untouched: torch.Tensor | None = None  # [F] score of a cell that restores nothing that differs
+    # severed paths: the sever modules' outputs in the first corrupted run (name -> [F·S, T, D]),
+    # and block 0's input of the second (the run the severed cells continue)
+    sever_names: list | None = None
+    sever_source: dict | None = None
+    corrupt_input: torch.Tensor | None = None
 
 
 def _from(states: torch.Tensor, start: int) -> torch.Tensor:
@@ -117,6 +148,30 @@ def _answer_probs(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
 
 def _last_logits(adapter, h_last: torch.Tensor) -> torch.Tensor:
     return adapter.head(h_last).float()
+
+
+def _answer_scores(adapter, h: torch.Tensor, answers: torch.Tensor, greedy: bool = False):
+    """Per row of h [R, W, D], the probability of its answer [R, n] (right-aligned, -1 before a
+    shorter answer): token j of the last n is read at position W − n + j, the product over the
+    answer's tokens. With `greedy`, also whether each token is the top-1 there."""
+    n = answers.shape[1]
+    if n == 1:  # the reference's score: the last position only
+        logits = _last_logits(adapter, h[:, -1])
+        p = _answer_probs(logits, answers[:, 0])
+        return (p, logits.argmax(-1) == answers[:, 0]) if greedy else p
+    logp = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    top = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    for j in range(n):
+        col = answers[:, j]
+        valid = col >= 0
+        if h.shape[1] - n + j < 0 or not bool(valid.any()):
+            continue  # no row's answer reaches this far back
+        logits = _last_logits(adapter, h[:, h.shape[1] - n + j])
+        tok = col.clamp(min=0)
+        term = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        logp += torch.where(valid, term, torch.zeros_like(term))
+        top &= ~valid | (logits.argmax(-1) == tok)
+    return (logp.exp(), top) if greedy else logp.exp()
 
 
 class _Restores:
@@ -200,12 +255,27 @@ class TraceEngine:
     # ---- public ---------------------------------------------------------------------------
     @torch.no_grad()
     def trace(self, facts: Sequence[FactInput], kinds: Sequence[str] | str = "all", window: int = 10,
-              replace: bool = False) -> list[FactTrace]:
+              replace: bool = False, sever: str | None = None) -> list[FactTrace]:
         """Scores of every (token, layer) cell of each kind for each fact. kinds=() only checks
-        the predictions (the clean pass)."""
+        the predictions (the clean pass). sever: a module kind ("mlp", "attn") whose outputs at
+        the restored token stay, in every layer, at their values in a corrupted run while hidden
+        states are restored (the severed-path trace; only kind "hidden", no `replace`; each fact
+        needs `sever_noise`)."""
         kinds = tuple(get_kind(k) for k in kind_names(kinds))
         if window < 1:
             raise ValueError("window must be at least 1")
+        if sever is not None:
+            sever = get_kind(sever)
+            if sever.part is None:
+                raise ValueError(f"sever must name a module kind ({', '.join(k for k in KINDS if KINDS[k].part)}), "
+                                 f"not {sever.name!r}")
+            if any(k.part is not None for k in kinds):
+                raise ValueError("a severed-path trace restores hidden states: use kinds=('hidden',)")
+            if replace:
+                raise ValueError("a severed-path trace adds the noise (the reference's has no replace option)")
+            if kinds and any(f.sever_noise is None or f.sever_noise.shape != f.noise.shape for f in facts):
+                raise ValueError("a severed-path trace needs each fact's second noise draw (sever_noise), "
+                                 "shaped as its noise")
         samples = {f.noise.shape[0] for f in facts}
         if len(samples) != 1:
             raise ValueError("every fact of one call must use the same number of noise samples")
@@ -218,20 +288,24 @@ class TraceEngine:
             for t in f.token_rows():
                 if not 0 <= t < len(f.input_ids):
                     raise ValueError(f"token {t} outside a {len(f.input_ids)}-token prompt")
-        return self._trace_facts(list(facts), kinds, window, replace)
+            ids = f.answer_ids()
+            vocab = self.adapter.embedding.weight.shape[0]
+            if ids is not None and (not ids or any(not 0 <= t < vocab for t in ids)):
+                raise ValueError(f"answer token ids {ids} are empty or outside the vocabulary")
+        return self._trace_facts(list(facts), kinds, window, replace, sever)
 
-    def _trace_facts(self, facts: list, kinds, window: int, replace: bool) -> list[FactTrace]:
+    def _trace_facts(self, facts: list, kinds, window: int, replace: bool, sever=None) -> list[FactTrace]:
         """The facts in one batch; an out-of-memory that a smaller chunk of cells cannot avoid (in
         the clean or corrupted pass, or a single cell's rows) halves the facts instead of failing."""
         try:
-            return self._trace_batch(_pad_facts(facts, self.device), kinds, window, replace)
+            return self._trace_batch(_pad_facts(facts, self.device), kinds, window, replace, sever)
         except torch.OutOfMemoryError:
             if len(facts) == 1:
                 raise
         self._out_of_memory()  # outside the handler: the failed batch's tensors are freed by now
         half = len(facts) // 2
-        return (self._trace_facts(facts[:half], kinds, window, replace)
-                + self._trace_facts(facts[half:], kinds, window, replace))
+        return (self._trace_facts(facts[:half], kinds, window, replace, sever)
+                + self._trace_facts(facts[half:], kinds, window, replace, sever))
 
     # ---- the clean and corrupted passes ------------------------------------------------------
     def _run_blocks(self, h, ctx, record: bool):
@@ -242,7 +316,7 @@ class TraceEngine:
                 states.append(h)
         return h, states
 
-    def _baseline(self, batch: _Batch, kinds, replace: bool) -> _Baseline:
+    def _baseline(self, batch: _Batch, kinds, replace: bool, sever: TraceKind | None = None) -> _Baseline:
         a, dev = self.adapter, self.device
         F, S = len(batch.facts), batch.facts[0].noise.shape[0]
 
@@ -252,16 +326,68 @@ class TraceEngine:
         names = _module_names(a, kinds)
         with TraceDict(self.model, names.values(), retain_output=True, clone=True, detach=True) as rec:
             h, clean_states = self._run_blocks(h0, ctx, record=True)
-        clean_logits = _last_logits(a, h[:, -1])
-        answers = torch.tensor([f.answer if f.answer is not None else int(clean_logits[i].argmax())
-                                for i, f in enumerate(batch.facts)], device=dev)
-        base = _Baseline(batch, S, answers, _answer_probs(clean_logits, answers))
+        answers = self._answers(batch, h)
+        high, greedy = _answer_scores(a, h, answers, greedy=True)
+        base = _Baseline(batch, S, answers, high, greedy)
         if not kinds:  # a prediction check: the clean pass is all that is needed
             return base
         base.ctx, base.clean_states = ctx, clean_states
         base.clean_modules = {name: first_tensor(rec[name].output) for name in names.values()}
+        row_fact = torch.arange(F, device=dev).repeat_interleave(S)
+
+        def mean_p(h_run):
+            return _answer_scores(a, h_run, answers[row_fact]).view(F, S).mean(1)
+
+        if sever is not None:
+            # the first draw's corrupted run gives the corrupted score and the sever modules'
+            # outputs the severed cells keep; the second draw's run is what those cells continue
+            # (the reference runs its second pass on its generator's next draw)
+            base.sever_names = [sever.module_name(a, layer) for layer in range(a.num_layers)]
+            _, h_a, _, src = self._corrupted_run(batch, emb, "noise", False, record_kv=False,
+                                                 record_states=False, modules=base.sever_names)
+            base.low, base.sever_source = mean_p(h_a), src
+            base.corrupt_emb, h_b, states, _ = self._corrupted_run(batch, emb, "sever_noise", False,
+                                                                   record_kv=self.reuse_kv, record_states=False,
+                                                                   base=base)
+            base.corrupt_input = states[0]
+            base.untouched = mean_p(h_b)  # a restore and a freeze before the subject change nothing
+            return base
 
         # corrupted pass: S rows per fact, noise on the subject's word embeddings
+        base.corrupt_emb, h, states, _ = self._corrupted_run(
+            batch, emb, "noise", replace, record_kv=self.reuse_kv, record_states=self.mode == "prefix", base=base)
+        base.corrupt_states = states if self.mode == "prefix" else None
+        if replace:  # as the reference, the corrupted baseline adds the noise even then
+            h_low = self._corrupted_run(batch, emb, "noise", False, record_kv=False, record_states=False)[1]
+        else:
+            h_low = h
+        base.low = mean_p(h_low)
+        # a cell that restores nothing that differs (a token before the subject) scores this
+        base.untouched = base.low if h_low is h else mean_p(h)
+        return base
+
+    def _answers(self, batch: _Batch, h_clean: torch.Tensor) -> torch.Tensor:
+        """[F, n] answer tokens, right-aligned (-1 before shorter answers): each fact's given
+        answer, else the clean run's top-1 at the last position."""
+        given = [f.answer_ids() for f in batch.facts]
+        top = None
+        if any(g is None for g in given):
+            top = _last_logits(self.adapter, h_clean[:, -1]).argmax(-1).tolist()
+        rows = [g if g is not None else [top[i]] for i, g in enumerate(given)]
+        n = max(len(r) for r in rows)
+        out = torch.full((len(rows), n), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, n - len(r):] = torch.tensor(r)
+        return out.to(self.device)
+
+    def _corrupted_run(self, batch: _Batch, emb, noise_field: str, replace: bool, record_kv: bool,
+                       record_states: bool, modules=(), base: _Baseline | None = None):
+        """S corrupted rows per fact, the noise (each fact's `noise_field`) added onto or written
+        over the subject's word embeddings. Returns (corrupted embeddings, last hidden states, the
+        block inputs, only block 0's unless record_states, {module: output} of `modules`). With
+        record_kv the keys and values go to base.kv, for the suffix runs."""
+        a, dev = self.adapter, self.device
+        F, S = len(batch.facts), batch.facts[0].noise.shape[0]
         row_fact = torch.arange(F, device=dev).repeat_interleave(S)
         cemb = emb[row_fact].contiguous()
         n_tok = max(f.subject_range[1] - f.subject_range[0] for f in batch.facts)
@@ -269,49 +395,42 @@ class TraceEngine:
         starts, lengths = [], []
         for i, f in enumerate(batch.facts):
             b, e = f.subject_range
-            noise[i * S:(i + 1) * S, :e - b] = f.noise.to(torch.float32)
+            noise[i * S:(i + 1) * S, :e - b] = getattr(f, noise_field).to(torch.float32)
             starts += [batch.pad[i] + b] * S
             lengths += [e - b] * S
-        noise = noise.to(dev)
-        add_noise_(cemb, noise, torch.arange(F * S), starts, lengths, replace)
+        add_noise_(cemb, noise.to(dev), torch.arange(F * S), starts, lengths, replace)
         ch0, cctx = a.prepare(cemb, batch.attention_mask[row_fact], batch.position_ids[row_fact],
                               full_mask=self.reuse_kv)
-        if self.reuse_kv:
+        if record_kv:
             base.kv = cctx.past = KVRecorder()  # the corrupted run's keys/values, for the suffix runs
-        h, base.corrupt_states = self._run_blocks(ch0, cctx, record=self.mode == "prefix")
-        base.corrupt_emb = cemb
-        if replace:  # as the reference, the corrupted baseline adds the noise even then
-            lemb = emb[row_fact].contiguous()
-            add_noise_(lemb, noise, torch.arange(F * S), starts, lengths, False)
-            lh0, lctx = a.prepare(lemb, batch.attention_mask[row_fact], batch.position_ids[row_fact])
-            h_low = self._run_blocks(lh0, lctx, record=False)[0]
-        else:
-            h_low = h
+        with TraceDict(self.model, list(modules), retain_output=True, clone=True, detach=True) as rec:
+            h, states = self._run_blocks(ch0, cctx, record=record_states)
+        return cemb, h, states or [ch0], {m: first_tensor(rec[m].output) for m in modules}
 
-        def mean_p(h_last):
-            return _answer_probs(_last_logits(a, h_last), answers[row_fact]).view(F, S).mean(1)
-
-        base.low = mean_p(h_low[:, -1])
-        # a cell that restores nothing that differs (a token before the subject) scores this
-        base.untouched = base.low if h_low is h else mean_p(h[:, -1])
-        return base
-
-    def _trace_batch(self, batch: _Batch, kinds, window: int, replace: bool) -> list[FactTrace]:
+    def _trace_batch(self, batch: _Batch, kinds, window: int, replace: bool, sever=None) -> list[FactTrace]:
         N = self.adapter.num_layers
-        base = self._baseline(batch, kinds, replace)
+        base = self._baseline(batch, kinds, replace, sever)
+
+        def fact_trace(i, low):
+            ids = base.answers[i][base.answers[i] >= 0].tolist()
+            return FactTrace(ids[0], float(base.high[i]), low, answer_ids=ids, greedy=bool(base.greedy[i]))
+
         if not kinds:
-            return [FactTrace(int(base.answers[i]), float(base.high[i]), math.nan)
-                    for i in range(len(batch.facts))]
+            return [fact_trace(i, math.nan) for i in range(len(batch.facts))]
         cells = plan_cells(batch, kinds, window, N)
         totals = torch.zeros(len(cells), dtype=torch.float64)
         if cells:
-            runner = self._run_cells_prefix if self.mode == "prefix" else self._run_cells_grid
+            if sever is not None:
+                runner = self._run_cells_severed
+            else:
+                runner = self._run_cells_prefix if self.mode == "prefix" else self._run_cells_grid
             self._run_split(runner, cells, totals, base)
 
         out = []
         for i, f in enumerate(batch.facts):
             tokens = f.token_rows()
-            res = FactTrace(int(base.answers[i]), float(base.high[i]), float(base.low[i]), tokens=tokens)
+            res = fact_trace(i, float(base.low[i]))
+            res.tokens = tokens
             for k in kinds:
                 res.scores[k.name] = torch.full((len(tokens), N), float(base.untouched[i]), dtype=torch.float32)
             out.append(res)
@@ -403,6 +522,35 @@ class TraceEngine:
                     restore_rows_(h, base.clean_states[layer + 1], rows.fact, torch.where(sel, rows.tok, -1))
         return rows.cell_sums(a, h, base.answers)
 
+    # ---- severed paths: hidden-state restores with a module kept corrupted ---------------------
+    def _run_cells_severed(self, cells: list[Cell], base: _Baseline) -> torch.Tensor:
+        """Each cell's rows run every block from the second draw's corrupted input (from its
+        restored token on, with the earlier positions' keys and values replayed, when the run was
+        recorded): in every layer the sever module's output at the restored token is the first
+        draw's corrupted one, and after block L (the cell's layer) the token's hidden state is the
+        clean one. Nothing before the restored token differs from the second draw's run."""
+        a, N = self.adapter, self.adapter.num_layers
+        rows = _Rows(cells, base.samples, a, self.device)
+        ctx, tp, tok = base.ctx.select(rows.fact), 0, rows.tok
+        if base.kv is not None:  # every row restores the same padded position: run from it on
+            tp = cells[0].token
+            ctx = ctx.suffix(tp)
+            ctx.past = KVReplay(base.kv, rows.corrupt, tp)
+            tok = torch.zeros_like(tok)
+        h = base.corrupt_input[rows.corrupt, tp:].contiguous()
+        with _Restores(self.model, base.sever_names) as restores:
+            for layer in range(N):
+                name = base.sever_names[layer]
+                restores.plan[name] = (_from(base.sever_source[name], tp), rows.corrupt, tok)
+                h = a.run_block(layer, h, ctx)
+                restores.plan.clear()
+                sel = rows.start == layer + 1  # the cells restoring block `layer`'s output
+                if bool(sel.any()):
+                    h = h.contiguous()
+                    restore_rows_(h, _from(base.clean_states[layer + 1], tp), rows.fact,
+                                  torch.where(sel.to(tok.device), tok, -1))
+        return rows.cell_sums(a, h, base.answers)
+
 
 def plan_cells(batch: _Batch, kinds: Sequence[TraceKind], window: int, num_layers: int) -> list[Cell]:
     """Every cell of every fact, each kind's restore rule applied. Tokens before the subject are
@@ -454,7 +602,8 @@ class _Rows:
             plan[name] = (_from(clean_modules[name], tp), self.fact[:n], torch.where(sel, tok[:n], -1))
 
     def cell_sums(self, adapter, h, answers) -> torch.Tensor:
-        """Per cell, the sum over its rows of p(answer) at the last position."""
-        p = _answer_probs(_last_logits(adapter, h[:, -1]), answers[self.fact])
+        """Per cell, the sum over its rows of p(answer) (at the last position, or over the last
+        positions for an answer of several tokens)."""
+        p = _answer_scores(adapter, h, answers[self.fact])
         return torch.zeros(self.n_cells, device=h.device, dtype=torch.float64).index_add_(
             0, self.cell, p.double())

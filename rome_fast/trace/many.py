@@ -3,17 +3,62 @@ batch for every kind still due, each (fact, kind) result written atomically as s
 done (a crash or Ctrl-C loses at most the batch in flight), finished files skipped on a rerun."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Sequence
 
+from ..tokens import find_token_range
 from .aggregate import case_path
 from .api import fact_dict, make_fact_input
 from .engine import TraceEngine
-from .results import TraceResult
+from .results import ResultFileError, TraceResult
 
 
-def _due(cases_dir, fact: dict, kinds: Sequence[str]) -> list[str]:
-    return [k for k in kinds if not case_path(cases_dir, fact["known_id"], k).is_file()]
+def due_kinds(mt, cases_dir, fact: dict, kinds: Sequence[str]) -> list[str]:
+    """The kinds of `fact` still to trace: those without a finished case file. A file that does not
+    load is traced again (said in one line); one that holds another fact's trace is a ValueError
+    (the folder holds another facts file's results, which must not be mixed with these)."""
+    due = []
+    for kind in kinds:
+        path = case_path(cases_dir, fact["known_id"], kind)
+        if not path.is_file():
+            due.append(kind)
+            continue
+        try:
+            result = TraceResult.load(path)
+        except ResultFileError as exc:
+            print(f"rome-fast: {exc.path}: {exc.reason}; tracing it again", file=sys.stderr)
+            due.append(kind)
+            continue
+        differs = _other_fact(mt, result, fact)
+        if differs:
+            raise ValueError(f"{path} holds the trace of another fact ({differs}) than known_id "
+                             f"{fact['known_id']} ({fact['prompt']!r}): the folder holds the results of other "
+                             "facts; use another output folder")
+    return due
+
+
+def _other_fact(mt, r: TraceResult, fact: dict) -> str | None:
+    """What shows that a stored result is not `fact`'s trace, or None: its tokens, its subject's
+    tokens, or its prediction check against the fact's expected attribute."""
+    ids = mt.tokenizer.encode(fact["prompt"])
+    if r.input_ids is not None and r.input_ids.tolist() != ids:
+        return "other prompt tokens"
+    if r.correct_prediction and r.subject_range is not None and \
+            tuple(r.subject_range) != find_token_range(mt.tokenizer, ids, fact["subject"]):
+        return "another subject"
+    expect = fact.get("attribute")
+    if expect is not None and r.answer is not None and (r.answer.strip() == expect) != r.correct_prediction:
+        return "another expected answer"
+    return None
+
+
+def fact_answer(fact: dict) -> str:
+    """The answer a whole-answer trace scores: the fact's `attribute`."""
+    answer = fact.get("attribute")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"fact {fact.get('known_id')!r} has no 'attribute' to score as its whole answer")
+    return answer
 
 
 def default_facts_per_batch(engine: TraceEngine) -> int:
@@ -35,28 +80,30 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
                         uniform_noise: bool = False, samples: int = 10, window: int = 10,
                         replace: bool = False, progress: bool = True, engine: TraceEngine | None = None,
                         facts_per_batch: int | None = None, batches: Sequence[Sequence[int]] | None = None,
-                        after_batch: Callable[[], None] | None = None) -> int:
+                        after_batch: Callable[[], None] | None = None, whole_answer: bool = False) -> int:
     """Trace every (fact, kind) not yet on disk; returns how many files were written. A batch's
     files are written together once it is done (each atomically). `batches` restricts the run to
     some of `fact_batches(...)` (a process's share); `after_batch` is called once each computed
-    batch's files are written."""
+    batch's files are written. whole_answer: score each fact's whole `attribute` instead of
+    checking it against the clean top-1 token (see runner.trace_facts)."""
     from tqdm import tqdm
 
     engine = engine or TraceEngine(mt)
     if batches is None:
         batches = fact_batches(mt, facts, facts_per_batch or default_facts_per_batch(engine))
-    todo = [[i for i in b if _due(cases_dir, facts[i], kinds)] for b in batches]
+    due = {i: due_kinds(mt, cases_dir, facts[i], kinds) for b in batches for i in b}
+    todo = [[i for i in b if due[i]] for b in batches]
     n_total = sum(len(b) for b in batches)
     n_todo = sum(len(b) for b in todo)
     bar = tqdm(total=n_total, initial=n_total - n_todo, desc="causal trace (fast)", unit="fact",
                disable=not progress)
     written, t0, done_now = 0, time.perf_counter(), 0
     for idx in (b for b in todo if b):
-        due = {i: _due(cases_dir, facts[i], kinds) for i in idx}
         inputs = {i: make_fact_input(mt, facts[i]["prompt"], facts[i]["subject"], samples, noise,
-                                     uniform_noise) for i in idx}
-        checks = engine.trace([inputs[i] for i in idx], kinds=(), window=window)
-        results, traced = {}, []
+                                     uniform_noise, answer=fact_answer(facts[i]) if whole_answer else None)
+                  for i in idx}
+        checks = [] if whole_answer else engine.trace([inputs[i] for i in idx], kinds=(), window=window)
+        results, traced = {}, list(idx) if whole_answer else []
         for i, res in zip(idx, checks):
             expect = facts[i].get("attribute")
             if expect is not None and mt.tokenizer.decode([res.answer]).strip() != expect:
@@ -70,6 +117,9 @@ def trace_facts_batched(mt, facts: Sequence[dict], cases_dir, kinds: Sequence[st
             for i, res in zip(traced, engine.trace([inputs[i] for i in traced], kinds=kinds_due,
                                                    window=window, replace=replace)):
                 results.update({(i, k): fact_dict(mt, inputs[i], res, k, window) for k in due[i]})
+                if whole_answer:  # the whole answer scored, not its first token
+                    for k in due[i]:
+                        results[(i, k)]["answer"] = mt.tokenizer.decode(res.answer_ids)
         for (i, kind), result in results.items():
             TraceResult.from_dict(result).save(case_path(cases_dir, facts[i]["known_id"], kind))
             written += 1

@@ -26,15 +26,39 @@ def draw_noise(rows: int, tokens: int, width: int, noise: NoiseSpec = 0.1,
     A fresh RandomState(1) every call; standard normal draws (uniform in [-1, 1) with
     `uniform_noise`), then scaled: a float `noise` is the standard deviation, a callable is applied
     to the raw draws (the reference's `noise_fn`, e.g. a fitted multivariate Gaussian)."""
+    return noise_draws(rows, tokens, width, noise, uniform_noise, count=1)[0]
+
+
+def noise_draws(rows: int, tokens: int, width: int, noise: NoiseSpec = 0.1, uniform_noise: bool = False,
+                count: int = 1) -> list[torch.Tensor]:
+    """The first `count` consecutive draws of one fresh RandomState(1), each as `draw_noise`
+    gives the first. The severed-path trace (`trace_with_repatch`) corrupts its two forward passes
+    with the first and the second draw, as the reference's single generator does."""
+    check_noise(noise)
     rs = np.random.RandomState(1)
     shape = (int(rows), int(tokens), int(width))
-    raw = rs.uniform(-1, 1, shape) if uniform_noise else rs.randn(*shape)
-    x = torch.from_numpy(raw)
+    out = []
+    for _ in range(count):
+        x = torch.from_numpy(rs.uniform(-1, 1, shape) if uniform_noise else rs.randn(*shape))
+        if callable(noise):
+            x = noise(x)
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("the noise function returned NaN or infinite values")
+            out.append(x)
+        else:
+            out.append(float(noise) * x)
+    return out
+
+
+def check_noise(noise) -> None:
+    """A resolved noise level is a finite number > 0 or a callable. Zero leaves the subject
+    uncorrupted (every score would equal the clean probability, so no effect can be measured);
+    NaN or infinite noise makes every probability NaN."""
     if callable(noise):
-        return noise(x)
+        return
     if isinstance(noise, bool) or not isinstance(noise, (int, float)):
         raise ValueError(f"noise must be a number (the std) or a callable, not {noise!r}")
-    return float(noise) * x
+    _positive(float(noise), noise)
 
 
 def _subject_token_ids(tokenizer, subject: str) -> list[int]:
@@ -95,12 +119,17 @@ def embedding_mean_cov(mt, texts: Sequence[str], max_texts: int = 1000,
     return mean, cov
 
 
+def gaussian_factor(cov: torch.Tensor) -> torch.Tensor:
+    """W with W Wᵀ = cov (float64), from the SVD of cov as the reference builds it: cov is
+    symmetric positive semi-definite, so its SVD is V S Vᵀ and W = V·sqrt(S)."""
+    _, s, vh = torch.linalg.svd(cov.double())
+    return vh.T * s.clamp_min(0).sqrt()[None, :]
+
+
 def gaussian_transform(mean: torch.Tensor, cov: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Maps standard-normal draws z (..., d) to N(mean, cov): z @ Wᵀ + mean with W Wᵀ = cov, W
     built from the SVD of cov as the reference does (its 'm' rule)."""
-    _, s, vh = torch.linalg.svd(cov.double())
-    # cov is symmetric PSD, so its SVD is V S Vᵀ: W = V·sqrt(S) gives W Wᵀ = cov.
-    w = vh.T * s.clamp_min(0).sqrt()[None, :]
+    w = gaussian_factor(cov)
     mean = mean.double()
 
     def transform(z: torch.Tensor) -> torch.Tensor:
@@ -145,49 +174,68 @@ def resolve_noise(spec, mt=None, subjects: Iterable[str] | None = None,
       "m"                           multivariate Gaussian fitted to the embeddings' mean and
                                     covariance over `texts` (a corpus; the reference uses WikiText)
     """
-    if isinstance(spec, bool):
-        raise ValueError(f"unknown noise rule {spec!r}")
-    if isinstance(spec, (int, float)):
-        return _positive(float(spec), spec), False
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"unknown noise rule {spec!r}: use a number, 'sK', 'uX', 'tD' or 'm'")
-    code = spec.strip()
-    try:
-        level = float(code)
-    except ValueError:
-        level = None
-    if level is not None:
-        return _positive(level, spec), False
-    if code == "m":
-        if mt is None or texts is None:
-            raise ValueError("noise rule 'm' needs the model and a text corpus (texts=, or "
-                             "--noise-corpus FILE on the command line) to fit the embedding covariance")
-        return gaussian_transform(*embedding_mean_cov(mt, texts)), False
-    m = _RULE.match(code)
-    if not m:
-        raise ValueError(f"unknown noise rule {spec!r}: use a number, 'sK', 'uX', 'tD' or 'm'")
-    letter, value = m.group(1), m.group(2)
+    letter, value = parse_noise_rule(spec, has_texts=texts is not None)
+    if letter == "":
+        return value, False
     if letter == "u":
-        if value is None:
-            raise ValueError("noise rule 'u' needs a half-width, e.g. 'u0.5'")
-        return _positive(float(value), spec), True
-    if letter == "t" and value is None:
-        raise ValueError("noise rule 't' needs degrees of freedom, e.g. 't3'")
+        return value, True
+    if letter == "m":
+        if mt is None:
+            raise ValueError("noise rule 'm' needs the model to fit the embedding covariance")
+        return gaussian_transform(*embedding_mean_cov(mt, texts)), False
     if letter == "t" and texts is not None and mt is not None:
-        return student_t_transform(gaussian_transform(*embedding_mean_cov(mt, texts)), float(value)), False
+        return student_t_transform(gaussian_transform(*embedding_mean_cov(mt, texts)), value), False
     if mt is None or subjects is None:
         raise ValueError(f"noise rule {spec!r} is relative to the embeddings' std: pass the model "
                          "and the subjects to measure it on")
     sigma = collect_embedding_std(mt, subjects)
     if letter == "s":
-        factor = float(value) if value is not None else 1.0
-        return _positive(factor, spec) * sigma, False
-    return student_t_transform(sigma, float(value)), False
+        return value * sigma, False
+    return student_t_transform(sigma, value), False
+
+
+def parse_noise_rule(spec, has_texts: bool = False) -> tuple[str, float | None]:
+    """(letter, value) of a noise rule, checked without a model, so a command line can refuse a
+    bad rule before loading one: ("", std) for a number, ("s", K), ("u", X), ("t", D), ("m", None).
+    has_texts: whether a text corpus is given (the 'm' rule needs one)."""
+    bad = f"unknown noise rule {spec!r}: use a number, 'sK', 'uX', 'tD' or 'm'"
+    if isinstance(spec, bool):
+        raise ValueError(bad)
+    if isinstance(spec, (int, float)):
+        return "", _positive(float(spec), spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(bad)
+    code = spec.strip()
+    try:
+        return "", _positive(float(code), spec)
+    except ValueError as exc:
+        if "noise level" in str(exc):  # a number, but not a usable one
+            raise
+    if code == "m":
+        if not has_texts:
+            raise ValueError("noise rule 'm' needs a text corpus (texts=, or --noise-corpus FILE on the "
+                             "command line) to fit the embedding covariance")
+        return "m", None
+    m = _RULE.match(code)
+    if not m:
+        raise ValueError(bad)
+    letter, value = m.group(1), m.group(2)
+    if letter == "u" and value is None:
+        raise ValueError("noise rule 'u' needs a half-width, e.g. 'u0.5'")
+    if letter == "t":
+        if value is None:
+            raise ValueError("noise rule 't' needs degrees of freedom, e.g. 't3'")
+        if float(value) <= 2:
+            raise ValueError(f"Student-t noise needs more than 2 degrees of freedom (finite variance), got {spec!r}")
+        return "t", float(value)
+    return letter, _positive(float(value) if value is not None else 1.0, spec)
 
 
 def _positive(x: float, spec) -> float:
-    if not np.isfinite(x) or x < 0:
-        raise ValueError(f"noise level must be a finite number >= 0, got {spec!r}")
+    if not np.isfinite(x) or x <= 0:
+        raise ValueError(f"noise level must be a finite number > 0, got {spec!r}"
+                         + (": with no noise the subject is not corrupted, so there is no effect to measure"
+                            if x == 0 else ""))
     return x
 
 

@@ -92,8 +92,11 @@ def plot_trace_heatmap(result, savepdf=None, title=None, xlabel=None, modelname=
 
 
 def guess_subject(prompt: str) -> str:
-    """A guess at the subject: the first run of capitalised words not opening a wh-question."""
-    m = re.search(r"(?!(?:Who|What|Where|When|Which|Why|How)\b)\b[A-Z][^\s,.;:?!]*(?:\s[A-Z][\w'\-]*)*", prompt)
+    """The reference's guess at the subject: from the first capital letter that does not open
+    "Who ", "What ", "Where ", "When ", "Which " or "Why ", the rest of that word up to whitespace
+    (punctuation kept: 'Audible.com'), then any following words that are a capital letter and
+    lowercase letters or apostrophes."""
+    m = re.search(r"(?!Wh(?:o|at|ere|en|ich|y) )[A-Z]\S*(?:\s[A-Z][a-z']*)*", prompt)
     if not m:
         raise ValueError(f"no capitalised subject to guess in {prompt!r}: pass subject=")
     return m.group(0).strip()

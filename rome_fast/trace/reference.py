@@ -16,7 +16,7 @@ import torch
 from ..models import adapter_for, first_tensor
 from ..tokens import make_inputs
 from .kinds import get_kind
-from .noise import NoiseSpec, draw_noise
+from .noise import NoiseSpec, draw_noise, noise_draws
 
 
 def layername(model, num: int, kind: str | None = None) -> str:
@@ -47,17 +47,33 @@ def window_layers(center: int, window: int, num_layers: int) -> range:
     return range(max(0, center - window // 2), min(num_layers, center - (-window // 2)))
 
 
+def answer_probability(logits: torch.Tensor, answers_t, whole_answer: bool = False) -> torch.Tensor:
+    """From the logits of a batch (row 0 clean), the mean over rows 1.. of the softmax probability
+    of `answers_t` at the last position (the reference). With `whole_answer`, answers_t holds the
+    n tokens of an answer whose first n − 1 close the input (teacher forcing), and the score is
+    the mean over rows 1.. of the product of the n tokens' probabilities, token j read at
+    position −n + j."""
+    if not whole_answer:
+        return torch.softmax(logits[1:, -1, :], dim=1).mean(dim=0)[answers_t]
+    answer = torch.as_tensor(answers_t, device=logits.device).reshape(-1)
+    n = answer.numel()
+    logp = torch.log_softmax(logits[1:, -n:, :].float(), dim=-1)
+    per_row = logp.gather(2, answer.view(1, n, 1).expand(logp.shape[0], n, 1)).sum(dim=(1, 2))
+    return per_row.exp().mean(dim=0)
+
+
 def trace_with_patch(model, inp: dict, states_to_patch: Sequence[tuple[int, str]], answers_t,
                      tokens_to_mix: tuple[int, int] | None, noise: NoiseSpec = 0.1,
                      uniform_noise: bool = False, replace: bool = False,
-                     trace_layers: Sequence[str] | None = None):
+                     trace_layers: Sequence[str] | None = None, *, whole_answer: bool = False):
     """One causal trace: a single forward of the batch `inp` (row 0 clean, rows 1.. corrupted).
 
     Noise is added to (with `replace`, written over) the word embeddings of tokens
     [tokens_to_mix[0], tokens_to_mix[1]) in rows 1..; every (token, module name) in
     `states_to_patch` is restored in rows 1.. to row 0's value as the forward reaches that module.
-    Returns the mean over rows 1.. of softmax p(answers_t) at the last position (a tensor), and
-    with `trace_layers` also the stacked outputs of those modules (batch, tokens, layer, hidden)."""
+    Returns the mean over rows 1.. of softmax p(answers_t) at the last position (a tensor; see
+    `answer_probability` for `whole_answer`), and with `trace_layers` also the stacked outputs of
+    those modules (batch, tokens, layer, hidden)."""
     adapter = adapter_for(model)
     embed_name = adapter.embed_name
     patch_spec: dict[str, list[int]] = defaultdict(list)
@@ -68,15 +84,7 @@ def trace_with_patch(model, inp: dict, states_to_patch: Sequence[tuple[int, str]
 
     def edit(output, name):
         if name == embed_name:
-            x = output
-            if tokens_to_mix is not None:
-                b, e = tokens_to_mix
-                noise_data = draw_noise(x.shape[0] - 1, e - b, x.shape[2], noise, uniform_noise).to(x.device)
-                if replace:
-                    x[1:, b:e] = noise_data
-                else:
-                    # float64 noise onto the float32 embeddings, as the reference (+= casts back)
-                    x[1:, b:e] += noise_data
+            _corrupt(output, tokens_to_mix, noise, uniform_noise, replace)
         elif name in patch_spec:
             h = first_tensor(output)  # blocks and attention may return tuples
             for t in patch_spec[name]:
@@ -87,11 +95,80 @@ def trace_with_patch(model, inp: dict, states_to_patch: Sequence[tuple[int, str]
 
     with torch.no_grad(), _edit_outputs(model, [embed_name, *patch_spec, *trace_layers], edit):
         logits = model(**inp).logits
-    probs = torch.softmax(logits[1:, -1, :], dim=1).mean(dim=0)[answers_t]
+    probs = answer_probability(logits, answers_t, whole_answer)
     if trace_layers:
         stacked = torch.stack([traced[n].detach().cpu() for n in trace_layers], dim=2)
         return probs, stacked
     return probs
+
+
+def _corrupt(x: torch.Tensor, tokens_to_mix, noise, uniform_noise: bool, replace: bool,
+             noise_data: torch.Tensor | None = None) -> None:
+    """Noise onto (or over) the word embeddings of tokens [b, e) in rows 1.. of `x`, in place."""
+    if tokens_to_mix is None:
+        return
+    b, e = tokens_to_mix
+    if noise_data is None:
+        noise_data = draw_noise(x.shape[0] - 1, e - b, x.shape[2], noise, uniform_noise)
+    noise_data = noise_data.to(x.device)
+    if replace:
+        x[1:, b:e] = noise_data
+    else:
+        # float64 noise onto the float32 embeddings, as the reference (+= casts back)
+        x[1:, b:e] += noise_data
+
+
+def trace_with_repatch(model, inp: dict, states_to_patch: Sequence[tuple[int, str]],
+                       states_to_unpatch: Sequence[tuple[int, str]], answers_t,
+                       tokens_to_mix: tuple[int, int] | None, noise: NoiseSpec = 0.1,
+                       uniform_noise: bool = False, *, whole_answer: bool = False):
+    """The severed-path trace (the paper's Fig. 3): `trace_with_patch` whose (token, module)
+    states in `states_to_unpatch` stay at their values in a corrupted run.
+
+    Two forwards, as the reference: the first corrupts rows 1.. and records the outputs of the
+    modules to unpatch; the second corrupts them again, restores `states_to_patch` from row 0
+    and writes the first pass's rows 1.. values over the unpatched states (after any restore of
+    the same module). One RandomState(1) serves both passes, so the second pass's noise is the
+    generator's second draw, not the first pass's noise. Without states to unpatch it is one
+    forward, exactly `trace_with_patch`."""
+    adapter = adapter_for(model)
+    embed_name = adapter.embed_name
+    patch_spec: dict[str, list[int]] = defaultdict(list)
+    for t, name in states_to_patch:
+        patch_spec[name].append(t)
+    unpatch_spec: dict[str, list[int]] = defaultdict(list)
+    for t, name in states_to_unpatch:
+        unpatch_spec[name].append(t)
+    passes = 2 if unpatch_spec else 1
+    draws = None
+    if tokens_to_mix is not None:
+        b, e = tokens_to_mix
+        rows, width = inp["input_ids"].shape[0] - 1, adapter.hidden_size
+        draws = noise_draws(rows, e - b, width, noise, uniform_noise, count=passes)
+    first_pass: dict[str, torch.Tensor] = {}
+    logits = None
+    for pass_no in range(passes):
+        recording = pass_no == 0 and passes == 2
+
+        def edit(output, name, _pass=pass_no, _recording=recording):
+            if name == embed_name:
+                _corrupt(output, tokens_to_mix, noise, uniform_noise, False,
+                         None if draws is None else draws[_pass])
+                return output
+            h = first_tensor(output)
+            if _recording:
+                if name in unpatch_spec:
+                    first_pass[name] = h.detach().clone()
+                return output
+            for t in patch_spec.get(name, ()):
+                h[1:, t] = h[0, t]
+            for t in unpatch_spec.get(name, ()):
+                h[1:, t] = first_pass[name][1:, t]
+            return output
+
+        with torch.no_grad(), _edit_outputs(model, [embed_name, *patch_spec, *unpatch_spec], edit):
+            logits = model(**inp).logits
+    return answer_probability(logits, answers_t, whole_answer)
 
 
 def _token_rows(inp: dict, token_range) -> list[int]:
@@ -101,13 +178,14 @@ def _token_rows(inp: dict, token_range) -> list[int]:
 
 def trace_important_states(model, num_layers: int, inp: dict, e_range, answer_t,
                            noise: NoiseSpec = 0.1, uniform_noise: bool = False,
-                           replace: bool = False, token_range=None) -> torch.Tensor:
+                           replace: bool = False, token_range=None, *, whole_answer: bool = False
+                           ) -> torch.Tensor:
     """Scores (tokens × layers) of restoring each single block output (the residual stream)."""
     table = []
     for tnum in _token_rows(inp, token_range):
         row = [trace_with_patch(model, inp, [(tnum, layername(model, layer))], answer_t,
                                 tokens_to_mix=e_range, noise=noise, uniform_noise=uniform_noise,
-                                replace=replace)
+                                replace=replace, whole_answer=whole_answer)
                for layer in range(num_layers)]
         table.append(torch.stack(row))
     return torch.stack(table)
@@ -115,7 +193,8 @@ def trace_important_states(model, num_layers: int, inp: dict, e_range, answer_t,
 
 def trace_important_window(model, num_layers: int, inp: dict, e_range, answer_t, kind: str,
                            window: int = 10, noise: NoiseSpec = 0.1, uniform_noise: bool = False,
-                           replace: bool = False, token_range=None) -> torch.Tensor:
+                           replace: bool = False, token_range=None, *, whole_answer: bool = False
+                           ) -> torch.Tensor:
     """Scores (tokens × layers) of restoring the `kind` ('mlp' / 'attn') outputs of a window of
     layers around each layer (see `window_layers`) at one token."""
     table = []
@@ -124,7 +203,25 @@ def trace_important_window(model, num_layers: int, inp: dict, e_range, answer_t,
         for layer in range(num_layers):
             states = [(tnum, layername(model, L, kind)) for L in window_layers(layer, window, num_layers)]
             row.append(trace_with_patch(model, inp, states, answer_t, tokens_to_mix=e_range,
-                                        noise=noise, uniform_noise=uniform_noise, replace=replace))
+                                        noise=noise, uniform_noise=uniform_noise, replace=replace,
+                                        whole_answer=whole_answer))
+        table.append(torch.stack(row))
+    return torch.stack(table)
+
+
+def trace_severed_states(model, num_layers: int, inp: dict, e_range, answer_t, sever: str,
+                         noise: NoiseSpec = 0.1, uniform_noise: bool = False, token_range=None, *,
+                         whole_answer: bool = False) -> torch.Tensor:
+    """Scores (tokens × layers) of restoring each single block output while the `sever` module
+    ('mlp' or 'attn') of every layer stays corrupted at the restored token (the notebook's
+    calculate_hidden_flow_3 with disable_mlp / disable_attn)."""
+    table = []
+    for tnum in _token_rows(inp, token_range):
+        frozen = [(tnum, layername(model, layer, sever)) for layer in range(num_layers)]
+        row = [trace_with_repatch(model, inp, [(tnum, layername(model, layer))], frozen, answer_t,
+                                  tokens_to_mix=e_range, noise=noise, uniform_noise=uniform_noise,
+                                  whole_answer=whole_answer)
+               for layer in range(num_layers)]
         table.append(torch.stack(row))
     return torch.stack(table)
 

@@ -2,11 +2,20 @@
 
 The file holds the keys of the reference's result dict (`scores`, `low_score`, `high_score`,
 `input_ids`, `input_tokens`, `subject_range`, `answer`, `window`, `correct_prediction`, `kind`), all
-plain arrays, so the reference's notebooks read ours and `TraceResult.load` reads theirs."""
+plain arrays (strings as fixed-width unicode), so the reference's notebooks read ours and
+`TraceResult.load` reads theirs.
+
+Files are read without pickle: a pickled member could run any code when loaded
+(docs/security.md). The one pickled value the reference writes, `kind=None` for hidden states (NumPy
+stores None as an object array), is recognised by disassembling its pickle, never by running it."""
 from __future__ import annotations
 
+import io
 import os
+import pickletools
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -101,6 +110,9 @@ class TraceResult:
             elif key == "high_score":
                 value = np.float32(value)  # the reference stores the clean probability as float32
             arrays[key] = np.asarray(value)
+            if arrays[key].dtype.hasobject:  # only pickle could store it, and we never read pickles
+                raise ValueError(f"cannot save {key!r} ({type(value).__name__}) in {path}: result files "
+                                 "hold numbers and strings only")
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:  # a file object: savez would append ".npz" to a name
@@ -113,9 +125,16 @@ class TraceResult:
 
     @classmethod
     def load(cls, path) -> "TraceResult":
-        """Read a `.npz` written by `save` or by the reference."""
-        with np.load(path, allow_pickle=True) as data:
-            return cls.from_dict({k: data[k] for k in data.files})
+        """Read a `.npz` written by `save` or by the reference, without pickle. A file that cannot
+        be read (truncated, not an npz, pickled objects, fields of the wrong shape) is a
+        `ResultFileError` naming it."""
+        arrays = read_npz(path)
+        try:
+            result = cls.from_dict(arrays)
+            _check_fields(result)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise ResultFileError(path, f"not a trace result ({exc})") from None
+        return result
 
     # Convenience for summaries -------------------------------------------------------------------
     @property
@@ -129,6 +148,102 @@ class TraceResult:
         flat = int(torch.argmax(self.scores))
         t, layer = divmod(flat, self.scores.shape[1])
         return t, layer, float(self.scores[t, layer])
+
+
+class ResultFileError(ValueError):
+    """A result file that does not load: truncated, not an npz, holding pickled objects, or with
+    fields of the wrong shape. `path` and `reason` say which and why."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}: delete it (a trace run computes it again)")
+
+
+def read_npz(path) -> dict:
+    """The arrays of an `.npz`, read without pickle; the reference's pickled `kind=None` comes back
+    as None. Anything else is a `ResultFileError` naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ResultFileError(path, "a single .npy array, not an .npz result file")
+            out = {}
+            for key in data.files:
+                try:
+                    out[key] = data[key]
+                except ValueError as exc:
+                    if "allow_pickle" not in str(exc) and "Object arrays" not in str(exc):
+                        raise
+                    if key != "kind" or not _pickled_none(data.zip.read(key + ".npy")):
+                        raise ResultFileError(path, f"{key!r} holds pickled Python objects, which are not "
+                                                    "loaded (unpickling a data file can run any code)") from None
+                    out[key] = None
+            return out
+    except ResultFileError:
+        raise
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ResultFileError(path, f"does not load ({type(exc).__name__}: {exc}); it may be truncated") from None
+
+
+# What NumPy writes for a 0-d object array holding None, in any protocol (NumPy 1 and 2 module names)
+_NONE_ARRAY_STRINGS = {"numpy.core.multiarray", "numpy._core.multiarray", "_reconstruct", "numpy", "ndarray",
+                       "dtype", "O8", "|", "b", "latin1", "_codecs", "encode"}
+_NONE_ARRAY_GLOBALS = {"numpy.core.multiarray _reconstruct", "numpy._core.multiarray _reconstruct",
+                       "numpy ndarray", "numpy dtype", "_codecs encode"}
+_MEMO_OPS = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+_NONE_ARRAY_OPS = _MEMO_OPS | {
+    "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "MARK", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE",
+    "EMPTY_LIST", "APPEND", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2",
+    "SHORT_BINUNICODE", "BINUNICODE", "SHORT_BINBYTES", "BINBYTES", "SHORT_BINSTRING", "STOP"}
+
+
+def _pickled_none(npy: bytes) -> bool:
+    """Whether an object-array `.npy` member is a 0-d array holding None: its header says so, its
+    pickle names nothing but NumPy's array reconstruction, and its one element is None.
+    `pickletools.genops` only reads the opcodes: nothing is imported or run."""
+    f = io.BytesIO(npy)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return False
+        shape, _, dtype = read_header(f)
+        if shape != () or dtype != np.dtype(object):
+            return False
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(f)]
+    except ValueError:
+        return False
+    for name, arg in ops:
+        if name not in _NONE_ARRAY_OPS:
+            return False
+        if name == "GLOBAL" and arg not in _NONE_ARRAY_GLOBALS:
+            return False
+        if isinstance(arg, (str, bytes)) and name != "GLOBAL" and \
+                (arg.decode("latin1") if isinstance(arg, bytes) else arg) not in _NONE_ARRAY_STRINGS:
+            return False
+    tail = [name for name, _ in ops if name not in _MEMO_OPS]
+    return tail[-6:] == ["EMPTY_LIST", "NONE", "APPEND", "TUPLE", "BUILD", "STOP"]
+
+
+def _check_fields(r: "TraceResult") -> None:
+    """What the code reading a result relies on (consistent shapes), so a malformed file fails
+    here, naming itself."""
+    if r.input_tokens is None:
+        raise ValueError("no input_tokens")
+    if r.input_ids is not None and (r.input_ids.dim() != 1 or r.input_ids.is_floating_point()):
+        raise ValueError("'input_ids' must be a 1-D integer array")
+    if r.correct_prediction:
+        n = len(r.input_tokens)
+        if r.scores is None or r.scores.dim() != 2 or not r.scores.is_floating_point():
+            raise ValueError("a correct prediction needs 'scores', a tokens × layers float array")
+        if r.scores.shape[0] != n:
+            raise ValueError(f"{r.scores.shape[0]} score rows for {n} tokens")
+        if r.subject_range is None or len(r.subject_range) != 2 or not 0 <= r.subject_range[0] < r.subject_range[1] <= n:
+            raise ValueError(f"subject_range {r.subject_range} outside the {n} tokens")
+        if r.low_score is None or r.high_score is None:
+            raise ValueError("a correct prediction needs 'low_score' and 'high_score'")
 
 
 def _scalar(v: Any):

@@ -13,16 +13,17 @@ def layer_band(layer: int, n_layers: int) -> str:
 
 def best_cells(r: TraceResult) -> dict:
     """Best cell at the subject tokens and at the last token, each as (token, layer, p, share of
-    the drop restored), and the first layer from which the last token alone restores half."""
+    the drop restored), and the first layer from which the last token alone restores half. When
+    the noise did not lower p(answer) there is no drop, and the shares are None."""
     gap = r.high_score - r.low_score
-    share = (lambda p: (p - r.low_score) / gap if gap > 0 else float("nan"))
+    share = (lambda p: (p - r.low_score) / gap if gap > 0 else None)
     subj = r.scores[r.subject_range[0]:r.subject_range[1]]
     flat = int(subj.argmax())
     st, sl = divmod(flat, subj.shape[1])
     st += r.subject_range[0]
     last = r.scores[-1]
     ll = int(last.argmax())
-    half = [L for L in range(len(last)) if share(float(last[L])) >= 0.5]
+    half = [L for L in range(len(last)) if gap > 0 and share(float(last[L])) >= 0.5]
     return dict(subject=(st, sl, float(r.scores[st, sl]), share(float(r.scores[st, sl]))),
                 last=(len(r.scores) - 1, ll, float(last[ll]), share(float(last[ll]))),
                 last_half_from=half[0] if half else None)
@@ -40,5 +41,8 @@ def summarize_trace(result, kind, n_layers: int | None = None) -> list[str]:
     lines = [f"{name}: strongest at {r.input_tokens[t]!r} (token {t}), layer {layer}, p = {score:.3f}"]
     for label, (tok, lay, p, frac) in (("subject", c["subject"]), ("last token", c["last"])):
         lines.append(f"    best at the {label}: {r.input_tokens[tok]!r} layer {lay} ({layer_band(lay, n_layers)}), "
-                     f"p = {p:.3f}, {frac:.0%} of the drop restored")
+                     f"p = {p:.3f}" + ("" if frac is None else f", {frac:.0%} of the drop restored"))
+    if r.high_score <= r.low_score:
+        lines.append(f"    the noise did not lower p(answer) (clean {r.high_score:.3f}, corrupted "
+                     f"{r.low_score:.3f}): there is no drop to restore; try more noise")
     return lines

@@ -1,0 +1,80 @@
+"""Sequential editing side by side: ROME (one by one), MEMIT and AlphaEdit, from the run folders of
+`rome-fast eval --sequential --num-edits N` (AlphaEdit's protocol, docs/alphaedit.md §Measured).
+
+    rome-fast eval --method memit     --num-edits 100 --sequential --limit 2000 --out runs/memit
+    rome-fast eval --method alphaedit --num-edits 100 --sequential --limit 2000 --out runs/alphaedit --skip-pre
+    rome-fast eval --method rome      --num-edits 100 --sequential --limit 2000 --out runs/rome --skip-pre
+    python benchmarks/alphaedit_sequential.py runs/memit runs/alphaedit runs/rome \\
+        --json benchmarks/results/alphaedit_sequential_smollm2.json --png benchmarks/results/alphaedit_sequential_smollm2.png
+
+Writes one JSON (per method: metrics after the last batch, edit wall time, the monitor's curves;
+"unedited": the "pre" metrics of whichever run measured them), one figure (the three monitors) and
+prints a Markdown table."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rome_fast.eval.monitor import load_monitor, plot_monitors
+from rome_fast.eval.runner import summarize
+
+COLS = ["S", "ES", "PS", "NS", "GE", "rewrite_acc", "paraphrase_acc", "neighborhood_acc"]
+
+
+def _cell(v):
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if isinstance(v, float) else f"{v['mean']:.1f} ± {v['ci95']:.1f}"
+
+
+def collect(dirs) -> dict:
+    runs, unedited = {}, None
+    for d in map(Path, dirs):
+        s = summarize(d, print_table=False)
+        mon = load_monitor(d / "monitor.json")
+        cfg = json.loads((d / "run.json").read_text(encoding="utf-8"))
+        edits = s["chunks"]["edits"]
+        runs[cfg["method"]] = {
+            "dir": str(d), "cases": s["n"], "edits": edits, "batch": cfg["num_edits"], "batches": s["chunks"]["chunks"],
+            "post": s["post"], "edit_seconds": s["chunks"]["edit_seconds"],
+            "seconds_per_edit": s["chunks"]["seconds_per_edit"], "backend": cfg.get("backend") or "fast",
+            "generation_interval": cfg.get("generation_interval"), "monitor": mon}
+        if s["pre"] and unedited is None:
+            unedited = {"from": str(d), "cases": s["n"], "metrics": s["pre"]}
+    return {"runs": runs, "unedited": unedited}
+
+
+def table(res) -> str:
+    rows = [["", "edits (batch)"] + COLS + ["edit time (s)", "final KL", "final GE (monitor)"]]
+    if res["unedited"]:
+        rows.append(["unedited", "-"] + [_cell(res["unedited"]["metrics"].get(c)) for c in COLS] + ["-", "0", "-"])
+    for m, r in res["runs"].items():
+        last = r["monitor"]["batches"][-1] if r["monitor"]["batches"] else {}
+        rows.append([m, f"{r['edits']} ({r['batch']})"] + [_cell(r["post"].get(c)) for c in COLS] +
+                    [f"{r['edit_seconds']:.0f}", f"{last.get('kl', float('nan')):.4f}",
+                     f"{last.get('ngram_entropy', float('nan')):.3f}"])
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dirs", nargs="+", help="run folders of rome-fast eval --sequential --num-edits")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--png", required=True)
+    ap.add_argument("--note", default="CPU, shared 2-core machine with other jobs running: times are indicative only")
+    args = ap.parse_args(argv)
+    res = collect(args.dirs)
+    res["note"] = args.note
+    res["model"] = "smollm2-135m"
+    Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    plot_monitors({m: r["monitor"] for m, r in res["runs"].items()}, args.png,
+                  title="sequential CounterFact edits on SmolLM2-135M: collapse monitor")
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

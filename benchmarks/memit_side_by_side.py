@@ -1,0 +1,108 @@
+"""MEMIT, reference path vs fast backend, in one process on the embedded SmolLM2-135M (CPU).
+
+    OMP_NUM_THREADS=1 python benchmarks/memit_side_by_side.py [--edits 100]
+
+N CounterFact requests (the file's first) edited at once by each backend (same seeded context
+templates, same statistics file: the whole WikiText-2 test set or --samples articles of it, collected
+before anything is timed; each backend reads it from disk
+inside its timing, the fast one also factors C). Reports the wall time of each call and its phases
+(statistics, z, layer updates), their ratio, the relative difference of every edited weight's
+update and of the z vectors, the steps, and ES/PS/NS of the N cases after each edit.
+Writes benchmarks/results/memit_cpu.json."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--edits", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=None,
+                    help="WikiText articles for the statistics (default: the preset's, i.e. the whole file)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memit_cpu.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import rome_fast
+    from rome_fast.edit import restore_weights
+    from rome_fast.edit.memit import MEMITHyperParams, apply_memit_to_model, clear_caches, get_context_templates
+    from rome_fast.edit.memit.stats import layer_factors
+    from rome_fast.eval import metrics as M
+    from rome_fast.eval.chunked import drop_conflicts
+    from rome_fast.eval.datasets import load_counterfact
+
+    mt = rome_fast.load_model("smollm2-135m", device="cpu")
+    hp = MEMITHyperParams.from_name(mt.name)
+    if args.samples is not None:
+        hp = dataclasses.replace(hp, mom2_n_samples=args.samples)
+    corpus = str(DATA / "wikitext-2-raw-test.txt")
+    records, dropped = drop_conflicts(load_counterfact(DATA / "counterfact-edit.json", limit=args.edits))
+    reqs = [r.request() for r in records]
+    templates = get_context_templates(mt.model, mt.tokenizer, seed=0)
+    # the statistics files exist before anything is timed (collecting them is not what is compared)
+    layer_factors(mt.model, mt.tokenizer, hp, {l: 1536 for l in hp.layers}, None, corpus, progress=False)
+    res = {"device": "cpu", "threads": args.threads, "model": mt.name, "torch": torch.__version__,
+           "machine": platform.processor() or platform.machine(), "edits": len(reqs), "dropped_conflicts": len(dropped),
+           "hparams": hp.to_dict(),
+           "note": f"one run of each backend in one process, {args.threads} thread(s), on a shared 2-core CPU "
+                   "with other jobs running (timings are indicative; the ratio is from this one run)"}
+    upd, info, quality = {}, {}, {}
+
+    def scores():
+        per = [M.counterfact_case_scores(M.counterfact_probs(mt.model, mt.tokenizer, r, accuracy=True))
+               for r in records]
+        return {k: (v["mean"] if isinstance(v, dict) else v) for k, v in M.aggregate(per).items()}
+
+    res["pre"] = scores()  # the unedited model
+    for backend in ("fast", "reference"):
+        clear_caches()  # each call reads the statistics from disk
+        info[backend] = {}
+        t0 = time.perf_counter()
+        _, orig = apply_memit_to_model(mt.model, mt.tokenizer, reqs, hp, return_orig_weights=True, backend=backend,
+                                       context_templates=templates, corpus=corpus, progress=False,
+                                       return_info=info[backend])
+        info[backend]["wall"] = time.perf_counter() - t0
+        upd[backend] = {n: (mt.model.get_parameter(n) - w).detach().clone() for n, w in orig.items()}
+        quality[backend] = scores()
+        restore_weights(mt.model, orig)
+        print(backend, f"{info[backend]['wall']:.1f} s", info[backend]["seconds"], quality[backend], flush=True)
+    f, r = info["fast"], info["reference"]
+    res["seconds"] = {b: dict(info[b]["seconds"], total=info[b]["wall"]) for b in info}
+    res["speedup"] = r["wall"] / f["wall"]
+    res["speedup_z"] = r["seconds"]["z"] / f["seconds"]["z"]
+    res["speedup_layers"] = r["seconds"]["layers"] / f["seconds"]["layers"]
+    res["rel_diff_update"] = {n: rel(upd["fast"][n], upd["reference"][n]) for n in upd["reference"]}
+    res["rel_diff_z_max"] = max(rel(a.z, b.z) for a, b in zip(f["z"], r["z"]))
+    res["z_steps_equal"] = sum(a.steps == b.steps for a, b in zip(f["z"], r["z"]))
+    res["z_steps_mean"] = sum(z.steps for z in r["z"]) / len(r["z"])
+    res["post"] = quality
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"{'':28s}{'reference':>12s}{'fast':>12s}{'speedup':>9s}")
+    for k in ("setup", "z", "layers", "total"):
+        a, b = res["seconds"]["reference"][k], res["seconds"]["fast"][k]
+        print(f"{k + ', s':28s}{a:12.1f}{b:12.1f}{a / b if b else float('nan'):9.2f}")
+    print(f"max relative difference of the updates {max(res['rel_diff_update'].values()):.1e}, of z "
+          f"{res['rel_diff_z_max']:.1e}; z steps equal for {res['z_steps_equal']}/{len(reqs)}")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

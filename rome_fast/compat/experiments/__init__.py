@@ -1,0 +1,1 @@
+"""The reference's `experiments` package: `causal_trace` and `py.demo`."""

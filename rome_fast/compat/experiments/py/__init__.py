@@ -1,0 +1,1 @@
+"""The reference's `experiments.py` package: `demo`."""

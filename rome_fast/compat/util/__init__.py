@@ -1,0 +1,1 @@
+"""The reference's `util` package: `nethook`, `generate`, `globals`, `logit_lens`."""
