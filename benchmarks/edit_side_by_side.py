@@ -219,6 +219,10 @@ def main(argv=None) -> int:
                                   "max_abs_diff_points": max(abs(got["float32"][k] - got["bfloat16"][k])
                                                              for k in keys)}
 
+    res["command"] = " ".join(["python", "benchmarks/edit_side_by_side.py",
+                               *(sys.argv[1:] if argv is None else argv)])
+    res["timing"] = ("statistics and the update alone: the best of their repeats; per edit: the mean of "
+                     "--edits edits; sequential: one run. Not medians")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     s, p, q, u = res["stats"], res["per_edit"], res["sequential"], res["update"]

@@ -136,17 +136,18 @@ def embedded():
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """tiny_model(family, seed=1): a seeded tiny random model of a family (a ModelAndTokenizer),
-    built once per session."""
+    """tiny_model(family, seed=1, attn="eager"): a seeded tiny random model of a family (a
+    ModelAndTokenizer) with the given attention implementation ("eager" or "sdpa"; the weights
+    depend on the seed only), built once per session."""
     from rome_fast.models import ModelAndTokenizer
     from rome_fast.models.random_init import random_model
     cache = {}
 
-    def get(family: str, seed: int = 1):
-        if (family, seed) not in cache:
-            model, tok = random_model(family, seed=seed)
-            cache[family, seed] = ModelAndTokenizer(model=model, tokenizer=tok)
-        return cache[family, seed]
+    def get(family: str, seed: int = 1, attn: str = "eager"):
+        if (family, seed, attn) not in cache:
+            model, tok = random_model(family, seed=seed, attn=attn)
+            cache[family, seed, attn] = ModelAndTokenizer(model=model, tokenizer=tok)
+        return cache[family, seed, attn]
 
     return get
 

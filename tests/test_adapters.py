@@ -5,7 +5,7 @@ from torch import nn
 
 import rome_fast as rf
 from rome_fast.models import UnsupportedArchitectureError
-from rome_fast.models.random_init import RANDOM_FAMILIES
+from rome_fast.models.random_init import ATTENTION, RANDOM_FAMILIES
 
 EXPECTED = {
     "gpt2": ("transformer.h.3", "transformer.h.3.mlp.c_proj", "in_out", "transformer.wte"),
@@ -16,6 +16,15 @@ EXPECTED = {
     "qwen2": ("model.layers.3", "model.layers.3.mlp.down_proj", "out_in", "model.embed_tokens"),
 }
 PROMPTS = ["The Eiffel Tower is located in the city of", "Miles Davis plays the", "Toyota"]
+# Block-by-block runs (the fused Llama-family blocks included) vs the model's own forward, as a
+# fraction of the largest value compared: measured at most 1.7e-6 over the Llama-family tiny
+# models of seeds 1-8 with eager attention (another summation order in the attention), bitwise
+# equal with sdpa; a norm or bias applied in the wrong place moves values by 1e-2 or more.
+SCALE_TOL = 5e-6
+
+
+def assert_close_to_scale(got, want):
+    torch.testing.assert_close(got, want, rtol=0, atol=SCALE_TOL * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("family", RANDOM_FAMILIES)
@@ -47,9 +56,15 @@ def test_structure(tiny_models, family):
         a.module_name("foo", 1)
 
 
+@pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", RANDOM_FAMILIES)
-def test_blockwise_run_reproduces_logits(tiny_models, family):
-    mt = tiny_models[family]
+def test_blockwise_run_reproduces_logits(tiny_model, family, attn):
+    try:
+        mt = tiny_model(family, attn=attn)
+    except ValueError as exc:  # older transformers (4.56) have no sdpa attention for GPT-J
+        if "does not support an attention implementation" not in str(exc):
+            raise
+        pytest.skip(f"this transformers has no {attn} attention for {family}")
     tok = mt.tokenizer
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
@@ -58,20 +73,20 @@ def test_blockwise_run_reproduces_logits(tiny_models, family):
         want = mt.model(**batch, position_ids=pos).logits
         got = mt.adapter.forward_blockwise(batch.input_ids, batch.attention_mask, pos)
     assert want.std() > 0.1
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert_close_to_scale(got, want)
     # unpadded, default positions
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     with torch.no_grad():
-        torch.testing.assert_close(mt.adapter.forward_blockwise(ids), mt.model(ids).logits,
-                                   rtol=0, atol=1e-5)
+        assert_close_to_scale(mt.adapter.forward_blockwise(ids), mt.model(ids).logits)
 
 
+@pytest.mark.parametrize("attn", ATTENTION)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fused_block_runs_hooks_like_the_model(tiny_models, family):
+def test_fused_block_runs_hooks_like_the_model(tiny_model, family, attn):
     """Without autograd the Llama-family blocks run fused: forward hooks on the attention and MLP
     modules still see and replace their outputs, and a hook that keeps a module's output keeps
     the value the model computed (no in-place step overwrites it)."""
-    mt = tiny_models[family]
+    mt = tiny_model(family, attn=attn)
     a = mt.adapter
     ids = mt.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     kept = {}
@@ -94,9 +109,9 @@ def test_fused_block_runs_hooks_like_the_model(tiny_models, family):
     finally:
         for h in handles:
             h.remove()
-    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    assert_close_to_scale(fused, plain)
     for k in ("mlp", "down"):
-        torch.testing.assert_close(fused_kept[k], kept[k].detach(), rtol=0, atol=1e-5)
+        assert_close_to_scale(fused_kept[k], kept[k].detach())
     with torch.no_grad():
         assert (a.forward_blockwise(ids) - fused).abs().max() > 1e-3  # the hook mattered
 

@@ -121,4 +121,6 @@ def test_fast_statistics_equal_reference_on_cuda(family):
     bf = collect_mom2_fast(model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, act_dtype="bfloat16",
                            progress=False)[names[0]]
     want = collect_mom2(model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, progress=False)[names[0]]
-    assert rel(bf.mom2, want.mom2) < 5e-2
+    # measured at most 9.8e-3 on CPU over the tiny models (tests/test_edit_fast.py); not yet
+    # measured on a GPU, whose bf16 matmuls also sum in fp32
+    assert rel(bf.mom2, want.mom2) < 2e-2

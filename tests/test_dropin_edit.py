@@ -81,7 +81,10 @@ def test_reference_statistics_file_needs_no_corpus(mt, hp, stats_dir):
     inv = rome.get_inv_cov(mt.model, mt.tokenizer, mt.adapter.rewrite_name(LAYER), "wikipedia", 200, "float32")
     from rome_fast.edit.stats import load_stats_file
     C = load_stats_file(path, sample_size=200).moment().float()
-    torch.testing.assert_close(inv @ C, torch.eye(C.shape[0]), atol=1e-3, rtol=0)
+    # against C⁻¹ in fp64 (an ill-conditioned C makes inv @ C - I large for any fp32 inverse)
+    exact = torch.linalg.inv(C.double())
+    diff = float((inv.double() - exact).norm() / exact.norm())
+    assert diff < 5e-4
 
 
 def test_execute_rome_leaves_the_model_and_returns_rank_one_factors(mt, hp, stats_dir):

@@ -35,19 +35,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tiny_models, tmp_path_factory):
     """Per family: model, tokenizer, hparams (6 value steps), seeded templates, and statistics
     collected once by the reference path into a cache both paths read."""
+    return {fam: _prepare(tiny_models[fam], tmp_path_factory.mktemp(f"fast-stats-{fam}")) for fam in FAMILIES}
+
+
+def _prepare(mt, stats_dir):
     corpus = synthetic_corpus()
-    out = {}
-    for fam in FAMILIES:
-        mt = tiny_models[fam]
-        hp = ROMEHyperParams.for_model(mt.model, layer=LAYER)
-        hp = dataclasses.replace(hp, v_num_grad_steps=6, mom2_n_samples=300, mom2_dataset="synthetic",
-                                 context_template_length_params=[[4, 3], [6, 2]])
-        templates = get_context_templates(mt.model, mt.tokenizer, hp.context_template_length_params, seed=0)
-        stats_dir = tmp_path_factory.mktemp(f"fast-stats-{fam}")
-        st = layer_stats(mt.model, mt.tokenizer, hp.rewrite_module_tmp.format(LAYER), stats_dir,
-                         "corpus", sample_size=300, corpus=corpus, progress=False)
-        out[fam] = dict(mt=mt, hp=hp, templates=templates, stats_dir=stats_dir, corpus=corpus, st=st)
-    return out
+    hp = ROMEHyperParams.for_model(mt.model, layer=LAYER)
+    hp = dataclasses.replace(hp, v_num_grad_steps=6, mom2_n_samples=300, mom2_dataset="synthetic",
+                             context_template_length_params=[[4, 3], [6, 2]])
+    templates = get_context_templates(mt.model, mt.tokenizer, hp.context_template_length_params, seed=0)
+    st = layer_stats(mt.model, mt.tokenizer, hp.rewrite_module_tmp.format(LAYER), stats_dir,
+                     "corpus", sample_size=300, corpus=corpus, progress=False)
+    return dict(mt=mt, hp=hp, templates=templates, stats_dir=stats_dir, corpus=corpus, st=st)
 
 
 def rel(a, b):
@@ -64,7 +63,19 @@ def _w(s):
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_value_optimisation_matches_reference(setup, fam):
-    s = setup[fam]
+    _check_value_optimisation(setup[fam])
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_value_optimisation_matches_reference_with_sdpa(tiny_model, tmp_path, fam):
+    """sdpa attention: the fast optimisation's boolean masks over [cached prefix | suffix] (eager
+    models get additive float masks)."""
+    mt = tiny_model(fam, attn="sdpa")
+    assert mt.model.config._attn_implementation == "sdpa"
+    _check_value_optimisation(_prepare(mt, tmp_path))
+
+
+def _check_value_optimisation(s):
     model, tok, hp = s["mt"].model, s["mt"].tokenizer, s["hp"]
     u = compute_u(model, tok, REQS[0] | {"target_new": {"str": " Rome"}}, hp, LAYER, s["templates"],
                   stats_dir=s["stats_dir"], corpus=s["corpus"], progress=False)
@@ -545,6 +556,11 @@ def test_mom2_ridge_regularises_only_when_asked(setup, tmp_path, backend):
 
 
 # ---- statistics ---------------------------------------------------------------------------------
+# A bf16 forward (act_dtype) against the exact fp32 statistics, |ΔC|_F / |C|_F: measured at most
+# 9.8e-3 on the tiny models (5 families, seeds 1-3, layers 0-2; fp16 1.2e-3) and 6.3e-3 on the
+# embedded model (benchmarks/results/edit_cpu.json): each key comes through bf16 blocks whose
+# every output is rounded to 8 significant bits (2^-9 = 2e-3 relative a rounding).
+BF16_STATS_REL = 2e-2
 @pytest.mark.parametrize("fam", ["gpt2", "llama"])
 def test_fast_stats_one_pass_packed_equals_reference(setup, fam):
     s = setup[fam]
@@ -565,7 +581,7 @@ def test_fast_stats_one_pass_packed_equals_reference(setup, fam):
     bf = collect_mom2_fast(model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, act_dtype="bfloat16",
                            progress=False)[names[0]]
     assert bf.mom2.dtype == torch.float32 and rel(bf.mom2, collect_mom2(
-        model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, progress=False)[names[0]].mom2) < 5e-2
+        model, tok, names[:1], texts[:20], 1024, 3072, torch.float32, progress=False)[names[0]].mom2) < BF16_STATS_REL
 
 
 def test_fast_stats_cache_is_interchangeable(setup, tmp_path):
@@ -599,7 +615,7 @@ def test_half_precision_stats_have_their_own_files(setup, tmp_path):
     bf = layer_stats_fast(model, tok, name, tmp_path, "c", sample_size=30, corpus=corpus, progress=False,
                           act_dtype="bfloat16")
     assert bf.path != exact.path and bf.path.name.endswith("_act-bfloat16.npz")
-    assert not torch.equal(bf.mom2.mom2, exact.mom2.mom2) and rel(bf.mom2.mom2, exact.mom2.mom2) < 5e-2
+    assert not torch.equal(bf.mom2.mom2, exact.mom2.mom2) and rel(bf.mom2.mom2, exact.mom2.mom2) < BF16_STATS_REL
     # the exact file is untouched, and each is read back from its own file
     again = layer_stats_fast(model, tok, name, tmp_path, "c", sample_size=30, corpus=["unused"], progress=False)
     assert torch.equal(again.mom2.mom2, exact.mom2.mom2)

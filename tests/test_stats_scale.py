@@ -60,7 +60,9 @@ def test_interrupted_run_resumes_to_the_same_bits(llama, corpus, tmp_path):
     assert [p["texts"] for p in rec["curve"]] == [100, 200, 400, 600] and rec["keys"] == whole[L1].mom2.count
     # the same sums as the plain (reference) collector
     ref = layer_stats(m, tok, L2, None, "c", sample_size=600, corpus=corpus, progress=False)
-    torch.testing.assert_close(again[L2].mom2.mom2, ref.mom2.mom2, rtol=1e-5, atol=1e-3)
+    # (relative to the whole matrix: fp32 sums in another order differ most where entries cancel)
+    diff = float((again[L2].mom2.mom2.double() - ref.mom2.mom2.double()).norm() / ref.mom2.mom2.double().norm())
+    assert diff < 1e-6
 
 
 def test_checkpoint_of_another_model_or_corpus_is_refused(llama, corpus, tmp_path):

@@ -91,27 +91,46 @@ def random_config(family: str, size: str = "tiny", n_layer: int | None = None):
 RANDOM_FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
 
 
+ATTENTION = ("eager", "sdpa")
+
+
 def random_model(family: str, size: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu",
-                 n_layer: int | None = None):
-    """(model, tokenizer) with seeded random weights, in eval mode."""
+                 n_layer: int | None = None, attn: str | None = None):
+    """(model, tokenizer) with seeded random weights, in eval mode. attn: the attention
+    implementation, "eager" or "sdpa" (default: eager for tiny models, sdpa for real sizes)."""
     from transformers import AutoModelForCausalLM
 
+    attn = attn or ("eager" if size == "tiny" else "sdpa")
+    if attn not in ATTENTION:
+        raise ValueError(f"attn must be one of {ATTENTION}, not {attn!r}")
     config = random_config(family, size, n_layer)
     tok = tiny_tokenizer() if size == "tiny" else _sized_tokenizer()
-    config._attn_implementation = "eager" if size == "tiny" else "sdpa"
+    config._attn_implementation = attn
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if size == "tiny":
-        # Larger-than-default weights make tiny models' predictions depend strongly on the input,
-        # so tests of restoration see real, distinguishable effects.
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(seed)
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        _randomise_tiny_(model, seed)
     model.eval().requires_grad_(False)
     return model, tok
+
+
+@torch.no_grad()
+def _randomise_tiny_(model, seed: int) -> None:
+    """Weights large enough that a tiny model's predictions depend strongly on the input (tests of
+    restoration then see real, distinguishable effects), and norm gains and biases away from 1
+    and 0, so that a test notices a norm or bias applied in the wrong place (say, one block's two
+    norms swapped, or a projection's bias dropped). The 1-D draws come from their own generator:
+    the matrices are those of a seed whatever the 1-D parameters are."""
+    g = torch.Generator().manual_seed(seed)
+    g1 = torch.Generator().manual_seed(seed + 7919)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g1) * 0.1)
+        else:  # a norm's gain
+            p.copy_(1 + torch.randn(p.shape, generator=g1) * 0.2)
 
 
 def _sized_tokenizer():
