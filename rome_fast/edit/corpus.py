@@ -283,7 +283,7 @@ _DIGEST_ENDS = 8 << 20   # of larger ones: the size and the first and last 8 MiB
 def corpus_digest(corpus) -> str | None:
     """A sha256 of a local corpus file's or folder's content, recorded in the statistics files
     made from it, so a cached file made from another corpus of the same name is refused
-    (`stats.check_corpus`). A file: its bytes (beyond 1 GiB: size, first and last 8 MiB, so a
+    (`stats.load_stats_file`). A file: its bytes (beyond 1 GiB: size, first and last 8 MiB, so a
     cached lookup stays quick on a corpus of many GB); a folder: its corpus files' relative
     paths and contents. None, nothing to compare, for a dataset name, a missing path, and an
     in-memory list (its cache is named by the caller's ds_name, and a cached lookup must not

@@ -25,7 +25,7 @@ from ..models import adapter_for
 from ..hooks import StopForward, TraceDict, in_execution_order, module_input_size
 from ..models.base import mask_like
 from .corpus import corpus_digest, resolve_corpus, texts_fingerprint
-from .stats import (_PRECISIONS, LayerStats, SecondMoment, _Subset, check_corpus, check_stats_request,
+from .stats import (_PRECISIONS, LayerStats, SecondMoment, _Subset, check_stats_request,
                     context_length, length_batches, load_stats_file, sample_order, save_stats_file,
                     stats_model_name, stats_path)
 
@@ -253,24 +253,22 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
                    batch_tokens=batch_tokens, until_converged=until_converged,
                    probes=None if probe_requests is None else _probe_fp(probe_requests))
     out, paths = {}, {}
-    digest = corpus_digest(corpus if corpus is not None else ds_name)
+    digest = None if stats_dir is None else corpus_digest(corpus if corpus is not None else ds_name)
     for n in names:
         if stats_dir is None:
             continue
         paths[n] = stats_path(stats_dir, model_name, ds_name, n, precision, to_collect, sample_size,
                               batch_tokens, maxlen, act_dtype, seed)
         if paths[n].is_file() and not force_recompute:
-            stat = load_stats_file(paths[n], dims[n], sample_size)
+            stat = load_stats_file(paths[n], dims[n], sample_size, digest)
             if stat is not None:
-                check_corpus(paths[n], digest)
                 out[n] = LayerStats(stat, paths[n], sample_size)
     missing = [n for n in names if n not in out]
     if missing and until_converged is not None and stats_dir is not None and not force_recompute:
         earlier = _converged_file(paths, missing, request)
         if earlier:
             for n, (path, texts) in earlier.items():
-                check_corpus(path, digest)
-                out[n] = LayerStats(load_stats_file(path, dims[n], texts), path, texts)
+                out[n] = LayerStats(load_stats_file(path, dims[n], texts, digest), path, texts)
             missing = []
     if not missing:
         return out[names[0]] if single else {n: out[n] for n in names}

@@ -120,12 +120,16 @@ def _path_part(name: str) -> str:
     return "_" if name in ("", ".", "..") else name
 
 
-def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> SecondMoment | None:
+def load_stats_file(path, expected_dim: int | None = None, sample_size=None,
+                    corpus_sha256: str | None = None) -> SecondMoment | None:
     """A cached statistics file, or None if its sample_size differs from the one asked for.
     A file that is unreadable, of the wrong shape, holds non-finite values or no keys is a
-    ValueError naming it (with what to do: delete it, so it is recomputed). Whether the statistics
-    are good enough to edit with (enough keys, positive definite) is checked when editing
-    (covariance.py)."""
+    ValueError naming it (with what to do: delete it, so it is recomputed); so is one made from
+    another corpus than `corpus_sha256` (`corpus.corpus_digest`: the cache is named after the
+    corpus's file name, so two corpora of one name would share it). Files without a recorded
+    digest (the reference's, older ones) and corpora without one (dataset names, lists) are not
+    compared. Whether the statistics are good enough to edit with (enough keys, positive
+    definite) is checked when editing (covariance.py)."""
     path = Path(path)
     redo = "delete it to recompute it"
     try:
@@ -144,6 +148,11 @@ def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> 
         raise ValueError(f"statistics file {path}: sample_size / count are not integers ({exc}): {redo}") from None
     if stored != sample_size:
         return None
+    recorded = str(data["corpus_sha256"]) if "corpus_sha256" in data else None
+    if corpus_sha256 is not None and recorded is not None and recorded != corpus_sha256:
+        raise ValueError(f"statistics file {path} was computed from another corpus than the one given now "
+                         f"(same name, other content): delete it to recompute, or give the corpus another "
+                         f"file name or another --stats-dir")
     mom2 = data["mom2.mom2"]
     if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
         raise ValueError(f"statistics file {path}: second moment has shape {mom2.shape}, not square: {redo}")
@@ -161,28 +170,13 @@ def load_stats_file(path, expected_dim: int | None = None, sample_size=None) -> 
 
 def save_stats_file(path, stat: SecondMoment, sample_size=None, corpus_sha256: str | None = None) -> None:
     """Written atomically (`stats_checkpoint.atomic_write`): a reader never sees half a file.
-    corpus_sha256 (`corpus.corpus_digest`) is checked when the file is reused (`check_corpus`)."""
+    corpus_sha256 (`corpus.corpus_digest`) is checked when the file is reused (`load_stats_file`)."""
     from .stats_checkpoint import atomic_write
     extra = {} if corpus_sha256 is None else {"corpus_sha256": np.array(corpus_sha256)}
     atomic_write(path, lambda f: np.savez(
         f, **{"mom2.mom2": stat.mom2.cpu().numpy(), "mom2.count": np.array(stat.count),
               "mom2.constructor": np.array(_CONSTRUCTOR),
               "sample_size": np.array(-1 if sample_size is None else sample_size), **extra}))
-
-
-def check_corpus(path, corpus_sha256: str | None) -> None:
-    """Refuses a cached statistics file made from another corpus than the one given now (the cache
-    is named after the corpus's file name, so two corpora of one name would share it). Files
-    without a recorded digest (the reference's, older ones) and corpora without one (dataset
-    names) are not compared."""
-    if corpus_sha256 is None:
-        return
-    with np.load(path, allow_pickle=False) as f:
-        stored = str(f["corpus_sha256"]) if "corpus_sha256" in f.files else None
-    if stored is not None and stored != corpus_sha256:
-        raise ValueError(f"statistics file {path} was computed from another corpus than the one given now "
-                         f"(same name, other content): delete it to recompute, or give the corpus another "
-                         f"file name or another --stats-dir")
 
 
 def length_batches(lengths, batch_tokens: int):
@@ -279,9 +273,8 @@ def layer_stats(model, tok, layer_name: str, stats_dir, ds_name: str | None = No
         path = stats_path(stats_dir, model_name or stats_model_name(model), ds_name, layer_name,
                           precision, to_collect, sample_size, batch_tokens, maxlen)
         if path.is_file() and not force_recompute:
-            stat = load_stats_file(path, dim, sample_size)
+            stat = load_stats_file(path, dim, sample_size, corpus_digest(corpus if corpus is not None else ds_name))
             if stat is not None:
-                check_corpus(path, corpus_digest(corpus if corpus is not None else ds_name))
                 return LayerStats(stat, path, sample_size)
 
     texts, _ = resolve_corpus(corpus, ds_name)
