@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=None,
                     help="WikiText articles for the statistics (default: the preset's, i.e. the whole file)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memit_cpu.json"))
+    ap.add_argument("--quiet-machine", action="store_true",
+                    help="say in the results that nothing else ran on the machine during the run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -60,8 +62,10 @@ def main(argv=None) -> int:
     res = {"device": "cpu", "threads": args.threads, "model": mt.name, "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "edits": len(reqs), "dropped_conflicts": len(dropped),
            "hparams": hp.to_dict(),
-           "note": f"one run of each backend in one process, {args.threads} thread(s), on a shared 2-core CPU "
-                   "with other jobs running (timings are indicative; the ratio is from this one run)"}
+           "command": "python benchmarks/memit_side_by_side.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "note": f"one run of each backend in one process, {args.threads} thread(s), on a 2-core CPU "
+                   + ("with nothing else running (one run: the ratio is from this run)" if args.quiet_machine else
+                      "with other jobs running (timings are indicative; the ratio is from this one run)")}
     upd, info, quality = {}, {}, {}
 
     def scores():

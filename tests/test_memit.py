@@ -14,6 +14,7 @@ from rome_fast.edit.memit import (MEMITHyperParams, SingularSystemError, apply_m
                                   solve_reference)
 from rome_fast.edit.memit.hparams import PRESET_DIR
 from rome_fast.edit.rome import normalize_request
+from rome_fast.edit.covariance import StatisticsError
 from rome_fast.edit.solve_update import CovarianceFactor
 from rome_fast.edit.fast_stats import layer_stats_fast
 from rome_fast.edit.stats import corpus_ds_name, layer_stats
@@ -245,6 +246,28 @@ def test_bad_input(setup, tmp_path):
         dataclasses.replace(hp, layers=[2, 1])
     with pytest.raises(ValueError, match="λ"):
         dataclasses.replace(hp, mom2_update_weight=-1.0)
+
+
+def test_in_memory_statistics_are_checked_like_files(setup):
+    """An in-memory corpus (no statistics file) gets the file path's checks: too few keys for the
+    key width is refused with the fix, and mom2_ridge regularises it instead."""
+    s = setup["llama"]
+    model, tok = s["mt"].model, s["mt"].tokenizer
+    before = _params(model)
+    few = ["tiny corpus", "of two texts"]
+    hp = dataclasses.replace(s["hp"], mom2_n_samples=None)
+    kw = {**s["kw"], "corpus": few, "stats_dir": None}
+    with pytest.raises(StatisticsError, match=r"keys for a key width of 256.*mom2_ridge"):
+        apply_memit_to_model(model, tok, requests(2), hp, backend="fast", **kw)
+    with pytest.raises(StatisticsError, match=r"keys for a key width of 256.*mom2_ridge"):
+        apply_memit_to_model(model, tok, requests(2), hp, backend="reference", **kw)
+    assert _unchanged(model, before)
+    _, orig = apply_memit_to_model(model, tok, requests(2), dataclasses.replace(hp, mom2_ridge=1e-3),
+                                   return_orig_weights=True, backend="fast", **kw)
+    assert all(bool(torch.isfinite(model.get_parameter(n)).all()) and not torch.equal(model.get_parameter(n), w)
+               for n, w in orig.items())
+    restore_weights(model, orig)
+    assert _unchanged(model, before)
 
 
 def test_module_names_default_to_the_adapters_and_are_checked(setup):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ...models import adapter_for
+from ..covariance import StatisticsError, describe, edit_covariance
 from ..fast import layer_factor
 from ..solve_update import CovarianceFactor, get_factor
 from ..stats import (context_length, corpus_ds_name, default_stats_dir, layer_stats, stats_model_name,
@@ -32,6 +33,14 @@ def get_cov(model, tok, layer_name: str, mom2_dataset: str, mom2_n_samples, mom2
     """C (or C⁻¹ with inv=True) of `layer_name`'s input in fp32 on the model's device, cached for
     the process per model, layer and statistics identity (the reference keeps it on the CPU and
     moves it at every use)."""
+    c = _moment(model, tok, layer_name, mom2_dataset, mom2_n_samples, mom2_dtype, force_recompute,
+                stats_dir, corpus, progress)[0].to(next(model.parameters()).device)
+    return torch.inverse(c) if inv else c
+
+
+def _moment(model, tok, layer_name, mom2_dataset, mom2_n_samples, mom2_dtype, force_recompute, stats_dir,
+            corpus, progress) -> tuple:
+    """(C on the CPU, the number of keys it averages, where it comes from), cached."""
     model_name = stats_model_name(model)
     stats_dir = default_stats(stats_dir, corpus)
     where = (str(Path(stats_dir).resolve()) if stats_dir else
@@ -42,10 +51,8 @@ def get_cov(model, tok, layer_name: str, mom2_dataset: str, mom2_n_samples, mom2
         st = layer_stats(model, tok, layer_name, stats_dir, ds_name, to_collect=("mom2",),
                          sample_size=mom2_n_samples, precision=mom2_dtype, corpus=corpus,
                          model_name=model_name, progress=progress, force_recompute=force_recompute)
-        _COV[key] = st.mom2.moment().float().cpu()
-    device = next(model.parameters()).device
-    c = _COV[key].to(device)
-    return torch.inverse(c) if inv else c
+        _COV[key] = (st.mom2.moment().float().cpu(), int(st.mom2.count), describe(st.path, layer_name))
+    return _COV[key]
 
 
 def clear_cache() -> None:
@@ -82,9 +89,16 @@ def layer_covs(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=None
         return {l: c.to(device, torch.float32) for l, c in check_cov(cov, hparams, key_sizes).items()}
     _refuse_half_stats(hparams)
     a = adapter_for(model)
-    covs = {l: get_cov(model, tok, a.rewrite_name(l), hparams.mom2_dataset,
-                       hparams.mom2_n_samples, hparams.mom2_dtype, stats_dir=stats_dir, corpus=corpus,
-                       progress=progress) for l in hparams.layers}
+    device = next(model.parameters()).device
+    covs = {}
+    for l in hparams.layers:
+        c, count, where = _moment(model, tok, a.rewrite_name(l), hparams.mom2_dataset, hparams.mom2_n_samples,
+                                  hparams.mom2_dtype, False, stats_dir, corpus, progress)
+        if count < key_sizes[l] and hparams.mom2_ridge is None:  # singular C: refused as on the fast path
+            raise StatisticsError(f"{where}: {count} keys for a key width of {key_sizes[l]}: C is singular. "
+                                  "Collect more statistics (hparams.mom2_n_samples, a bigger corpus) or "
+                                  "regularise explicitly with hparams.mom2_ridge (e.g. 1e-3)")
+        covs[l] = c.to(device)
     if hparams.mom2_ridge is not None:  # as covariance.edit_covariance regularises the fast path's C
         covs = {l: c + (hparams.mom2_ridge * c.diagonal().mean()) * torch.eye(c.shape[0], dtype=c.dtype,
                                                                              device=c.device)
@@ -135,15 +149,19 @@ def layer_factors(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=N
     model_name, ds_name = collect["model_name"], collect["ds_name"]
     if stats_dir is not None:
         return {l: layer_factor(model, tok, hparams, l, stats_dir, corpus, progress, device) for l in hparams.layers}
-    # an in-memory corpus: no files; at the first factor not cached, one pass for every layer
+    # an in-memory corpus: no files; at the first factor not cached, one pass for every layer, and
+    # the same checks as a file's statistics (key count, positive definiteness, ridge)
+    a = adapter_for(model)
     got = {}
 
-    def moment(name):
+    def factor(name):
         if name not in got:
             todo = [n for n in names.values() if n not in got]
-            got.update({n: s.mom2.moment() for n, s in layer_stats_fast(model, tok, todo, None, **collect).items()})
-        return got[name]
+            got.update({n: s.mom2 for n, s in layer_stats_fast(model, tok, todo, None, **collect).items()})
+        return edit_covariance(got[name], a.linear_io(name)[0], describe(None, name), hparams.mom2_ridge,
+                               device)[1]
 
     return {l: get_factor(("memit-in-memory", model_name, names[l], id(corpus), ds_name, hparams.mom2_n_samples,
-                           hparams.mom2_dtype, hparams.mom2_act_dtype), lambda n=names[l]: moment(n), device=device)
+                           hparams.mom2_dtype, hparams.mom2_act_dtype, hparams.mom2_ridge),
+                          lambda n=names[l]: factor(n), device=device)
             for l in hparams.layers}
