@@ -131,6 +131,29 @@ def test_fast_matches_reference_after_three_sequential_batches(setup, fam):
         assert ref_cache[l].norm() > 0
 
 
+def test_fast_backend_is_reentrant(setup, monkeypatch):
+    """A call that starts while another is running (a callback, a thread) keeps its own K_p cache
+    and null spaces: both give what they give alone."""
+    a, b = setup["llama"], setup["gpt2"]
+    alone_a, cache_a = _sequential(a, "fast", batches=2)
+    alone_b, cache_b = _sequential(b, "fast", batches=1)
+    real, inner = alpha_fast.layer_null_spaces, {}
+
+    def nested(*args, **kw):
+        if not inner:  # the outer call, between its setup and its solves, runs a whole other edit
+            inner["started"] = True
+            inner["result"] = _sequential(b, "fast", batches=1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(alpha_fast, "layer_null_spaces", nested)
+    got_a, got_cache_a = _sequential(a, "fast", batches=2)
+    got_b, got_cache_b = inner["result"]
+    for got, alone, got_c, alone_c in ((got_a, alone_a, got_cache_a, cache_a), (got_b, alone_b, got_cache_b, cache_b)):
+        assert sorted(got) == sorted(alone)
+        assert all(rel(got[n], alone[n]) < 1e-6 for n in alone)
+        assert all(rel(got_c[l], alone_c[l]) < 1e-6 for l in LAYERS)
+
+
 def test_updates_stay_in_the_null_space(setup):
     """ΔW = ΔW·P: nothing of the update reaches the preserved keys' directions."""
     s = setup["gpt2"]   # Conv1D layout: the update is [d_k, d_v], P acts on its rows

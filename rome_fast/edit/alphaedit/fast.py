@@ -14,6 +14,8 @@ exactly in P's range. The basis is decomposed once per (model, layer, statistics
 cached (projection.py)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..backend import WeightDelta, register_backend
@@ -26,15 +28,15 @@ class AlphaEditFast(AlphaEditBackend, MEMITFast):
     name = "fast"
 
     def edit(self, model, tok, requests, hparams, cache_c: dict | None = None, **kw) -> list[WeightDelta]:
-        self._cache = {} if cache_c is None else cache_c
-        try:
-            deltas = MEMITFast.edit(self, model, tok, requests, hparams, **kw)
-            if kw.get("return_info") is not None:
-                for l, ns in self._spaces.items():
-                    kw["return_info"]["layers"][l]["null_space_rank"] = ns.rank
-            return deltas
-        finally:
-            self._cache = self._spaces = None
+        # the registered backend is shared: each call keeps its K_p cache and null spaces on a copy
+        # of its own, so calls may nest or run in threads
+        call = copy.copy(self)
+        call._cache, call._spaces = ({} if cache_c is None else cache_c), None
+        deltas = MEMITFast.edit(call, model, tok, requests, hparams, **kw)
+        if kw.get("return_info") is not None:
+            for l, ns in call._spaces.items():
+                kw["return_info"]["layers"][l]["null_space_rank"] = ns.rank
+        return deltas
 
     def layer_solvers(self, model, tok, hparams, key_sizes, stats_dir, corpus, cov, progress) -> dict:
         init_cache(self._cache, hparams, key_sizes)
