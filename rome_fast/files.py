@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 # a name that is one path component on every system: no separator, no leading '.' or '-'
@@ -86,3 +87,48 @@ def looks_like_path(name, suffixes=()) -> bool:
     text = str(name)
     return (os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text
             or Path(text).suffix.lower() in suffixes)
+
+
+def write_json_atomic(path, obj) -> None:
+    """`obj` as JSON at `path`: written to a temporary file beside it, synced, then renamed, so a
+    reader (or a resumed run) sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file written like `write_json_atomic` (temporary file, sync, rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """sha256 of tensors' names, dtypes, shapes and bytes (to recognise weights again)."""
+    import torch
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -235,11 +235,11 @@ def test_alphaedit_sequential_run_resumes_to_the_same_weights_and_keys(mt, tmp_p
     class Killed(ChunkEditor):
         calls = 0
 
-        def __call__(self, mt_, requests):
+        def __call__(self, mt_, requests, scratch=None):
             self.calls += 1
             if self.calls == 2:
                 raise KeyboardInterrupt
-            return super().__call__(mt_, requests)
+            return super().__call__(mt_, requests, scratch)
 
     with pytest.raises(KeyboardInterrupt):
         R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part",
@@ -278,6 +278,43 @@ def test_memit_chunks_on_a_tiny_model(mt, tmp_path, method):
     pre = [json.loads(p.read_text())["pre"] for p in (tmp_path / "m").glob("chunk_*/case_*.json")]
     assert post != pre
     assert "edits in 2 chunk(s)" in R.format_summary(s)
+
+
+def test_memit_chunk_resumes_its_z_step(mt, tmp_path, monkeypatch):
+    """A chunk killed during its z step resumes it from the chunk's scratch folder (only the
+    missing groups are optimised), ends with the uninterrupted run's case files, counts the
+    earlier z time in the chunk's edit time, and leaves no scratch folder behind."""
+    from rome_fast.edit.memit import MEMITHyperParams, fast_z
+    from rome_fast.models.random_init import random_texts
+    recs = _records(tmp_path)[:4]
+    hp = dataclasses.replace(MEMITHyperParams.for_model(mt.model, layers=[1, 2]), v_num_grad_steps=3,
+                             mom2_update_weight=1.0, mom2_n_samples=300)
+    kw = dict(method="memit", num_edits=4, skip_generation=True, progress=False,
+              editor_kwargs=dict(corpus=list(random_texts()), progress=False, z_batch=1))
+    original = _snapshot(mt.model)
+    R.evaluate(mt, "counterfact", recs, hp, tmp_path / "full", **kw)
+    real, calls = fast_z._optimise_group, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fast_z, "_optimise_group", counted)
+    with pytest.raises(KeyboardInterrupt):
+        R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
+    assert _same(mt.model, original)
+    assert len(list((tmp_path / "part" / ".z_partial_00000").glob("z_*.safetensors"))) == 2
+    calls[:] = [None] * 10  # the next calls run
+    R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
+    assert len(calls) == 12 and _same(mt.model, original)
+    assert not (tmp_path / "part" / ".z_partial_00000").exists()
+    # one request per group in both runs: the same computations, so the same numbers exactly
+    assert _no_time(_cases(tmp_path / "part")) == _no_time(_cases(tmp_path / "full"))
+    meta = json.loads((chunk_dir(tmp_path / "part", 0) / "chunk.json").read_text())
+    first = json.loads((chunk_dir(tmp_path / "full", 0) / "chunk.json").read_text())
+    assert meta["edit_seconds"] > 0 and first["edit_seconds"] > 0
 
 
 def test_single_edit_case_files_unchanged(mt, tmp_path):

@@ -270,6 +270,43 @@ def test_in_memory_statistics_are_checked_like_files(setup):
     assert _unchanged(model, before)
 
 
+def test_z_step_resumes_from_its_checkpoint(setup, tmp_path, monkeypatch):
+    """A z step cut short (Ctrl-C after its first group) and run again computes only the groups
+    its checkpoint lacks, and gives the uninterrupted run's update; a checkpoint of another edit
+    is refused."""
+    from rome_fast.edit.memit import fast_z
+    s = setup["llama"]
+    model = s["mt"].model
+    before = _params(model)
+    reqs = requests(6)
+    full, _ = _updates(s, reqs, "fast", z_batch=2)
+    real, calls = fast_z._optimise_group, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if fail_at and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fast_z, "_optimise_group", counted)
+    folder = tmp_path / "z"
+    fail_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        _updates(s, reqs, "fast", z_batch=2, z_checkpoint=folder)
+    assert _unchanged(model, before) and len(list(folder.glob("z_*.safetensors"))) == 1
+    fail_at, calls[:] = None, []
+    resumed, info = _updates(s, reqs, "fast", z_batch=2, z_checkpoint=folder)
+    assert len(calls) == 2 and info["seconds"]["z_resumed"] > 0
+    assert sorted(resumed) == sorted(full) and all(rel(resumed[n], full[n]) < 1e-5 for n in full)
+    # done: a third call reads every vector
+    calls[:] = []
+    again, _ = _updates(s, reqs, "fast", z_batch=2, z_checkpoint=folder)
+    assert not calls and all(torch.equal(again[n], resumed[n]) for n in full)
+    with pytest.raises(ValueError, match="holds target vectors of another edit .*hparams"):
+        _updates(s, reqs, "fast", dataclasses.replace(s["hp"], v_lr=0.1), z_checkpoint=folder)
+    assert _unchanged(model, before)
+
+
 def test_module_names_default_to_the_adapters_and_are_checked(setup):
     s = setup["llama"]
     model, tok = s["mt"].model, s["mt"].tokenizer

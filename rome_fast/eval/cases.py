@@ -5,12 +5,10 @@ refuses to mix runs) and its summary."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..files import file_id, inside
+from ..files import file_id, inside, write_json_atomic as _write_json_atomic
 from . import generation as G
 from . import metrics as M
 from .datasets import EvalRecord
@@ -57,20 +55,6 @@ def case_metrics(mt, record: EvalRecord, skip_generation: bool = False, seed: in
 
 # ---------------------------------------------------------------------------------------------
 # The files of a run
-
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def case_path(out_dir, case_id: int) -> Path:
     """out_dir/case_{id}.json; the id must be a non-negative integer (it becomes a file name)."""

@@ -19,7 +19,6 @@ weight edited so far, plus the editor's own state); resuming loads the last chun
 checking that the model's original weights match the ones the run started from."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import torch
 from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics, case_path,  # noqa: F401
                     chunk_dir, finished_chunks, summarize)
 from .datasets import EvalRecord
+from ..files import tensors_sha256
 
 STATE_FILE = "state.safetensors"
 
@@ -77,11 +77,26 @@ class ChunkEditor:
         self.method, self.hparams, self.backend, self.kwargs = method, hparams, backend, kwargs
         self.sequential = sequential
         self.cache_c: dict = {}
+        self.resumed_seconds = 0.0  # z-step time spent on the last chunk before a resume
 
-    def __call__(self, mt, requests: list[dict]) -> dict:
+    def __call__(self, mt, requests: list[dict], scratch: Optional[Path] = None) -> dict:
+        """scratch: a folder for the chunk's finished target vectors (MEMIT and AlphaEdit on the
+        fast backend), so a chunk cut short resumes its z step instead of starting it again."""
+        self.resumed_seconds = 0.0
+        info: dict = {}
+        if scratch is not None and self.method in ("memit", "alphaedit") and (self.backend or "fast") == "fast":
+            kw = dict(self.kwargs, z_checkpoint=scratch, return_info=info)
+        else:
+            kw = self.kwargs
+        try:
+            return self._edit(mt, requests, kw)
+        finally:
+            self.resumed_seconds = info.get("seconds", {}).get("z_resumed", 0.0)
+
+    def _edit(self, mt, requests: list[dict], kwargs: dict) -> dict:
         if self.method == "rome":  # one after another, each on the model edited by the ones before
             from ..edit import apply_rome_to_model
-            kw = dict(self.kwargs, **({"backend": self.backend} if self.backend else {}))
+            kw = dict(kwargs, **({"backend": self.backend} if self.backend else {}))
             return apply_rome_to_model(mt.model, mt.tokenizer, requests, self.hparams, return_orig_weights=True,
                                        **kw)[1]
         if self.method == "alphaedit":
@@ -89,10 +104,10 @@ class ChunkEditor:
             cache = self.cache_c if self.sequential else {}
             return apply_alphaedit_to_model(mt.model, mt.tokenizer, requests, self.hparams, cache_c=cache,
                                             return_orig_weights=True, backend=self.backend or "fast",
-                                            **self.kwargs)[1]
+                                            **kwargs)[1]
         from ..edit.backend import apply_edits
         return apply_edits(mt.model, mt.tokenizer, requests, self.hparams, self.method, self.backend or "fast",
-                           return_orig_weights=True, **self.kwargs)[1]
+                           return_orig_weights=True, **kwargs)[1]
 
     def state_tensors(self) -> dict:
         return {f"cache_c.{l}": c for l, c in self.cache_c.items()} if self.method == "alphaedit" else {}
@@ -126,16 +141,6 @@ def method_hparams(method: str, model_name: str, path=None):
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def _fingerprint(tensors: dict) -> str:
-    """A hash of the bytes of the given tensors, by name (to recognise a model's weights)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _write_chunk(out_dir: Path, k: int, cases: list[dict], meta: dict, state: Optional[dict],
@@ -233,7 +238,7 @@ def _independent_chunks(mt, dataset, chunks, out_dir, done, editor, measure, *, 
                   disable=not progress):
         kept, dropped = _kept(chunks[k], k, progress)
         dropped_total += len(dropped)
-        orig, elapsed = _timed(editor, mt, kept)
+        orig, elapsed = _timed(editor, mt, kept, _scratch(out_dir, k))
         try:
             post = measure(kept)
         finally:
@@ -243,6 +248,7 @@ def _independent_chunks(mt, dataset, chunks, out_dir, done, editor, measure, *, 
                   "num_edits": len(kept), "chunk": k, "post": po, "pre": pr} for r, po, pr in zip(kept, post, pre)]
         _write_chunk(out_dir, k, cases, {"chunk": k, "case_ids": [r.case_id for r in kept], "num_edits": len(kept),
                                          "edit_seconds": elapsed, "dropped": dropped}, None)
+        shutil.rmtree(_scratch(out_dir, k), ignore_errors=True)
     if progress and dropped_total:
         print(f"dropped {dropped_total} conflicting request(s) in all")
 
@@ -255,12 +261,21 @@ def _kept(chunk, k, progress):
     return kept, dropped
 
 
-def _timed(editor, mt, kept):
+def _timed(editor, mt, kept, scratch: Path):
+    """(the original weights, the edit's seconds, those of a resumed z step included); the
+    package's own editor keeps finished target vectors in `scratch` (see ChunkEditor)."""
     start = time.perf_counter()
-    orig = editor(mt, [r.request() for r in kept]) if kept else {}
+    if not kept:
+        return {}, 0.0
+    own = isinstance(editor, ChunkEditor)
+    orig = editor(mt, [r.request() for r in kept], scratch) if own else editor(mt, [r.request() for r in kept])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return orig, time.perf_counter() - start
+    return orig, time.perf_counter() - start + (editor.resumed_seconds if own else 0.0)
+
+
+def _scratch(out_dir: Path, k: int) -> Path:
+    return out_dir / f".z_partial_{k:05d}"
 
 
 def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, method, num_edits, progress,
@@ -295,14 +310,14 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
         for k in tqdm(todo, desc=f"eval {dataset} ({method}, {num_edits} per batch, sequential)", unit="batch",
                       disable=not progress):
             kept, dropped = _kept(chunks[k], k, progress)
-            orig, elapsed = _timed(editor, mt, kept)
+            orig, elapsed = _timed(editor, mt, kept, _scratch(out_dir, k))
             for name, w in orig.items():
                 originals.setdefault(name, w)
             edits += len(kept)
             entry = monitor.measure(mt, k, edits, orig, elapsed)
             meta = {"chunk": k, "case_ids": [r.case_id for r in kept], "num_edits": len(kept),
                     "edit_seconds": elapsed, "dropped": dropped, "monitor": entry,
-                    "original_weights_sha256": _fingerprint(originals)}
+                    "original_weights_sha256": tensors_sha256(originals)}
             if stop_on_collapse is not None and entry["kl"] > stop_on_collapse:
                 stopped = meta["stopped_on_collapse"] = {"batch": k, "edits": edits, "kl": entry["kl"],
                                                          "threshold": stop_on_collapse}
@@ -314,6 +329,7 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
             state = {f"weights.{n}": mt.model.get_parameter(n) for n in originals}
             state.update({f"editor.{n}": t for n, t in editor.state_tensors().items()})
             _write_chunk(out_dir, k, cases, meta, state, cases_under="after")
+            shutil.rmtree(_scratch(out_dir, k), ignore_errors=True)
             if k > 0:  # only the latest state is needed to resume
                 (chunk_dir(out_dir, k - 1) / STATE_FILE).unlink(missing_ok=True)
             batches.append(entry)
@@ -373,7 +389,7 @@ def _resume(mt, editor, out_dir: Path, last: int, meta: dict) -> dict:
         if saved[f"weights.{n}"].shape != originals[n].shape:
             raise ValueError(f"{path} does not match this model: {n} is {tuple(saved['weights.' + n].shape)} "
                              f"there, {tuple(originals[n].shape)} here")
-    if _fingerprint(originals) != meta.get("original_weights_sha256"):
+    if tensors_sha256(originals) != meta.get("original_weights_sha256"):
         raise ValueError(f"{path} was saved from a model whose original weights differ from this one's; "
                          "use another --out folder to start afresh")
     editor.load_state_tensors({n[len("editor."):]: t for n, t in saved.items() if n.startswith("editor.")})

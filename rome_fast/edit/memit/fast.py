@@ -24,6 +24,7 @@ from .fast_z import compute_zs, z_matrix
 from .main import MEMITBackend, check_memit_requests, prepare, weight_names
 from .solve import solve
 from .stats import default_stats, layer_factors
+from .z_checkpoint import ZCheckpoint, identity
 
 
 class MEMITFast(MEMITBackend):
@@ -57,11 +58,13 @@ class MEMITFast(MEMITBackend):
 
     def edit(self, model, tok, requests, hparams, context_templates=None, stats_dir=None, corpus=None,
              cov=None, seed: int = 0, progress: bool = True, z_batch: int | None = None,
-             zs: list | None = None, return_info: dict | None = None) -> list[WeightDelta]:
+             zs: list | None = None, return_info: dict | None = None, z_checkpoint=None) -> list[WeightDelta]:
         """The updates of `requests`, left in the model. zs: their target vectors, computed
         before (`compute_zs` on this model, with these hparams and templates), e.g. to try
-        several λ or lower layers with one z step. return_info: a dict to fill with the z
-        step's ZInfo list ("z") and per-layer details ("layers")."""
+        several λ or lower layers with one z step. z_checkpoint: a folder where the z step keeps
+        its finished vectors, so a call cut short and made again resumes it (z_checkpoint.py).
+        return_info: a dict to fill with the z step's ZInfo list ("z") and per-layer details
+        ("layers"); with z_checkpoint, its seconds include "z_resumed" (spent by earlier calls)."""
         clock = [time.perf_counter()]
         requests = check_memit_requests(model, requests, hparams)
         adapter, layout, templates, d_k = prepare(model, tok, hparams, context_templates, seed)
@@ -69,8 +72,11 @@ class MEMITFast(MEMITBackend):
         clock.append(time.perf_counter())
         if zs is not None and len(zs) != len(requests):
             raise ValueError(f"zs holds {len(zs)} target vectors for {len(requests)} requests")
+        checkpoint = None
+        if z_checkpoint is not None and zs is None:
+            checkpoint = ZCheckpoint(z_checkpoint, identity(model, hparams, templates, weight_names(model, hparams)))
         zinfo = zs if zs is not None else compute_zs(model, tok, requests, hparams, templates, adapter, z_batch,
-                                                      progress)
+                                                      progress, checkpoint)
         clock.append(time.perf_counter())
         Z = z_matrix(zinfo)                                                   # [d, n]
         bare_first = templates[0] == ["{}"]
@@ -94,7 +100,8 @@ class MEMITFast(MEMITBackend):
         if return_info is not None:
             clock.append(time.perf_counter())
             return_info.update(z=zinfo, layers=layers, seconds=dict(
-                setup=clock[1] - clock[0], z=clock[2] - clock[1], layers=clock[3] - clock[2]))
+                setup=clock[1] - clock[0], z=clock[2] - clock[1], layers=clock[3] - clock[2],
+                **({"z_resumed": checkpoint.resumed_seconds} if checkpoint is not None else {})))
         return deltas
 
 

@@ -19,6 +19,7 @@ gets the z the reference's one-request loop gives (up to rounding):
 from __future__ import annotations
 
 import importlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -71,23 +72,36 @@ class _Request:
 
 
 def compute_zs(model, tok, requests, hparams, context_templates, adapter=None, z_batch: int | None = None,
-               progress: bool = False) -> list[ZInfo]:
+               progress: bool = False, checkpoint=None) -> list[ZInfo]:
     """One ZInfo per request (z = h_init + δ at the z layer), optimised in groups of up to
-    `z_batch` requests (default: as many as fit a memory budget)."""
+    `z_batch` requests (default: as many as fit a memory budget). checkpoint: a `ZCheckpoint`;
+    the requests it holds are read from it, each finished group is written to it."""
     a = adapter or adapter_for(model)
     device = next(model.parameters()).device
     L = hparams.z_layer
-    items = [_Request(tok, r, context_templates, hparams.fact_token, device) for r in requests]
-    if z_batch is None:
-        per_req = max(it.rows * it.width for it in items)
+    out: list = [None] * len(requests)
+    keys = []
+    if checkpoint is not None:
+        from .z_checkpoint import request_key
+        keys = [request_key(r) for r in requests]
+        found, _ = checkpoint.load(device)
+        out = [found.get(k) for k in keys]
+    todo = [j for j in range(len(requests)) if out[j] is None]
+    items = {j: _Request(tok, requests[j], context_templates, hparams.fact_token, device) for j in todo}
+    if z_batch is None and items:
+        per_req = max(it.rows * it.width for it in items.values())
         z_batch = max(1, _budget(device) // (per_req * _bytes_per_token(a, L + 1, a.key_size)))
     # similar widths together (less padding); the results do not depend on the grouping
-    order = sorted(range(len(items)), key=lambda j: (items[j].width, len(items[j].ids[0])))
-    out: list = [None] * len(items)
-    groups = [order[s:s + z_batch] for s in range(0, len(order), z_batch)]
+    order = sorted(todo, key=lambda j: (items[j].width, len(items[j].ids[0])))
+    groups = [order[s:s + z_batch] for s in range(0, len(order), z_batch)] if items else []
     from tqdm.auto import tqdm
-    for group in tqdm(groups, desc=f"z ({len(items)} requests)", unit="group", disable=not progress):
-        for j, info in zip(group, _optimise_group(model, a, [items[j] for j in group], hparams)):
+    for group in tqdm(groups, desc=f"z ({len(todo)} of {len(requests)} requests)", unit="group",
+                      disable=not progress):
+        t0 = time.perf_counter()
+        infos = _optimise_group(model, a, [items[j] for j in group], hparams)
+        if checkpoint is not None:
+            checkpoint.save([keys[j] for j in group], infos, time.perf_counter() - t0)
+        for j, info in zip(group, infos):
             out[j] = info
     return out
 
