@@ -168,7 +168,8 @@ def apply_memit_to_model(model, tok, requests, hparams, copy: bool = False, retu
     changed weights taken before the edit when return_orig_weights=True (else {}); copy=True
     edits a deep copy. Every request is checked first; on any error (Ctrl-C included) the
     weights are put back. kw: context_templates, stats_dir, corpus, cov, seed, progress, and for
-    the fast backend z_batch (requests optimised together)."""
+    the fast backend z_batch (requests optimised together) and z_checkpoint (a folder that keeps
+    the finished target vectors, so a call cut short resumes its z step)."""
     model, orig, _ = apply_edits(model, tok, requests, hparams, "memit", backend, copy=copy,
                                  return_orig_weights=return_orig_weights, **kw)
     return model, orig
