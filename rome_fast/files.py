@@ -89,38 +89,36 @@ def looks_like_path(name, suffixes=()) -> bool:
             or Path(text).suffix.lower() in suffixes)
 
 
-def write_json_atomic(path, obj) -> None:
-    """`obj` as JSON at `path`: written to a temporary file beside it, synced, then renamed, so a
-    reader (or a resumed run) sees the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
-    """A safetensors file written like `write_json_atomic` (temporary file, sync, rename)."""
-    from safetensors.torch import save_file
+def _write_atomic(path, write) -> None:
+    """`write(tmp)` fills a temporary file beside `path`; it is synced, then renamed onto `path`, so
+    a reader (or a resumed run) sees the old file or the whole new one, never a part."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path, obj) -> None:
+    """`obj` as JSON at `path`, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+    _write_atomic(path, write)
+
+
+def save_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file, written atomically."""
+    from safetensors.torch import save_file
+    _write_atomic(path, lambda tmp: save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp,
+                                              metadata=metadata))
 
 
 def tensors_sha256(tensors: dict) -> str:
