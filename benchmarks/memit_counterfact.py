@@ -35,16 +35,15 @@ def run(method: str, args) -> None:
     evaluate(mt, "counterfact", records, method_hparams(method, mt.name), Path(args.work) / method,
              method=method, num_edits=args.cases if method == "memit" else 1,
              generation_interval=args.generation_interval, progress=True, backend="fast",
-             editor_kwargs={"corpus": str(DATA / "wikitext-2-raw-test.txt"), "progress": False})
+             editor_kwargs={"corpus": str(DATA / "wikitext-2-raw-test.txt"), "progress": args.progress})
 
 
 def report(args) -> dict:
     from rome_fast.eval import summarize
     res = {"model": "smollm2-135m", "cases": args.cases, "device": "cpu", "threads": args.threads,
            "generation_interval": args.generation_interval,
-           "note": "shared 2-core CPU with other jobs running: times are indicative only; GE from the "
-                   "generations of every generation_interval-th case (compact records: rewrite prompt + "
-                   "paraphrase, one sample each)", "methods": {}}
+           "note": args.note + "; GE from the generations of every generation_interval-th case (compact "
+                   "records: rewrite prompt + paraphrase, one sample each)", "methods": {}}
     for method in ("memit", "rome"):
         folder = Path(args.work) / method
         if not (folder / "run.json").is_file():
@@ -89,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--generation-interval", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="results file (default benchmarks/results/memit_counterfact{N}_smollm2.json)")
+    ap.add_argument("--progress", action="store_true", help="progress bars of the edits' steps too (z groups)")
+    ap.add_argument("--note", default="shared 2-core CPU with other jobs running: times are indicative only",
+                    help="how the machine was used during the runs (goes into the results file)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for method in args.methods:
