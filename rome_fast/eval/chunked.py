@@ -209,6 +209,8 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
     config = _run_config(mt, dataset, records, hparams, skip_generation, seed, backend, extra)
     _check_run_config(out_dir, config)
     done = finished_chunks(out_dir)
+    for k in done:  # a finished chunk's z vectors, if the run stopped before removing them
+        shutil.rmtree(_scratch(out_dir, k), ignore_errors=True)
     if any(k >= len(chunks) for k in done):
         raise ValueError(f"{out_dir} holds chunk folders beyond this run's {len(chunks)} chunks "
                          "(another --limit?): use another --out folder")
