@@ -4,13 +4,12 @@ ES/PS/NS of those records against thresholds from a run of the reference backend
 restored bit for bit.
 
 REFERENCE_RUN is what the reference backend gave on exactly this setup, in the run of
-`benchmarks/memit_side_by_side.py --edits 8 --samples 8` (benchmarks/results/memit_cpu.json, which
-also holds the fast backend's numbers from the same run). N_CASES is 8, not the 50 first planned: the
-reference backend's serial z step for 50 requests did not fit on the shared CPU in the time there
-was; docs/smollm2_memit_layers.md holds the broader evidence (100 held-out records). The thresholds
-leave one record of slack below the reference's ES and PS (the backends agree to rounding, which
-can flip a borderline record) and ask NS not to fall more than two records below the unedited
-model's, while a broken edit (ES near the unedited 20–30 %) fails."""
+`benchmarks/memit_side_by_side.py --edits 50 --samples 8 --threads 2`
+(benchmarks/results/memit_cpu_50.json, which also holds the fast backend's numbers from the same
+run: identical ES/PS/NS, updates within 1.04e-4). The thresholds leave two records (4 points) of
+slack below the reference's ES, PS and NS: the backends agree to rounding, and another CPU or
+thread count can flip a borderline record; a broken edit (ES near the unedited 30 %, or neighbours
+damaged) fails."""
 import os
 
 import pytest
@@ -18,11 +17,11 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-N_CASES = 8
+N_CASES = 50
 N_ARTICLES = 8
 # reference backend, same setup (ES / PS / NS ×100 of the records; the unedited model in "pre")
-REFERENCE_RUN = {"post": {"ES": 100.0, "PS": 87.5, "NS": 62.5}, "pre": {"ES": 12.5, "PS": 12.5, "NS": 75.0}}
-SLACK = 100 / N_CASES  # one record
+REFERENCE_RUN = {"post": {"ES": 100.0, "PS": 90.0, "NS": 68.0}, "pre": {"ES": 30.0, "PS": 34.0, "NS": 70.0}}
+SLACK = 2 * 100 / N_CASES  # two records
 
 
 def edit_and_score(mt, data_dir, stats_dir, backend: str = "fast"):
@@ -76,5 +75,5 @@ def test_fifty_counterfact_edits_at_once(embedded, data_dir, tmp_path_factory, t
     # the same records on the same unedited model
     assert {k: pre[k] for k in REFERENCE_RUN["pre"]} == pytest.approx(REFERENCE_RUN["pre"]), pre
     assert post["ES"] >= ref["ES"] - SLACK and post["PS"] >= ref["PS"] - SLACK, (post, ref)
-    assert post["NS"] >= pre["NS"] - 2 * SLACK, (post, pre)
+    assert post["NS"] >= ref["NS"] - SLACK, (post, ref)
     assert post["ES"] - pre["ES"] >= 40, (post, pre)
