@@ -89,36 +89,47 @@ def looks_like_path(name, suffixes=()) -> bool:
             or Path(text).suffix.lower() in suffixes)
 
 
-def _write_atomic(path, write) -> None:
-    """`write(tmp)` fills a temporary file beside `path`; it is synced, then renamed onto `path`, so
-    a reader (or a resumed run) sees the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _fsync_dir(folder: Path) -> None:
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write, mode: str = "wb") -> None:
+    """Create or replace `path` by what `write(file)` writes, never leaving a partial file: a
+    temporary file beside it, flushed and fsynced, renamed over it, and the folder fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def write_json_atomic(path, obj) -> None:
-    """`obj` as JSON at `path`, written atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-    _write_atomic(path, write)
+    """`obj` as JSON at `path`, written atomically (`atomic_write`)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
 
 
 def save_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
-    """A safetensors file, written atomically."""
-    from safetensors.torch import save_file
-    _write_atomic(path, lambda tmp: save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp,
-                                              metadata=metadata))
+    """A safetensors file, written atomically (`atomic_write`)."""
+    from safetensors.torch import save
+    atomic_write(path, lambda f: f.write(save({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
+                                              metadata=metadata)))
 
 
 def tensors_sha256(tensors: dict) -> str:

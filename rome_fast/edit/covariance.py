@@ -33,6 +33,17 @@ def check_ridge(ridge) -> float | None:
     return float(ridge)
 
 
+def check_key_count(count: int, key_width: int, where: str, ridge=None) -> None:
+    """Refuse statistics from fewer keys than the key width (a singular C), unless regularised."""
+    if count < key_width and ridge is None:
+        raise StatisticsError(
+            f"{where}: {count} keys for a key width of {key_width}. C = E[kkᵀ] from fewer keys than its "
+            f"width is singular, and an edit through it damages unrelated facts. Collect at least "
+            f"{key_width} keys (ten times as many for a well-conditioned C) from more texts "
+            f"(hparams.mom2_n_samples, `rome-fast stats --samples N`) or a bigger corpus; or regularise "
+            f"explicitly with hparams.mom2_ridge (e.g. 1e-3)")
+
+
 def edit_covariance(stat, key_width: int, where: str, ridge=None, device=None,
                     dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, CovarianceFactor]:
     """(C, its Cholesky factor) for an edit, from a `SecondMoment` (sum and count), after checking
@@ -46,13 +57,7 @@ def edit_covariance(stat, key_width: int, where: str, ridge=None, device=None,
         raise StatisticsError(f"{where}: the second moment has shape {shape}, but the layer's key width is "
                               f"{key_width}{_redo(is_file)}")
     count = int(stat.count)
-    if count < key_width and ridge is None:
-        raise StatisticsError(
-            f"{where}: {count} keys for a key width of {key_width}. C = E[kkᵀ] from fewer keys than its "
-            f"width is singular, and an edit through it damages unrelated facts. Collect at least "
-            f"{key_width} keys (ten times as many for a well-conditioned C) from more texts "
-            f"(hparams.mom2_n_samples, `rome-fast stats --samples N`) or a bigger corpus; or regularise "
-            f"explicitly with hparams.mom2_ridge (e.g. 1e-3)")
+    check_key_count(count, key_width, where, ridge)
     C = stat.moment()
     if device is not None:
         C = C.to(device)

@@ -273,7 +273,8 @@ def layer_stats_fast(model, tok, layer_names, stats_dir, ds_name: str | None = N
     if not missing:
         return out[names[0]] if single else {n: out[n] for n in names}
 
-    from .stats_checkpoint import atomic_write, checkpoint_base, discard_checkpoints
+    from ..files import atomic_write
+    from .stats_checkpoint import checkpoint_base, discard_checkpoints
     from .stats_convergence import PROBE_REQUESTS, ConvergenceTracker, probe_keys
     from .stats_stream import stream_sums
 

@@ -169,9 +169,9 @@ def load_stats_file(path, expected_dim: int | None = None, sample_size=None,
 
 
 def save_stats_file(path, stat: SecondMoment, sample_size=None, corpus_sha256: str | None = None) -> None:
-    """Written atomically (`stats_checkpoint.atomic_write`): a reader never sees half a file.
+    """Written atomically (`files.atomic_write`): a reader never sees half a file.
     corpus_sha256 (`corpus.corpus_digest`) is checked when the file is reused (`load_stats_file`)."""
-    from .stats_checkpoint import atomic_write
+    from ..files import atomic_write
     extra = {} if corpus_sha256 is None else {"corpus_sha256": np.array(corpus_sha256)}
     atomic_write(path, lambda f: np.savez(
         f, **{"mom2.mom2": stat.mom2.cpu().numpy(), "mom2.count": np.array(stat.count),

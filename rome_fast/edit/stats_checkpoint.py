@@ -10,11 +10,11 @@ written with other settings is refused, never merged."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..files import atomic_write
 
 VERSION = 1
 SUFFIX = ".ckpt.npz"
@@ -49,35 +49,6 @@ def discard_checkpoints(base: Path) -> None:
             pass
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write, mode: str = "wb") -> None:
-    """Create or replace `path` by what `write(file)` writes, never leaving a partial file: a
-    temporary file beside it, flushed and fsynced, renamed over it, and the folder fsynced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict) -> None:

@@ -84,7 +84,7 @@ def compute_zs(model, tok, requests, hparams, context_templates, adapter=None, z
     if checkpoint is not None:
         from .z_checkpoint import request_key
         keys = [request_key(r) for r in requests]
-        found, _ = checkpoint.load(device)
+        found = checkpoint.load(device)
         out = [found.get(k) for k in keys]
     todo = [j for j in range(len(requests)) if out[j] is None]
     items = {j: _Request(tok, requests[j], context_templates, hparams.fact_token, device) for j in todo}

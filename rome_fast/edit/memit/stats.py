@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ...models import adapter_for
-from ..covariance import StatisticsError, describe, edit_covariance
+from ..covariance import check_key_count, describe, edit_covariance
 from ..fast import layer_factor
 from ..solve_update import CovarianceFactor, get_factor
 from ..stats import (context_length, corpus_ds_name, default_stats_dir, layer_stats, stats_model_name,
@@ -94,10 +94,7 @@ def layer_covs(model, tok, hparams, key_sizes: dict, stats_dir, corpus, cov=None
     for l in hparams.layers:
         c, count, where = _moment(model, tok, a.rewrite_name(l), hparams.mom2_dataset, hparams.mom2_n_samples,
                                   hparams.mom2_dtype, False, stats_dir, corpus, progress)
-        if count < key_sizes[l] and hparams.mom2_ridge is None:  # singular C: refused as on the fast path
-            raise StatisticsError(f"{where}: {count} keys for a key width of {key_sizes[l]}: C is singular. "
-                                  "Collect more statistics (hparams.mom2_n_samples, a bigger corpus) or "
-                                  "regularise explicitly with hparams.mom2_ridge (e.g. 1e-3)")
+        check_key_count(count, key_sizes[l], where, hparams.mom2_ridge)  # as on the fast path
         covs[l] = c.to(device)
     if hparams.mom2_ridge is not None:  # as covariance.edit_covariance regularises the fast path's C
         covs = {l: c + (hparams.mom2_ridge * c.diagonal().mean()) * torch.eye(c.shape[0], dtype=c.dtype,

@@ -53,11 +53,12 @@ class ZCheckpoint:
         else:
             write_json_atomic(path, ident)
         self.resumed_seconds = 0.0
-        for stale in self.folder.glob(".*.tmp"):  # a write cut short
+        for stale in self.folder.glob(".tmp-*"):  # a write cut short (files.atomic_write's temporary name)
             stale.unlink(missing_ok=True)
 
-    def load(self, device) -> tuple[dict, float]:
-        """({request key: ZInfo}, the seconds spent computing them)."""
+    def load(self, device) -> dict:
+        """{request key: ZInfo} of every saved group; `resumed_seconds` becomes the time that
+        computing them took."""
         from safetensors import safe_open
         found, seconds = {}, 0.0
         for f in sorted(self.folder.glob("z_*.safetensors")):
@@ -75,7 +76,7 @@ class ZCheckpoint:
                                    lookup)
             seconds += float(info["seconds"])
         self.resumed_seconds = seconds
-        return found, seconds
+        return found
 
     def save(self, keys: list[str], infos: list[ZInfo], seconds: float) -> None:
         n = len(list(self.folder.glob("z_*.safetensors")))
