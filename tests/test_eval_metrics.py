@@ -231,6 +231,50 @@ def test_generate_seeded(tiny):
     assert G.generate(model, tok, ["Toyota is"], max_out_len=2) == ["Toyota is"]  # prompt too long
 
 
+def test_generate_many_equals_each_set_alone(tiny):
+    """Sets of different sizes and prompt lengths in one batch, each with its own seed: every
+    set's texts are those of `generate` on it alone (an empty set included)."""
+    model, tok = tiny
+    sets = [["Toyota is", "The Nile flows through the desert of"], [], ["Berlin"],
+            ["A much longer prompt about the history of the printing press in Europe", "Rome", "Paris is"]]
+    seeds = [3, 4, 5, 6]
+    got = G.generate_many(model, tok, sets, seeds, max_out_len=20, n_gen_per_prompt=2)
+    assert got == [G.generate(model, tok, s, max_out_len=20, seed=k, n_gen_per_prompt=2) for s, k in zip(sets, seeds)]
+    assert [len(g) for g in got] == [4, 0, 2, 6]
+    with pytest.raises(ValueError, match="2 prompt sets but 1 seeds"):
+        G.generate_many(model, tok, sets[:2], [0])
+
+
+def test_many_records_measured_as_each_alone(tiny):
+    """`case_metrics_many` (records batched together, generations per record seed) = the
+    one-record `case_metrics` of each: NLLs within rounding, flags and texts exactly; zsRE and
+    CounterFact records mixed."""
+    from rome_fast.eval.cases import case_metrics, case_metrics_many
+
+    class MT:
+        model, tokenizer = tiny
+
+    cf = [D.counterfact_record(_cf_record(case_id=i, subject=s, prompt=f"{s} is located in",
+                                          rephrase_prompt=f"Where is {s}? It is in"))
+          for i, s in enumerate(["The Eiffel Tower", "Big Ben", "The Colosseum of ancient Rome"])]
+    zs = D.zsre_record({"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?",
+                        "rephrase": "What university did Watts Humphrey go to?", "alt": "University of Michigan",
+                        "answers": ["Illinois Institute of Technology"], "loc": "nq question: who played desmond doss",
+                        "loc_ans": "Andrew Garfield"}, case_id=7)
+    records, skip = [cf[0], zs, cf[1], cf[2]], [False, False, True, False]
+    many = case_metrics_many(MT, records, skip, seed=2, accuracy=True)
+    for r, s, got in zip(records, skip, many):
+        alone = case_metrics(MT, r, skip_generation=s, seed=2, accuracy=True)
+        assert got.keys() == alone.keys()
+        for k, v in alone.items():
+            if k.endswith("_probs"):
+                assert [x[t] for x in got[k] for t in ("target_new", "target_true")] == pytest.approx(
+                    [x[t] for x in v for t in ("target_new", "target_true")], rel=1e-5)
+            else:
+                assert got[k] == v, k
+    assert "text" in many[0] and "text" not in many[2] and "rewrite_prompts_correct" in many[1]
+
+
 def test_perplexity_by_hand(tiny):
     model, tok = tiny
     text = "Mount Everest is in Nepal."

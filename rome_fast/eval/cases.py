@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..files import file_id, inside, write_json_atomic as _write_json_atomic
 from . import generation as G
@@ -30,14 +30,32 @@ def case_metrics(mt, record: EvalRecord, skip_generation: bool = False, seed: in
     """CounterFact: NLLs of new/true per prompt kind (+ the teacher-forced accuracies with
     accuracy=True; + generations, GE, and RS / essence score when TF-IDF and snippets are given);
     zsRE: teacher-forced token accuracies."""
+    return case_metrics_many(mt, [record], [skip_generation], seed, tfidf, snippets, batch_size, accuracy)[0]
+
+
+def case_metrics_many(mt, records: Sequence[EvalRecord], skip_generation: Sequence[bool], seed: int = 0,
+                      tfidf: Optional[G.TfIdf] = None, snippets: Optional[dict] = None,
+                      batch_size: int = M.DEFAULT_BATCH, accuracy: bool = False) -> list[dict]:
+    """`case_metrics` of several records (skip_generation: one flag per record), with their
+    sequences and their generations batched together; each record's generations keep their own
+    seed (seed + case_id), so the numbers are the one-record call's, up to rounding."""
     model, tok = mt.model, mt.tokenizer
-    if record.dataset == "zsre":
-        return M.zsre_correct(model, tok, record, batch_size)
-    out = M.counterfact_probs(model, tok, record, batch_size, accuracy=accuracy)
-    if skip_generation:
-        return out
-    texts = G.generate(model, tok, generation_prompts(record), max_out_len=100, top_k=5,
-                       seed=seed + record.case_id)
+    if len(skip_generation) != len(records):
+        raise ValueError(f"{len(records)} records but {len(skip_generation)} skip_generation flags")
+    zsre = [r.dataset == "zsre" for r in records]
+    cf = [r for r, z in zip(records, zsre) if not z]
+    probs = iter(M.counterfact_probs_many(model, tok, cf, batch_size, accuracy=accuracy))
+    zs = iter(M.zsre_correct_many(model, tok, [r for r, z in zip(records, zsre) if z], batch_size))
+    outs = [next(zs) if z else next(probs) for z in zsre]
+    gen = [i for i, r in enumerate(records) if not zsre[i] and not skip_generation[i]]
+    texts = G.generate_many(model, tok, [generation_prompts(records[i]) for i in gen],
+                            [seed + records[i].case_id for i in gen], max_out_len=100, top_k=5)
+    for i, t in zip(gen, texts):
+        _generation_scores(model, tok, records[i], outs[i], t, tfidf, snippets)
+    return outs
+
+
+def _generation_scores(model, tok, record, out: dict, texts: list[str], tfidf, snippets) -> None:
     out["ngram_entropy"] = G.n_gram_entropy(texts)
     out["text"] = texts
     rr = record.requested_rewrite
@@ -50,7 +68,6 @@ def case_metrics(mt, record: EvalRecord, skip_generation: bool = False, seed: in
         if essence:
             out["essence_score"] = G.perplexity(model, tok, " ".join(essence), max_input_length=100)
             out["essence_text"] = essence
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,12 +29,15 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics, case_path,  # noqa: F401
+from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics_many, case_path,  # noqa: F401
                     chunk_dir, finished_chunks, summarize)
 from .datasets import EvalRecord
 from ..files import tensors_sha256
 
 STATE_FILE = "state.safetensors"
+# records measured together: their sequences and generations share forward passes (a sequential
+# run's "pre" / "post" files are written per group, so an interruption loses at most one group)
+MEASURE_GROUP = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,12 +217,15 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
     if any(k >= len(chunks) for k in done):
         raise ValueError(f"{out_dir} holds chunk folders beyond this run's {len(chunks)} chunks "
                          "(another --limit?): use another --out folder")
-    kw = dict(skip_generation=skip_generation, seed=seed, tfidf=tfidf, snippets=snippets, batch_size=batch_size,
-              accuracy=dataset == "counterfact")
+    kw = dict(seed=seed, tfidf=tfidf, snippets=snippets, batch_size=batch_size, accuracy=dataset == "counterfact")
 
     def measure(chunk):
-        return [case_metrics(mt, r, **{**kw, "skip_generation": skip_generation or r.case_id % generation_interval
-                                       != 0}) for r in chunk]
+        out = []
+        for s in range(0, len(chunk), MEASURE_GROUP):
+            group = chunk[s:s + MEASURE_GROUP]
+            out += case_metrics_many(mt, group, [skip_generation or r.case_id % generation_interval != 0
+                                                 for r in group], **kw)
+        return out
 
     run = _sequential_run if sequential else _independent_chunks
     stopped = run(mt, dataset, chunks, out_dir, done, editor, measure, method=method, num_edits=num_edits,
@@ -296,8 +302,9 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
     if pre:  # on the original model, before any edit, one file per record (resumable)
         (out_dir / "pre").mkdir(exist_ok=True)
         todo_pre = [r for c in kept_all for r in c if not case_path(out_dir / "pre", r.case_id).is_file()]
-        for r in tqdm(todo_pre, desc="pre (unedited model)", unit="case", disable=not progress or not todo_pre):
-            _write_json_atomic(case_path(out_dir / "pre", r.case_id), measure([r])[0])
+        for group in _groups(todo_pre, "pre (unedited model)", progress):
+            for r, m in zip(group, measure(group)):
+                _write_json_atomic(case_path(out_dir / "pre", r.case_id), m)
     originals: dict = {}   # weight values from before the run's first edit
     last = max(done) if done else -1
     if done:
@@ -348,17 +355,26 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
             final = [(k, r) for k, c in enumerate(kept_all) for r in c]
             todo_final = [(k, r) for k, r in final if _measured_edits(case_path(out_dir, r.case_id)) != edits]
             seconds = {k: m["edit_seconds"] for k, m in finished_chunks(out_dir).items()}
-            for k, r in tqdm(todo_final, desc="post (after the last batch)", unit="case",
-                             disable=not progress or not todo_final):
-                p = json.loads(case_path(out_dir / "pre", r.case_id).read_text(encoding="utf-8")) if pre else None
-                _write_json_atomic(case_path(out_dir, r.case_id),
-                                   {"case_id": r.case_id, "requested_rewrite": r.requested_rewrite,
-                                    "time": seconds[k], "num_edits": len(kept_all[k]), "chunk": k,
-                                    "edits": edits, "post": measure([r])[0], "pre": p})
+            for group in _groups(todo_final, "post (after the last batch)", progress):
+                for (k, r), m in zip(group, measure([r for _, r in group])):
+                    p = json.loads(case_path(out_dir / "pre", r.case_id).read_text(encoding="utf-8")) if pre else None
+                    _write_json_atomic(case_path(out_dir, r.case_id),
+                                       {"case_id": r.case_id, "requested_rewrite": r.requested_rewrite,
+                                        "time": seconds[k], "num_edits": len(kept_all[k]), "chunk": k,
+                                        "edits": edits, "post": m, "pre": p})
         write_monitor(out_dir, header, batches, stopped)
     finally:
         _restore(mt.model, originals)
     return stopped
+
+
+def _groups(items: list, desc: str, progress: bool):
+    """`items` in groups of MEASURE_GROUP, with a progress bar counting items."""
+    from tqdm.auto import tqdm
+    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress or not items) as bar:
+        for s in range(0, len(items), MEASURE_GROUP):
+            yield items[s:s + MEASURE_GROUP]
+            bar.update(len(items[s:s + MEASURE_GROUP]))
 
 
 def _measured_edits(path: Path):

@@ -24,7 +24,6 @@ from ..models.base import cache_argument, returned_cache
 # Sampling
 
 
-@torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: int = 5,
              seed: int | None = 0, n_gen_per_prompt: int = 1) -> list[str]:
     """Top-k sampling as the reference's `generate_fast`: sequences grow to `max_out_len` tokens
@@ -37,9 +36,27 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
     prompts are left-padded with explicit position ids. Sampling uses its own CPU generator
     seeded with `seed`, so results do not depend on the global RNG; `seed=None` draws from
     torch's global RNG instead, as the reference does (`torch.manual_seed` then decides)."""
-    prompts = [p for p in prompts for _ in range(n_gen_per_prompt)]
+    return generate_many(model, tok, [prompts], [seed], max_out_len, top_k, n_gen_per_prompt)[0]
+
+
+@torch.no_grad()
+def generate_many(model, tok, prompt_sets: Sequence[Sequence[str]], seeds: Sequence[int | None],
+                  max_out_len: int = 100, top_k: int = 5, n_gen_per_prompt: int = 1) -> list[list[str]]:
+    """`generate` of several prompt sets in one batch (a record's two or three prompts leave a
+    CPU's cores idle; many records' fill them). Each set samples with its own generator, seeded
+    with its seed, drawing for its own rows at every step, as it does alone: a set's texts are
+    `generate(prompts, seed=s)`'s, up to rounding in the logits, which can move a sample only
+    where a uniform draw falls on a boundary of the top-k distribution."""
+    if len(seeds) != len(prompt_sets):
+        raise ValueError(f"{len(prompt_sets)} prompt sets but {len(seeds)} seeds")
+    sets = [[p for p in ps for _ in range(n_gen_per_prompt)] for ps in prompt_sets]
+    spans, n = [], 0
+    for s in sets:
+        spans.append((n, n + len(s)))
+        n += len(s)
+    prompts = [p for s in sets for p in s]
     if not prompts:
-        return []
+        return [[] for _ in sets]
     dev = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     enc = [list(tok(p)["input_ids"]) for p in prompts]
@@ -50,7 +67,7 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
         ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
         mask[i, width - len(e):] = 1
     ids, mask = ids.to(dev), mask.to(dev)
-    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+    gens = [None if s is None else torch.Generator().manual_seed(int(s)) for s in seeds]
     past, step_ids = None, ids
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     step_pos = positions
@@ -65,7 +82,8 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
         probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)
         top_p, top_i = probs.topk(top_k, dim=-1)
         top_p = (top_p / top_p.sum(-1, keepdim=True)).cpu()
-        choice = torch.multinomial(top_p, 1, generator=gen)
+        choice = torch.cat([torch.multinomial(top_p[a:b], 1, generator=g)
+                            for (a, b), g in zip(spans, gens) if b > a])
         nxt = top_i.cpu().gather(1, choice)  # (B, 1)
         for i in range(len(enc)):
             if len(enc[i]) + len(new_tokens[i]) < target_len[i]:
@@ -73,9 +91,9 @@ def generate(model, tok, prompts: Sequence[str], max_out_len: int = 100, top_k: 
         step_ids = nxt.to(dev)
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    texts = [tok.decode(e + n, skip_special_tokens=True) for e, n in zip(enc, new_tokens)]
-    return [unicodedata.normalize("NFKD", t).replace("\n\n", " ").replace("<|endoftext|>", "")
-            for t in texts]
+    texts = [unicodedata.normalize("NFKD", tok.decode(e + t, skip_special_tokens=True))
+             .replace("\n\n", " ").replace("<|endoftext|>", "") for e, t in zip(enc, new_tokens)]
+    return [texts[a:b] for a, b in spans]
 
 
 # ---------------------------------------------------------------------------------------------

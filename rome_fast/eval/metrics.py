@@ -120,41 +120,64 @@ def counterfact_probs(model, tok, record, batch_size: int = DEFAULT_BATCH, accur
     pass: "{rewrite,paraphrase}_prompts_correct" (every token of target_new is the arg-max) and
     "neighborhood_prompts_correct" (every token of the prompt's true target is), one bool per
     prompt."""
-    new, true = record.target_new, record.target_true
-    groups = {
+    return counterfact_probs_many(model, tok, [record], batch_size, accuracy)[0]
+
+
+def _counterfact_groups(record) -> dict:
+    true = record.target_true
+    return {
         "rewrite_prompts": [(record.rewrite_prompt, true)],
         "paraphrase_prompts": [(p, true) for p in record.paraphrase_prompts],
         "neighborhood_prompts": [(n["prompt"], n["target"]) for n in record.neighborhood_prompts],
         "attribute_prompts": [(p, true) for p in record.attribute_prompts],
     }
-    pairs = [(p, o) for items in groups.values() for p, t in items for o in (new, t)]
+
+
+def counterfact_probs_many(model, tok, records, batch_size: int = DEFAULT_BATCH, accuracy: bool = False) -> list[dict]:
+    """`counterfact_probs` of several records, their sequences sharing forward passes (a
+    compact record has only six short ones, too few to fill a pass on its own). Right padding
+    leaves each sequence's logits what they are alone, up to rounding."""
+    groups = [_counterfact_groups(r) for r in records]
+    pairs = [(p, o) for r, g in zip(records, groups) for items in g.values() for p, t in items
+             for o in (r.target_new, t)]
     nll, ok = target_nll(model, tok, pairs, batch_size, return_correct=True) if pairs else ([], [])
-    out, k = {}, 0
-    for key, items in groups.items():
-        out[f"{key}_probs"] = [{"target_new": nll[k + 2 * i], "target_true": nll[k + 2 * i + 1]}
-                               for i in range(len(items))]
-        if accuracy and key != "attribute_prompts":  # new target; the neighbours' own true one
-            out[f"{key}_correct"] = [ok[k + 2 * i + (key == "neighborhood_prompts")] for i in range(len(items))]
-        k += 2 * len(items)
-    return out
+    outs, k = [], 0
+    for g in groups:
+        out = {}
+        for key, items in g.items():
+            out[f"{key}_probs"] = [{"target_new": nll[k + 2 * i], "target_true": nll[k + 2 * i + 1]}
+                                   for i in range(len(items))]
+            if accuracy and key != "attribute_prompts":  # new target; the neighbours' own true one
+                out[f"{key}_correct"] = [ok[k + 2 * i + (key == "neighborhood_prompts")] for i in range(len(items))]
+            k += 2 * len(items)
+        outs.append(out)
+    return outs
 
 
 def zsre_correct(model, tok, record, batch_size: int = DEFAULT_BATCH) -> dict:
     """Teacher-forced token accuracy of target_new after the rewrite and paraphrase prompts, and
     of the NQ answer after the neighbourhood question: {"<kind>_prompts_correct": [bool per
     token]} (flattened over prompts, as the reference)."""
-    groups = {
-        "rewrite_prompts": [(record.rewrite_prompt, record.target_new)],
-        "paraphrase_prompts": [(p, record.target_new) for p in record.paraphrase_prompts],
-        "neighborhood_prompts": [(n["prompt"], n["target"]) for n in record.neighborhood_prompts],
-    }
-    pairs = [pt for items in groups.values() for pt in items]
-    acc = token_accuracy(model, tok, pairs, batch_size)
-    out, k = {}, 0
-    for key, items in groups.items():
-        out[f"{key}_correct"] = [c for row in acc[k:k + len(items)] for c in row]
-        k += len(items)
-    return out
+    return zsre_correct_many(model, tok, [record], batch_size)[0]
+
+
+def zsre_correct_many(model, tok, records, batch_size: int = DEFAULT_BATCH) -> list[dict]:
+    """`zsre_correct` of several records, their sequences sharing forward passes."""
+    groups = [{
+        "rewrite_prompts": [(r.rewrite_prompt, r.target_new)],
+        "paraphrase_prompts": [(p, r.target_new) for p in r.paraphrase_prompts],
+        "neighborhood_prompts": [(n["prompt"], n["target"]) for n in r.neighborhood_prompts],
+    } for r in records]
+    pairs = [pt for g in groups for items in g.values() for pt in items]
+    acc = token_accuracy(model, tok, pairs, batch_size) if pairs else []
+    outs, k = [], 0
+    for g in groups:
+        out = {}
+        for key, items in g.items():
+            out[f"{key}_correct"] = [c for row in acc[k:k + len(items)] for c in row]
+            k += len(items)
+        outs.append(out)
+    return outs
 
 
 def counterfact_case_scores(metrics: dict) -> dict:
