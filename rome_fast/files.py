@@ -6,6 +6,7 @@ held to a safe alphabet; every path built from them is checked to stay inside th
 chose. Hashes of the input let a resumed run prove it reads the same input as the first one."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -102,17 +103,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path, write, mode: str = "wb") -> None:
-    """Create or replace `path` by what `write(file)` writes, never leaving a partial file: a
-    temporary file beside it, flushed and fsynced, renamed over it, and the folder fsynced."""
+TEMP_PREFIX = ".tmp-"  # the name of an atomic write's temporary file, until it is renamed
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "wb"):
+    """(open file, its temporary path): a temporary file beside `path`; when the block completes
+    it is flushed, fsynced, given an ordinary new file's permissions and renamed over `path`, and
+    the folder is fsynced. On any error or interruption it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
-            write(f)
+            yield f, Path(tmp)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is its owner's only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -120,9 +129,16 @@ def atomic_write(path, write, mode: str = "wb") -> None:
     _fsync_dir(path.parent)
 
 
-def write_json_atomic(path, obj) -> None:
+def atomic_write(path, write, mode: str = "wb") -> None:
+    """Create or replace `path` by what `write(file)` writes, never leaving a partial file
+    (`atomic_file`)."""
+    with atomic_file(path, mode) as (f, _):
+        write(f)
+
+
+def write_json_atomic(path, obj, indent: int = 1) -> None:
     """`obj` as JSON at `path`, written atomically (`atomic_write`)."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode("utf-8")))
 
 
 def save_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:

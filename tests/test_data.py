@@ -62,7 +62,7 @@ def server(monkeypatch):
 
 
 def _leftovers(folder: Path):
-    return sorted(p.name for p in folder.glob(".*.part")) if folder.is_dir() else []
+    return sorted(p.name for p in folder.glob(".tmp-*")) if folder.is_dir() else []
 
 
 def test_bundled_files(cache):

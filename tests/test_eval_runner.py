@@ -121,7 +121,7 @@ def test_run_resume_and_summary(mt, records, tmp_path):
         R.evaluate(mt, "counterfact", records, None, out2, editor=RankOneEditor(mt, fail_on_call=2),
                    progress=False)
     assert sorted(read_cases(out2)) == ["case_3.json"]
-    assert not list(out2.glob(".*tmp"))  # no half-written files left behind
+    assert not list(out2.glob(".tmp-*"))  # no half-written files left behind
     assert_same_weights(mt.model, original)
     R.evaluate(mt, "counterfact", records, None, out2, editor=RankOneEditor(mt), progress=False)
     assert without_time(read_cases(out2)) == without_time(cases)

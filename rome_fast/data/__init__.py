@@ -23,12 +23,12 @@ import gzip
 import hashlib
 import http.client
 import json
-import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from ..files import atomic_file
 
 ROME_ROOT = "https://rome.baulab.info/data/dsets/"
 MEMIT_ROOT = "https://memit.baulab.info/data/dsets/"
@@ -188,21 +188,15 @@ def _write_atomic(dest: Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def _atomic(dest: Path):
-    """(open file, its path): a temporary file beside `dest`, renamed to `dest` with the usual
-    permissions only when the block completes; removed on any error or interruption."""
+    """(open file, its path): `files.atomic_file`, with a folder that cannot be written to
+    reported in one line."""
+    started = False
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as exc:  # FileNotFoundError: the CLI reports it in one line
+        with atomic_file(dest) as (f, tmp):
+            started = True
+            yield f, tmp
+    except OSError as exc:  # the CLI reports FileNotFoundError in one line
+        if started:
+            raise
         raise FileNotFoundError(f"cannot write in {dest.parent} ({exc}): set ROME_FAST_CACHE to a "
                                 "writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f, Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -74,8 +74,8 @@ def edit_covariance(stat, key_width: int, where: str, ridge=None, device=None,
         raise StatisticsError(
             f"{where}: the second moment is not positive definite ({str(exc).removeprefix('rome_fast: ')}; "
             f"{count} keys, width {key_width}), and an edit through it damages unrelated facts. "
-            + (f"The file may be corrupt or summed in too low a precision: delete it to recompute it "
-               f"(mom2_dtype='float64' sums in float64), or use " if is_file else "Use ")
+            + ("The file may be corrupt or summed in too low a precision: delete it to recompute it "
+               "(mom2_dtype='float64' sums in float64), or use " if is_file else "Use ")
             + fix) from None
     return C, factor
 

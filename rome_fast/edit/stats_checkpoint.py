@@ -69,7 +69,7 @@ def load_checkpoint(path, settings: dict):
     path = Path(path)
     if not path.is_file():
         return None
-    fix = f"rerun with the settings it was written with, or delete it (--restart) to start over"
+    fix = "rerun with the settings it was written with, or delete it (--restart) to start over"
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -10,9 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from functools import lru_cache
 from importlib import resources
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from .edit_view import edit_view
 from .eval_view import eval_view
 from .runs import Facts, Warnings, find_runs
@@ -126,19 +125,8 @@ def write_report(run_dir, out=None, facts=None) -> Path:
         raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / 'report.html'}")
     page = render_html(report_data(run_dir, facts))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        atomic_write(out, lambda f: f.write(page.encode("utf-8")))
     except OSError as exc:
         raise ValueError(f"cannot write the report to {out} ({exc.strerror}): pass --out FILE.html "
                          "in a folder you can write to") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's owner-only mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

@@ -6,17 +6,14 @@ each layer. The "middle subject" and "further" buckets take every token row as i
 they are averages over tokens, not facts (as the reference)."""
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
-from ..files import file_id, inside
+from ..files import file_id, inside, write_json_atomic
 from .kinds import get_kind, kind_names
 from .plots import plot_aie_heatmaps, plot_aie_lines
 from .results import TraceResult
@@ -175,12 +172,4 @@ def aggregate_dir(out_dir, kinds: Sequence[str] | str = "all", ids: Iterable | N
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, obj, indent=2)

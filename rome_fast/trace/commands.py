@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..arguments import positive_int
-from ..files import read_text
+from ..files import atomic_write, read_text
 from ..models.loading import load_model_spec
 from .aggregate import aggregate_dir
 from .api import BACKENDS, DEFAULT_BACKEND, calculate_hidden_flow, check_fact_text
@@ -126,7 +126,6 @@ def _cmd_trace(args) -> int:
 def _cmd_aggregate(args) -> int:
     """Re-aggregate a trace folder, after merging in the case files of other runs if asked."""
     import shutil
-    import tempfile
 
     out = Path(args.dir)
     for src in map(Path, args.merge or ()):
@@ -147,14 +146,8 @@ def _cmd_aggregate(args) -> int:
             except ResultFileError as exc:
                 print(f"rome-fast: {exc.path}: {exc.reason}; not copied", file=sys.stderr)
                 continue
-            fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".tmp", dir=target.parent)
-            try:
-                with open(fd, "wb") as dst, open(f, "rb") as source:
-                    shutil.copyfileobj(source, dst)
-                Path(tmp).replace(target)  # atomic: a reader never sees half a file
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with open(f, "rb") as source:  # atomic: a reader never sees half a file
+                atomic_write(target, lambda dst: shutil.copyfileobj(source, dst))
             copied += 1
         print(f"{src}: {copied} case files copied")
     if not (out / "cases").is_dir():

@@ -11,9 +11,7 @@ stores None as an object array), is recognised by disassembling its pickle, neve
 from __future__ import annotations
 
 import io
-import os
 import pickletools
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field, fields
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from ..tokens import decode_tokens
 from .kinds import get_kind, stored_kind
 
@@ -100,9 +99,8 @@ class TraceResult:
         return self.to_dict().get(key, default)
 
     def save(self, path) -> Path:
-        """Write the `.npz` atomically (a temp file in the same folder, then os.replace)."""
+        """Write the `.npz` atomically (`files.atomic_write`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {}
         for key, value in self.to_dict().items():
             if torch.is_tensor(value):
@@ -113,14 +111,7 @@ class TraceResult:
             if arrays[key].dtype.hasobject:  # only pickle could store it, and we never read pickles
                 raise ValueError(f"cannot save {key!r} ({type(value).__name__}) in {path}: result files "
                                  "hold numbers and strings only")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:  # a file object: savez would append ".npz" to a name
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object: savez would append ".npz" to a name
         return path
 
     @classmethod

@@ -6,16 +6,14 @@ finished. Then the aggregate (summary.json and the AIE figures)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .. import distributed
 from . import many
 from .aggregate import aggregate_dir, case_path
-from ..files import content_sha256, file_id, parse_json, read_text
+from ..files import content_sha256, file_id, parse_json, read_text, write_json_atomic
 from .api import DEFAULT_BACKEND, calculate_hidden_flow, check_fact_text, check_prompt, get_backend
 from .kinds import get_kind, kind_names
 from .noise import resolve_noise
@@ -270,10 +268,7 @@ def _check_run_settings(path: Path, settings: dict, write: bool = True) -> None:
         return
     if not write:
         raise ValueError(f"{path} is missing")
-    fd, tmp = tempfile.mkstemp(prefix=".run.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, settings, indent=2)
 
 
 def _same_setting(a, b) -> bool:

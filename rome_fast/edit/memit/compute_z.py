@@ -15,11 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ...models import adapter_for
-from ..compute_u import key_indices, right_padded
-from ..compute_v import KL_PROMPT, _escape, delta_adder, optimise_delta, target_token_ids
+from ..compute_v import delta_adder, optimise_delta
 from ...hooks import TraceDict
 from .templates import flat
 

@@ -6,7 +6,6 @@ the known extras: `model_name` (AlphaEdit's copies of the MEMIT files carry it),
 (this package's half-precision statistics option) and `mom2_ridge` (as ROME's)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
