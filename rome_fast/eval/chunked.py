@@ -291,7 +291,8 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
     """Chunks applied one after another (AlphaEdit's protocol); the collapse monitor after each;
     every record measured once, after the last chunk ("post"; "pre" on the original model, before
     any edit). eval_every=k: also the records edited so far, after every k-th chunk (kept in that
-    chunk's folder, `after/`). Resumable: per chunk (edit state) and per group of records measured together."""
+    chunk's folder, `after/`). Resumable: per chunk (edit state) and per group of records
+    measured together."""
     from tqdm.auto import tqdm
 
     from .monitor import CollapseMonitor, write_monitor
