@@ -29,20 +29,23 @@ def _cell(v):
 
 
 def collect(dirs) -> dict:
-    runs, unedited = {}, None
+    runs, unedited, models = {}, None, set()
     for d in map(Path, dirs):
         s = summarize(d, print_table=False)
         mon = load_monitor(d / "monitor.json")
         cfg = json.loads((d / "run.json").read_text(encoding="utf-8"))
         edits = s["chunks"]["edits"]
+        models.add(cfg["model"])
         runs[cfg["method"]] = {
-            "dir": str(d), "cases": s["n"], "edits": edits, "batch": cfg["num_edits"], "batches": s["chunks"]["chunks"],
+            "dir": d.name, "cases": s["n"], "edits": edits, "batch": cfg["num_edits"], "batches": s["chunks"]["chunks"],
             "post": s["post"], "edit_seconds": s["chunks"]["edit_seconds"],
             "seconds_per_edit": s["chunks"]["seconds_per_edit"], "backend": cfg.get("backend") or "fast",
             "generation_interval": cfg.get("generation_interval"), "monitor": mon}
         if s["pre"] and unedited is None:
-            unedited = {"from": str(d), "cases": s["n"], "metrics": s["pre"]}
-    return {"runs": runs, "unedited": unedited}
+            unedited = {"from": d.name, "cases": s["n"], "metrics": s["pre"]}
+    if len(models) > 1:
+        raise SystemExit(f"the runs edit different models {sorted(models)}: compare runs of one model")
+    return {"model": models.pop() if models else None, "runs": runs, "unedited": unedited}
 
 
 def table(res) -> str:
@@ -64,14 +67,13 @@ def main(argv=None) -> int:
     ap.add_argument("dirs", nargs="+", help="run folders of rome-fast eval --sequential --num-edits")
     ap.add_argument("--json", required=True)
     ap.add_argument("--png", required=True)
-    ap.add_argument("--note", default="CPU, shared 2-core machine with other jobs running: times are indicative only")
+    ap.add_argument("--note", default="", help="how the runs were made (machine, load), kept in the JSON")
     args = ap.parse_args(argv)
     res = collect(args.dirs)
     res["note"] = args.note
-    res["model"] = "smollm2-135m"
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     plot_monitors({m: r["monitor"] for m, r in res["runs"].items()}, args.png,
-                  title="sequential CounterFact edits on SmolLM2-135M: collapse monitor")
+                  title=f"sequential CounterFact edits on {res['model']}: collapse monitor")
     print(table(res))
     return 0
 
