@@ -319,11 +319,11 @@ def test_memit_chunk_resumes_its_z_step(mt, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
     assert _same(mt.model, original)
-    assert len(list((tmp_path / "part" / ".z_partial_00000").glob("z_*.safetensors"))) == 2
+    assert len(list((tmp_path / "part" / ".partial_00000").glob("z_*.safetensors"))) == 2
     calls[:] = [None] * 10  # the next calls run
     R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
     assert len(calls) == 12 and _same(mt.model, original)
-    assert not (tmp_path / "part" / ".z_partial_00000").exists()
+    assert not (tmp_path / "part" / ".partial_00000").exists()
     # one request per group in both runs: the same computations, so the same numbers exactly
     assert _no_time(_cases(tmp_path / "part")) == _no_time(_cases(tmp_path / "full"))
     meta = json.loads((chunk_dir(tmp_path / "part", 0) / "chunk.json").read_text())
@@ -351,3 +351,87 @@ def test_cli_parses_mass_editing_options():
                                    "--eval-every", "5", "--stop-on-collapse", "0.5", "--skip-pre"])
     assert (a.method, a.eval_every, a.stop_on_collapse, a.skip_pre) == ("alphaedit", 5, 0.5, True)
     assert build_parser().parse_args(["edit", "--method", "alphaedit", "--requests", "r.json"]).method == "alphaedit"
+
+
+def _rome_hp(mt):
+    from rome_fast.edit import ROMEHyperParams
+    return dataclasses.replace(ROMEHyperParams.for_model(mt.model, layer=1), v_num_grad_steps=3, mom2_n_samples=300,
+                               context_template_length_params=[[4, 3]])
+
+
+def test_rome_resumes_after_its_last_finished_request(mt, tmp_path, monkeypatch):
+    """ROME one by one with the weights saved after each request: killed in the third of four,
+    the weights are put back; the next call loads the two saved edits, applies the last two and
+    ends with the weights of one uninterrupted `apply_rome_to_model` call (bitwise). A progress
+    file of other requests is refused."""
+    from rome_fast.edit import apply_rome_to_model, restore_weights, rome_checkpoint
+    from rome_fast.edit import rome as rome_module
+    from rome_fast.models.random_init import random_texts
+    hp = _rome_hp(mt)
+    reqs = [r.request() for r in _records(tmp_path)[:4]]
+    kw = dict(corpus=list(random_texts()), progress=False)
+    original = _snapshot(mt.model)
+    _, orig = apply_rome_to_model(mt.model, mt.tokenizer, reqs, hp, return_orig_weights=True, **kw)
+    want = {n: mt.model.get_parameter(n).detach().clone() for n in orig}
+    restore_weights(mt.model, orig)
+    real, calls = rome_module.apply_rome_to_model, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rome_module, "apply_rome_to_model", counted)
+    with pytest.raises(KeyboardInterrupt):
+        rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs, hp, tmp_path / "p", **kw)
+    assert _same(mt.model, original)
+    info = {}
+    before = rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs, hp, tmp_path / "p",
+                                                  return_info=info, **kw)
+    assert len(calls) == 5 and info["resumed_requests"] == 2 and info["resumed_seconds"] > 0
+    assert all(torch.equal(mt.model.get_parameter(n), w) for n, w in want.items())
+    assert all(torch.equal(before[n], original[n]) for n in before)
+    restore_weights(mt.model, before)
+    with pytest.raises(ValueError, match="progress of another edit"):
+        rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs[:3], hp, tmp_path / "p", **kw)
+    assert _same(mt.model, original)
+
+
+def test_sequential_rome_run_resumed_in_a_new_process(mt, tmp_path, monkeypatch):
+    """A sequential ROME run killed in the middle of its second batch and resumed with the
+    template caches emptied (a new process): the context templates still come from the unedited
+    model, the batch resumes after its last finished request, and the run ends with bitwise the
+    uninterrupted run's weights and case files."""
+    from safetensors.torch import load_file
+    from rome_fast.edit import rome as rome_module
+    from rome_fast.edit import templates as T
+    from rome_fast.models.random_init import random_texts
+    hp = _rome_hp(mt)
+    recs = _records(tmp_path)[:4]
+    kw = dict(method="rome", num_edits=2, sequential=True, skip_generation=True, progress=False,
+              editor_kwargs=dict(corpus=list(random_texts()), progress=False))
+    original = _snapshot(mt.model)
+    R.evaluate(mt, "counterfact", recs, hp, tmp_path / "full", **kw)
+    real, calls = rome_module.apply_rome_to_model, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rome_module, "apply_rome_to_model", counted)
+    T.clear_cache()
+    with pytest.raises(KeyboardInterrupt):
+        R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
+    assert _same(mt.model, original)
+    assert (tmp_path / "part" / ".partial_00001" / "rome_progress.safetensors").is_file()
+    T.clear_cache()
+    R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
+    assert len(calls) == 5 and _same(mt.model, original)  # only the fourth request was left
+    a = load_file(str(chunk_dir(tmp_path / "full", 1) / "state.safetensors"))
+    b = load_file(str(chunk_dir(tmp_path / "part", 1) / "state.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _final(tmp_path / "part") == _final(tmp_path / "full")
+    assert not (tmp_path / "part" / ".partial_00001").exists()

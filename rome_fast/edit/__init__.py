@@ -18,6 +18,7 @@ from .covariance import StatisticsError
 from .hparams import ROMEHyperParams, list_presets
 from .requests import normalize_request
 from .rome import apply_rome_to_model, execute_rome, rank_one_update, update_matrix
+from .rome_checkpoint import apply_rome_resumable
 from .sites import EditSite, edit_sites
 from .stats import LayerStats, SecondMoment, layer_stats, load_stats_file, stats_path
 from .fast import apply_rome_batch, execute_rome_fast
@@ -38,6 +39,7 @@ def clear_caches() -> None:
 
 
 __all__ = ["EditBackend", "EditSite", "LayerStats", "ROMEHyperParams", "SecondMoment", "StatisticsError",
+           "apply_rome_resumable",
            "ValueInfo", "WeightDelta", "apply_edits", "apply_rome_batch", "apply_rome_to_model", "backend_names",
            "clear_caches", "compute_u", "compute_v", "edit_sites", "execute_rome", "execute_rome_fast",
            "fast_compute_v", "get_backend", "get_context_templates", "get_inv_cov", "layer_stats",

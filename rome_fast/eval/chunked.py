@@ -16,7 +16,9 @@ chunk.json (ids, dropped, edit seconds); it is written under a temporary name an
 chunk's files appear together or not at all, and a rerun skips finished chunks. A sequential run
 also saves there its edit state after the chunk (state.safetensors: the current values of every
 weight edited so far, plus the editor's own state); resuming loads the last chunk's state after
-checking that the model's original weights match the ones the run started from."""
+checking that the model's original weights match the ones the run started from. A chunk's
+unfinished work (MEMIT's and AlphaEdit's target vectors, ROME's weights after each request) is kept
+in out/.partial_K/ until the chunk's folder is in place, so a chunk cut short resumes too."""
 from __future__ import annotations
 
 import json
@@ -83,8 +85,9 @@ class ChunkEditor:
         self.resumed_seconds = 0.0  # z-step time spent on the last chunk before a resume
 
     def __call__(self, mt, requests: list[dict], scratch: Optional[Path] = None) -> dict:
-        """scratch: a folder for the chunk's finished target vectors (MEMIT and AlphaEdit on the
-        fast backend), so a chunk cut short resumes its z step instead of starting it again."""
+        """scratch: a folder where the chunk's finished work is kept (MEMIT and AlphaEdit on the
+        fast backend: the target vectors; ROME: the weights after each request), so a chunk cut
+        short resumes instead of starting again."""
         self.resumed_seconds = 0.0
         info: dict = {}
         if scratch is not None and self.method in ("memit", "alphaedit") and (self.backend or "fast") == "fast":
@@ -92,9 +95,29 @@ class ChunkEditor:
         else:
             kw = self.kwargs
         try:
+            if self.method == "rome" and scratch is not None:  # the weights saved after each request
+                from ..edit.rome_checkpoint import apply_rome_resumable
+                return apply_rome_resumable(mt.model, mt.tokenizer, requests, self.hparams, scratch,
+                                            backend=self.backend or "fast", return_info=info, **kw)
             return self._edit(mt, requests, kw)
         finally:
-            self.resumed_seconds = info.get("seconds", {}).get("z_resumed", 0.0)
+            self.resumed_seconds = info.get("seconds", {}).get("z_resumed", info.get("resumed_seconds", 0.0))
+
+    def start(self, mt) -> None:
+        """Fix the context templates on the model before any edit (the reference samples them at
+        its first edit and keeps them): a run resumed in a new process must not sample them from
+        the model its earlier batches edited."""
+        if self.kwargs.get("context_templates") is not None:
+            return
+        seed = self.kwargs.get("seed", 0)
+        if self.method == "rome":
+            from ..edit.templates import get_context_templates
+            templates = get_context_templates(mt.model, mt.tokenizer, self.hparams.context_template_length_params,
+                                              seed)
+        else:
+            from ..edit.memit.templates import get_context_templates
+            templates = get_context_templates(mt.model, mt.tokenizer, seed)
+        self.kwargs["context_templates"] = templates
 
     def _edit(self, mt, requests: list[dict], kwargs: dict) -> dict:
         if self.method == "rome":  # one after another, each on the model edited by the ones before
@@ -205,6 +228,8 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
         shutil.rmtree(stale, ignore_errors=True)
     chunks = chunk_records(records, num_edits)
     editor = editor or ChunkEditor(method, hparams, backend, sequential=sequential, **(editor_kwargs or {}))
+    if isinstance(editor, ChunkEditor):
+        editor.start(mt)  # on the unedited model: a resumed run loads its edited weights later
     extra = {**(config_extra or {}), "method": method, "num_edits": num_edits, "sequential": bool(sequential),
              "generation_interval": generation_interval}
     if sequential:
@@ -283,7 +308,7 @@ def _timed(editor, mt, kept, scratch: Path):
 
 
 def _scratch(out_dir: Path, k: int) -> Path:
-    return out_dir / f".z_partial_{k:05d}"
+    return out_dir / f".partial_{k:05d}"
 
 
 def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, method, num_edits, progress,
