@@ -395,6 +395,9 @@ def test_rome_resumes_after_its_last_finished_request(mt, tmp_path, monkeypatch)
     restore_weights(mt.model, before)
     with pytest.raises(ValueError, match="progress of another edit"):
         rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs[:3], hp, tmp_path / "p", **kw)
+    with pytest.raises(ValueError, match="progress of another edit"):  # statistics of another corpus
+        rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs, hp, tmp_path / "p",
+                                             **dict(kw, corpus=kw["corpus"][:-1]))
     assert _same(mt.model, original)
 
 

@@ -5,7 +5,8 @@ A sequential ROME batch of 100 requests takes a quarter of an hour on a CPU; wit
 lost all of it. The folder holds one safetensors file: the current value of every weight ROME
 edits and how many requests they contain, written atomically after every request. Its identity (the
 model's fingerprint, the weights before the first request, the requests, the hyperparameters, the
-context templates and the backend) must match the call's, else the file is refused."""
+context templates, the statistics' corpus or given C⁻¹, and the backend) must match the call's, else
+the file is refused."""
 from __future__ import annotations
 
 import time
@@ -46,7 +47,8 @@ def apply_rome_resumable(model, tok, requests, hparams, folder, backend="fast", 
     ident = content_sha256({"model": model_fingerprint(model), "weights": tensors_sha256(before),
                             "requests": [request_key(r) for r in requests], "hparams": hparams.to_dict(),
                             "templates": kw["context_templates"], "backend": impl.name,
-                            "key_mode": kw.get("key_mode", "reference"), "family": adapter_for(model).family})
+                            "key_mode": kw.get("key_mode", "reference"), "family": adapter_for(model).family,
+                            "statistics": _statistics_identity(kw)})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(TEMP_PREFIX + "*"):  # a write cut short
@@ -66,6 +68,17 @@ def apply_rome_resumable(model, tok, requests, hparams, folder, backend="fast", 
         restore_weights(model, before)
         raise
     return before
+
+
+def _statistics_identity(kw: dict):
+    """What the covariance comes from besides the hyperparameters: the corpus (a file's name or
+    an in-memory list's texts) or a given C⁻¹ (its bytes)."""
+    inv = kw.get("inv_cov")
+    if inv is not None:
+        return tensors_sha256(inv if isinstance(inv, dict) else {"inv_cov": inv})
+    corpus = kw.get("corpus")
+    return content_sha256(list(corpus)) if isinstance(corpus, (list, tuple)) else (None if corpus is None
+                                                                                   else str(corpus))
 
 
 def _load(path: Path, ident: str, model, before: dict) -> tuple[int, float]:
