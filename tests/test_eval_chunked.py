@@ -438,3 +438,24 @@ def test_sequential_rome_run_resumed_in_a_new_process(mt, tmp_path, monkeypatch)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert _final(tmp_path / "part") == _final(tmp_path / "full")
     assert not (tmp_path / "part" / ".partial_00001").exists()
+
+
+def test_summary_of_a_run_still_editing(mt, tmp_path, capsys):
+    """`rome-fast eval-summary` on a sequential run stopped after its first of two batches says
+    where it stands (batches done of all, edits, what is measured, the monitor's last batch)
+    instead of failing for want of final case files; a folder of no run still fails."""
+    from rome_fast.cli import main
+    recs = _records(tmp_path)[:4]
+    with pytest.raises(KeyboardInterrupt):
+        R.evaluate(mt, "counterfact", recs, None, tmp_path / "run", editor=HashEditor(fail_on_call=2), method="memit",
+                   num_edits=2, sequential=True, skip_generation=True, progress=False)
+    capsys.readouterr()
+    assert main(["eval-summary", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "memit run in progress" in out and "sequential batches of up to 2 edits done: 1 of 2; 2 edits" in out
+    assert "measured: 4 records before any edit, 0 after the last batch" in out
+    kl = json.loads((chunk_dir(tmp_path / "run", 0) / "chunk.json").read_text())["monitor"]["kl"]
+    assert f"after batch 0 (2 edits): KL {kl:.4g}" in out
+    (tmp_path / "empty").mkdir()
+    assert main(["eval-summary", str(tmp_path / "empty")]) == 2
+    assert "no case_*.json files" in capsys.readouterr().err

@@ -169,6 +169,47 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     return result
 
 
+def run_progress(out_dir) -> Optional[dict]:
+    """Where an unfinished mass-editing (--num-edits) run stands, from its files: the chunks done
+    of all (when run.json knows the number of records), edits and edit seconds so far, records with
+    "pre" and final case files, and the collapse monitor's last batch. None if `out_dir` holds no
+    such run."""
+    out_dir = Path(out_dir)
+    run = out_dir / "run.json"
+    cfg = json.loads(run.read_text(encoding="utf-8")) if run.is_file() else {}
+    if "num_edits" not in cfg:
+        return None
+    chunks = finished_chunks(out_dir).values()
+    records = cfg.get("records")
+    edits, secs = sum(c["num_edits"] for c in chunks), sum(c["edit_seconds"] for c in chunks)
+    out = {"dir": str(out_dir), "model": cfg.get("model"), "method": cfg.get("method"),
+           "num_edits": cfg["num_edits"], "sequential": bool(cfg.get("sequential")), "records": records,
+           "chunks_done": len(chunks), "chunks": -(-records // cfg["num_edits"]) if records else None,
+           "edits": edits, "edit_seconds": secs,
+           "pre_measured": len(list((out_dir / "pre").glob("case_*.json"))),
+           "final_measured": len(list(out_dir.glob("case_*.json"))) + len(list(out_dir.glob("chunk_*/case_*.json")))}
+    batches = [c["monitor"] for c in sorted(chunks, key=lambda c: c["chunk"]) if "monitor" in c]
+    if batches:
+        out["last_batch"] = {k: batches[-1][k] for k in ("batch", "edits", "kl", "ngram_entropy")}
+    return out
+
+
+def format_progress(p: dict) -> str:
+    of = f" of {p['chunks']}" if p["chunks"] else ""
+    kind = "sequential batches" if p["sequential"] else "chunks"
+    lines = [f"{p['method']} run in progress in {p['dir']}" + (f", model {p['model']}" if p.get("model") else ""),
+             f"{kind} of up to {p['num_edits']} edits done: {p['chunks_done']}{of}; {p['edits']} edits, edit time "
+             f"{p['edit_seconds']:.0f} s" + (f" ({p['edit_seconds'] / p['edits']:.2f} s/edit)" if p["edits"] else "")]
+    if p["sequential"]:
+        lines.append(f"measured: {p['pre_measured']} records before any edit, {p['final_measured']} after the "
+                     "last batch")
+    last = p.get("last_batch")
+    if last:
+        lines.append(f"collapse monitor after batch {last['batch']} ({last['edits']} edits): KL {last['kl']:.4g}, "
+                     f"n-gram entropy {last['ngram_entropy']:.3f}")
+    return "\n".join(lines)
+
+
 def format_summary(s: dict) -> str:
     """The summary as a table: mean (95 % CI) per metric, rows pre / post."""
     cols = (["Efficacy", "Paraphrase", "Specificity"] if s["dataset"] == "zsre" else

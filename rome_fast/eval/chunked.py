@@ -231,7 +231,7 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
     if isinstance(editor, ChunkEditor):
         editor.start(mt)  # on the unedited model: a resumed run loads its edited weights later
     extra = {**(config_extra or {}), "method": method, "num_edits": num_edits, "sequential": bool(sequential),
-             "generation_interval": generation_interval}
+             "generation_interval": generation_interval, "records": len(records)}
     if sequential:
         extra.update(eval_every=eval_every, pre=bool(pre))
     config = _run_config(mt, dataset, records, hparams, skip_generation, seed, backend, extra)

@@ -75,9 +75,15 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_summarize(args) -> int:
-    from .cases import format_summary, summarize
+    from .cases import format_progress, format_summary, run_progress, summarize
     for d in args.dirs:
-        print(format_summary(summarize(d, print_table=False)))
+        try:
+            print(format_summary(summarize(d, print_table=False)))
+        except FileNotFoundError:  # no case files yet: a mass-editing run still editing says where it is
+            progress = run_progress(d)
+            if progress is None:
+                raise
+            print(format_progress(progress))
     return 0
 
 
