@@ -15,6 +15,8 @@ from rome_fast.edit.solve_update import clear_factor_cache
 from rome_fast.edit.stats import collect_mom2
 from rome_fast.models.random_init import random_texts as synthetic_corpus
 
+from interrupts import FailOnCall
+
 FAMILIES = ["gpt2", "llama", "gptj", "gpt_neox"]
 LAYER = 1
 REQS = [
@@ -429,39 +431,28 @@ def _bitwise_same(model, before):
 
 @pytest.fixture
 def value_calls(monkeypatch):
-    """Counts value optimisations (both paths share `optimise_delta`); `fail_at[0] = n` makes the
-    n-th call raise `fail_with[0]`."""
+    """Counts value optimisations (both paths share `optimise_delta`; `.calls`); `.at = n` makes
+    the n-th call raise `.error`."""
     import importlib
     # the modules (the package re-exports functions of the same names)
     cv, fcv = (importlib.import_module(f"rome_fast.edit.{m}") for m in ("compute_v", "fast_compute_v"))
-    real, calls, fail_at, fail_with = cv.optimise_delta, [], [None], [KeyboardInterrupt]
-
-    def counted(*a, **k):
-        calls.append(1)
-        if len(calls) == fail_at[0]:
-            raise fail_with[0]()
-        return real(*a, **k)
-
-    monkeypatch.setattr(cv, "optimise_delta", counted)
-    monkeypatch.setattr(fcv, "optimise_delta", counted)
-    return calls, fail_at, fail_with
+    return FailOnCall(monkeypatch, cv, "optimise_delta", also=[fcv])
 
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_a_bad_later_request_edits_nothing(setup, value_calls, backend):
     s = setup["llama"]
     model, tok, hp = s["mt"].model, s["mt"].tokenizer, s["hp"]
-    calls, _, _ = value_calls
     before = _all_params(model)
     bad = {"prompt": "{} is in the {city} of", "subject": "The Louvre", "target_new": {"str": " Rome"}}
     with pytest.raises(ValueError, match=r"request 1: .*\{city\}"):
         apply_rome_to_model(model, tok, [REQS[0], bad], hp, return_orig_weights=True, backend=backend, **_kw(s))
-    assert calls == [] and _bitwise_same(model, before)
+    assert value_calls.calls == 0 and _bitwise_same(model, before)
     # escaped braces are literal text, not a field
     ok = dict(bad, prompt="{} is in the {{city}} of")
     _, orig = apply_rome_to_model(model, tok, [ok], hp, return_orig_weights=True, backend=backend, **_kw(s))
     restore_weights(model, orig)
-    assert calls == [1] and _bitwise_same(model, before)
+    assert value_calls.calls == 1 and _bitwise_same(model, before)
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
@@ -473,12 +464,11 @@ def test_an_interrupt_part_way_restores_the_weights(setup, value_calls, backend,
     s = setup["gpt2"]
     model, tok = s["mt"].model, s["mt"].tokenizer
     hp = dataclasses.replace(s["hp"], layers=[1, 2])
-    calls, at, raised = value_calls
-    at[0], raised[0] = fail_at, exc
+    value_calls.at, value_calls.error = fail_at, exc
     before = _all_params(model)
     with pytest.raises(exc):
         apply_rome_to_model(model, tok, REQS[:3], hp, return_orig_weights=True, backend=backend, **_kw(s))
-    assert len(calls) == fail_at and _bitwise_same(model, before)
+    assert value_calls.calls == fail_at and _bitwise_same(model, before)
 
 
 def _write_stats(path, mom2: torch.Tensor, count: int, sample_size: int):
@@ -513,7 +503,6 @@ def test_bad_statistics_are_refused_before_the_value_optimisation(setup, value_c
     from rome_fast.edit.stats import stats_model_name, stats_path
     s = setup["llama"]
     model, tok, hp = s["mt"].model, s["mt"].tokenizer, s["hp"]
-    calls, _, _ = value_calls
     path = stats_path(tmp_path, stats_model_name(model), "corpus", hp.rewrite_module_tmp.format(LAYER),
                       "float32", ("mom2",), hp.mom2_n_samples)
     _write_stats(path, *_bad_stats(kind, 256), hp.mom2_n_samples)
@@ -524,7 +513,7 @@ def test_bad_statistics_are_refused_before_the_value_optimisation(setup, value_c
     with pytest.raises(error, match=match) as got:
         apply_rome_to_model(model, tok, REQS[:2], hp, return_orig_weights=True, backend=backend, **kw)
     assert str(path) in str(got.value)
-    assert calls == [] and _bitwise_same(model, before)
+    assert value_calls.calls == 0 and _bitwise_same(model, before)
 
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])

@@ -13,6 +13,7 @@ from rome_fast.eval import runner as R
 from rome_fast.eval.chunked import ChunkEditor, chunk_dir, drop_conflicts
 
 from cf_cases import COMPACT_CASES
+from interrupts import FailOnCall
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -307,22 +308,13 @@ def test_memit_chunk_resumes_its_z_step(mt, tmp_path, monkeypatch):
               editor_kwargs=dict(corpus=list(random_texts()), progress=False, z_batch=1))
     original = _snapshot(mt.model)
     R.evaluate(mt, "counterfact", recs, hp, tmp_path / "full", **kw)
-    real, calls = fast_z._optimise_group, []
-
-    def counted(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(fast_z, "_optimise_group", counted)
+    calls = FailOnCall(monkeypatch, fast_z, "_optimise_group", at=3)
     with pytest.raises(KeyboardInterrupt):
         R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
     assert _same(mt.model, original)
     assert len(list((tmp_path / "part" / ".partial_00000").glob("z_*.safetensors"))) == 2
-    calls[:] = [None] * 10  # the next calls run
     R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
-    assert len(calls) == 12 and _same(mt.model, original)
+    assert calls.calls == 5 and _same(mt.model, original)  # the two groups no file held
     assert not (tmp_path / "part" / ".partial_00000").exists()
     # one request per group in both runs: the same computations, so the same numbers exactly
     assert _no_time(_cases(tmp_path / "part")) == _no_time(_cases(tmp_path / "full"))
@@ -374,22 +366,14 @@ def test_rome_resumes_after_its_last_finished_request(mt, tmp_path, monkeypatch)
     _, orig = apply_rome_to_model(mt.model, mt.tokenizer, reqs, hp, return_orig_weights=True, **kw)
     want = {n: mt.model.get_parameter(n).detach().clone() for n in orig}
     restore_weights(mt.model, orig)
-    real, calls = rome_module.apply_rome_to_model, []
-
-    def counted(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(rome_module, "apply_rome_to_model", counted)
+    calls = FailOnCall(monkeypatch, rome_module, "apply_rome_to_model", at=3)
     with pytest.raises(KeyboardInterrupt):
         rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs, hp, tmp_path / "p", **kw)
     assert _same(mt.model, original)
     info = {}
     before = rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs, hp, tmp_path / "p",
                                                   return_info=info, **kw)
-    assert len(calls) == 5 and info["resumed_requests"] == 2 and info["resumed_seconds"] > 0
+    assert calls.calls == 5 and info["resumed_requests"] == 2 and info["resumed_seconds"] > 0
     assert all(torch.equal(mt.model.get_parameter(n), w) for n, w in want.items())
     assert all(torch.equal(before[n], original[n]) for n in before)
     restore_weights(mt.model, before)
@@ -416,15 +400,7 @@ def test_sequential_rome_run_resumed_in_a_new_process(mt, tmp_path, monkeypatch)
               editor_kwargs=dict(corpus=list(random_texts()), progress=False))
     original = _snapshot(mt.model)
     R.evaluate(mt, "counterfact", recs, hp, tmp_path / "full", **kw)
-    real, calls = rome_module.apply_rome_to_model, []
-
-    def counted(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(rome_module, "apply_rome_to_model", counted)
+    calls = FailOnCall(monkeypatch, rome_module, "apply_rome_to_model", at=4)
     T.clear_cache()
     with pytest.raises(KeyboardInterrupt):
         R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
@@ -432,7 +408,7 @@ def test_sequential_rome_run_resumed_in_a_new_process(mt, tmp_path, monkeypatch)
     assert (tmp_path / "part" / ".partial_00001" / "rome_progress.safetensors").is_file()
     T.clear_cache()
     R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)
-    assert len(calls) == 5 and _same(mt.model, original)  # only the fourth request was left
+    assert calls.calls == 5 and _same(mt.model, original)  # only the fourth request was left
     a = load_file(str(chunk_dir(tmp_path / "full", 1) / "state.safetensors"))
     b = load_file(str(chunk_dir(tmp_path / "part", 1) / "state.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

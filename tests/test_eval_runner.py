@@ -10,6 +10,7 @@ from rome_fast.eval import metrics as M
 from rome_fast.eval import runner as R
 
 from cf_cases import COMPACT_CASES
+from interrupts import FailOnCall
 
 COMPACT = COMPACT_CASES[:3]
 
@@ -129,15 +130,7 @@ def test_run_resume_and_summary(mt, records, tmp_path):
 
 def test_interrupt_during_metrics_restores(mt, records, tmp_path, monkeypatch):
     original = snapshot(mt.model)
-    real, calls = R.case_metrics, []
-
-    def flaky(*a, **kw):
-        calls.append(1)
-        if len(calls) == 1:  # the post-edit metrics of the first case
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(R, "case_metrics", flaky)
+    FailOnCall(monkeypatch, R, "case_metrics", at=1)  # the post-edit metrics of the first case
     with pytest.raises(KeyboardInterrupt):
         R.evaluate(mt, "counterfact", records, None, tmp_path, editor=RankOneEditor(mt),
                    skip_generation=True, progress=False)

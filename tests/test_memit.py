@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rome_fast.edit import restore_weights
-from rome_fast.edit.backend import apply_edits, get_backend
+from rome_fast.edit.backend import get_backend
 from rome_fast.edit.memit import (MEMITHyperParams, SingularSystemError, apply_memit_to_model, compute_z,
                                   compute_zs, execute_memit, get_context_templates, list_presets, solve,
                                   solve_reference)
@@ -19,6 +19,8 @@ from rome_fast.edit.solve_update import CovarianceFactor
 from rome_fast.edit.fast_stats import layer_stats_fast
 from rome_fast.edit.stats import corpus_ds_name, layer_stats
 from rome_fast.models.random_init import random_texts
+
+from interrupts import FailOnCall
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 LAYERS = [1, 2]
@@ -280,28 +282,19 @@ def test_z_step_resumes_from_its_checkpoint(setup, tmp_path, monkeypatch):
     before = _params(model)
     reqs = requests(6)
     full, _ = _updates(s, reqs, "fast", z_batch=2)
-    real, calls = fast_z._optimise_group, []
-
-    def counted(*a, **k):
-        calls.append(1)
-        if fail_at and len(calls) == fail_at:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(fast_z, "_optimise_group", counted)
+    calls = FailOnCall(monkeypatch, fast_z, "_optimise_group", at=2)
     folder = tmp_path / "z"
-    fail_at = 2
     with pytest.raises(KeyboardInterrupt):
         _updates(s, reqs, "fast", z_batch=2, z_checkpoint=folder)
     assert _unchanged(model, before) and len(list(folder.glob("z_*.safetensors"))) == 1
-    fail_at, calls[:] = None, []
+    calls.at, calls.calls = None, 0
     resumed, info = _updates(s, reqs, "fast", z_batch=2, z_checkpoint=folder)
-    assert len(calls) == 2 and info["seconds"]["z_resumed"] > 0
+    assert calls.calls == 2 and info["seconds"]["z_resumed"] > 0
     assert sorted(resumed) == sorted(full) and all(rel(resumed[n], full[n]) < 1e-5 for n in full)
     # done: a third call reads every vector
-    calls[:] = []
+    calls.calls = 0
     again, _ = _updates(s, reqs, "fast", z_batch=2, z_checkpoint=folder)
-    assert not calls and all(torch.equal(again[n], resumed[n]) for n in full)
+    assert calls.calls == 0 and all(torch.equal(again[n], resumed[n]) for n in full)
     with pytest.raises(ValueError, match="holds target vectors of another edit .*hparams"):
         _updates(s, reqs, "fast", dataclasses.replace(s["hp"], v_lr=0.1), z_checkpoint=folder)
     assert _unchanged(model, before)
@@ -345,18 +338,10 @@ def test_interrupt_mid_edit_restores(setup, monkeypatch):
     model = s["mt"].model
     before = _params(model)
     from rome_fast.edit.memit import fast as fast_module
-    real, calls = fast_module.solve, []
-
-    def flaky(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(fast_module, "solve", flaky)
+    calls = FailOnCall(monkeypatch, fast_module, "solve", at=2)
     with pytest.raises(KeyboardInterrupt):
         apply_memit_to_model(model, s["mt"].tokenizer, requests(3), s["hp"], **s["kw"])
-    assert len(calls) == 2 and _unchanged(model, before)
+    assert calls.calls == 2 and _unchanged(model, before)
 
 
 # ---- hyperparameters ----------------------------------------------------------------------------
