@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ...files import content_sha256, parse_json, read_text, save_tensors_atomic, tensors_sha256, write_json_atomic
+from ...files import (TEMP_PREFIX, content_sha256, parse_json, read_text, save_tensors_atomic, tensors_sha256,
+                      write_json_atomic)
 from .compute_z import ZInfo
 
 IDENTITY = "identity.json"
@@ -53,7 +54,7 @@ class ZCheckpoint:
         else:
             write_json_atomic(path, ident)
         self.resumed_seconds = 0.0
-        for stale in self.folder.glob(".tmp-*"):  # a write cut short (files.atomic_write's temporary name)
+        for stale in self.folder.glob(TEMP_PREFIX + "*"):  # a write cut short (files.atomic_file's temporary name)
             stale.unlink(missing_ok=True)
 
     def load(self, device) -> dict:
