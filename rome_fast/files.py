@@ -129,6 +129,13 @@ def atomic_file(path, mode: str = "wb"):
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(folder) -> None:
+    """Delete what atomic writes into `folder` left when they were cut short (a killed process
+    cannot remove its temporary file)."""
+    for stale in Path(folder).glob(TEMP_PREFIX + "*"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write(path, write, mode: str = "wb") -> None:
     """Create or replace `path` by what `write(file)` writes, never leaving a partial file
     (`atomic_file`)."""

@@ -357,7 +357,7 @@ def test_rome_resumes_after_its_last_finished_request(mt, tmp_path, monkeypatch)
     ends with the weights of one uninterrupted `apply_rome_to_model` call (bitwise). A progress
     file of other requests is refused."""
     from rome_fast.edit import apply_rome_to_model, restore_weights, rome_checkpoint
-    from rome_fast.edit import rome as rome_module
+    from rome_fast.edit.fast import FAST
     from rome_fast.models.random_init import random_texts
     hp = _rome_hp(mt)
     reqs = [r.request() for r in _records(tmp_path)[:4]]
@@ -366,7 +366,7 @@ def test_rome_resumes_after_its_last_finished_request(mt, tmp_path, monkeypatch)
     _, orig = apply_rome_to_model(mt.model, mt.tokenizer, reqs, hp, return_orig_weights=True, **kw)
     want = {n: mt.model.get_parameter(n).detach().clone() for n in orig}
     restore_weights(mt.model, orig)
-    calls = FailOnCall(monkeypatch, rome_module, "apply_rome_to_model", at=3)
+    calls = FailOnCall(monkeypatch, FAST, "edit", at=3)  # one call per request
     with pytest.raises(KeyboardInterrupt):
         rome_checkpoint.apply_rome_resumable(mt.model, mt.tokenizer, reqs, hp, tmp_path / "p", **kw)
     assert _same(mt.model, original)
@@ -391,8 +391,8 @@ def test_sequential_rome_run_resumed_in_a_new_process(mt, tmp_path, monkeypatch)
     model, the batch resumes after its last finished request, and the run ends with bitwise the
     uninterrupted run's weights and case files."""
     from safetensors.torch import load_file
-    from rome_fast.edit import rome as rome_module
     from rome_fast.edit import templates as T
+    from rome_fast.edit.fast import FAST
     from rome_fast.models.random_init import random_texts
     hp = _rome_hp(mt)
     recs = _records(tmp_path)[:4]
@@ -400,7 +400,7 @@ def test_sequential_rome_run_resumed_in_a_new_process(mt, tmp_path, monkeypatch)
               editor_kwargs=dict(corpus=list(random_texts()), progress=False))
     original = _snapshot(mt.model)
     R.evaluate(mt, "counterfact", recs, hp, tmp_path / "full", **kw)
-    calls = FailOnCall(monkeypatch, rome_module, "apply_rome_to_model", at=4)
+    calls = FailOnCall(monkeypatch, FAST, "edit", at=4)  # one call per request
     T.clear_cache()
     with pytest.raises(KeyboardInterrupt):
         R.evaluate(mt, "counterfact", recs, hp, tmp_path / "part", **kw)

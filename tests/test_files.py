@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from rome_fast.files import TEMP_PREFIX, atomic_file, atomic_write, write_json_atomic
+from rome_fast.files import TEMP_PREFIX, atomic_file, atomic_write, remove_stale_temporaries, write_json_atomic
 
 
 def _umask() -> int:
@@ -44,3 +44,16 @@ def test_atomic_file_yields_the_temporary_path(tmp_path):
         f.flush()
         assert tmp.name.startswith(TEMP_PREFIX) and tmp.read_bytes().startswith(b"checked") and not path.exists()
     assert path.read_bytes() == b"checked before it is renamed" and not tmp.exists()
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    """What a killed process leaves (its temporary file) goes; finished files, including ones
+    whose names merely contain the prefix, stay; a missing folder is no error."""
+    with atomic_file(tmp_path / "kept.json") as (f, tmp):
+        f.write(b"{}")
+        stale = tmp_path / tmp.name.replace(TEMP_PREFIX, TEMP_PREFIX + "killed-")
+        stale.write_bytes(b"half")
+    (tmp_path / ("x" + TEMP_PREFIX + "y")).write_bytes(b"not one of ours")
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "x" + TEMP_PREFIX + "y"]
+    remove_stale_temporaries(tmp_path / "absent")

@@ -136,7 +136,7 @@ def restore_weights(model, orig_weights: dict) -> None:
 
 
 def apply_edits(model, tok, requests, hparams, method: str, backend="fast", copy: bool = False,
-                return_orig_weights: bool = False, **kw):
+                return_orig_weights: bool = False, after_each=None, **kw):
     """Edit `model` with `requests` using (method, backend); `backend` is a registered name or an
     EditBackend instance. Returns (model, orig_weights, deltas): orig_weights maps the changed
     parameters to clones taken before the first request when return_orig_weights=True (else {});
@@ -144,7 +144,8 @@ def apply_edits(model, tok, requests, hparams, method: str, backend="fast", copy
 
     Every request is checked, and the backend prepared, before anything is edited. On any
     exception (KeyboardInterrupt included) the weights are put back as they were before the call,
-    then the exception goes on."""
+    then the exception goes on. after_each(n), if given, runs after each edit step with the number
+    of requests edited so far (ROME: after every request), e.g. to save progress."""
     impl = backend if isinstance(backend, EditBackend) else get_backend(method, backend)
     if isinstance(requests, dict):
         requests = [requests]
@@ -159,6 +160,7 @@ def apply_edits(model, tok, requests, hparams, method: str, backend="fast", copy
     applied: list[WeightDelta] = []
     try:
         groups = [requests] if impl.batches else [[r] for r in requests]
+        done = 0
         for group in groups:
             deltas = impl.edit(model, tok, group, hparams, **kw)
             stray = sorted({d.name for d in deltas} - saved.keys())
@@ -166,6 +168,9 @@ def apply_edits(model, tok, requests, hparams, method: str, backend="fast", copy
                 raise RuntimeError(f"{type(impl).__name__} changed {stray}, which its weight_names() "
                                    f"does not list")
             applied += deltas
+            done += len(group)
+            if after_each is not None:
+                after_each(done)
     except BaseException:
         restore_weights(model, saved)
         raise

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import TEMP_PREFIX, content_sha256, save_tensors_atomic, tensors_sha256
+from ..files import content_sha256, remove_stale_temporaries, save_tensors_atomic, tensors_sha256
 
 PROGRESS = "rome_progress.safetensors"
 
@@ -51,19 +51,22 @@ def apply_rome_resumable(model, tok, requests, hparams, folder, backend="fast", 
                             "statistics": _statistics_identity(kw)})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(TEMP_PREFIX + "*"):  # a write cut short
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(folder)
     path = folder / PROGRESS
     try:
         done, seconds = _load(path, ident, model, before)
         if return_info is not None:
             return_info.update(resumed_requests=done, resumed_seconds=seconds)
-        for i in range(done, len(requests)):
-            t0 = time.perf_counter()
-            apply_rome_to_model(model, tok, [requests[i]], hparams, backend=impl, **kw)
-            seconds += time.perf_counter() - t0
+        clock = [time.perf_counter(), seconds]
+
+        def save(edited: int) -> None:  # after each request: the weights so far, with the time they took
+            now = time.perf_counter()
+            clock[:] = [now, clock[1] + now - clock[0]]
             save_tensors_atomic(path, {n: model.get_parameter(n) for n in names},
-                                {"identity": ident, "done": str(i + 1), "seconds": repr(seconds)})
+                                {"identity": ident, "done": str(done + edited), "seconds": repr(clock[1])})
+
+        if done < len(requests):
+            apply_rome_to_model(model, tok, requests[done:], hparams, backend=impl, after_each=save, **kw)
     except BaseException:
         restore_weights(model, before)
         raise

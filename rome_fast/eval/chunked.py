@@ -34,7 +34,7 @@ import torch
 from .cases import (_check_run_config, _run_config, _write_json_atomic, case_metrics_many, case_path,  # noqa: F401
                     chunk_dir, finished_chunks, summarize)
 from .datasets import EvalRecord
-from ..files import tensors_sha256
+from ..files import remove_stale_temporaries, tensors_sha256
 
 STATE_FILE = "state.safetensors"
 # records measured together: their sequences and generations share forward passes (a sequential
@@ -226,6 +226,8 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".chunk_*.tmp-*"):  # an interrupted chunk's partial files
         shutil.rmtree(stale, ignore_errors=True)
+    for folder in (out_dir, out_dir / "pre"):  # an interrupted case file's
+        remove_stale_temporaries(folder)
     chunks = chunk_records(records, num_edits)
     editor = editor or ChunkEditor(method, hparams, backend, sequential=sequential, **(editor_kwargs or {}))
     if isinstance(editor, ChunkEditor):
@@ -244,13 +246,17 @@ def evaluate_chunks(mt, dataset: str, records: list, hparams, out_dir, *, method
                          "(another --limit?): use another --out folder")
     kw = dict(seed=seed, tfidf=tfidf, snippets=snippets, batch_size=batch_size, accuracy=dataset == "counterfact")
 
-    def measure(chunk):
-        out = []
-        for s in range(0, len(chunk), MEASURE_GROUP):
-            group = chunk[s:s + MEASURE_GROUP]
-            out += case_metrics_many(mt, group, [skip_generation or r.case_id % generation_interval != 0
-                                                 for r in group], **kw)
-        return out
+    def measure(items: list, desc: Optional[str] = None, record=lambda x: x):
+        """(group, metrics) for `items` in groups of MEASURE_GROUP records measured together, with
+        a progress bar counting them when desc is given; record(item) is the item's record."""
+        from tqdm.auto import tqdm
+        with tqdm(total=len(items), desc=desc, unit="case", disable=desc is None or not progress or not items) as bar:
+            for s in range(0, len(items), MEASURE_GROUP):
+                group = items[s:s + MEASURE_GROUP]
+                recs = [record(x) for x in group]
+                yield group, case_metrics_many(mt, recs, [skip_generation or r.case_id % generation_interval != 0
+                                                          for r in recs], **kw)
+                bar.update(len(group))
 
     run = _sequential_run if sequential else _independent_chunks
     stopped = run(mt, dataset, chunks, out_dir, done, editor, measure, method=method, num_edits=num_edits,
@@ -273,10 +279,10 @@ def _independent_chunks(mt, dataset, chunks, out_dir, done, editor, measure, *, 
         dropped_total += len(dropped)
         orig, elapsed = _timed(editor, mt, kept, _scratch(out_dir, k))
         try:
-            post = measure(kept)
+            post = _measure_all(measure, kept)
         finally:
             _restore(mt.model, orig)
-        pre = measure(kept)
+        pre = _measure_all(measure, kept)
         cases = [{"case_id": r.case_id, "requested_rewrite": r.requested_rewrite, "time": elapsed,
                   "num_edits": len(kept), "chunk": k, "post": po, "pre": pr} for r, po, pr in zip(kept, post, pre)]
         _write_chunk(out_dir, k, cases, {"chunk": k, "case_ids": [r.case_id for r in kept], "num_edits": len(kept),
@@ -328,8 +334,8 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
     if pre:  # on the original model, before any edit, one file per record (resumable)
         (out_dir / "pre").mkdir(exist_ok=True)
         todo_pre = [r for c in kept_all for r in c if not case_path(out_dir / "pre", r.case_id).is_file()]
-        for group in _groups(todo_pre, "pre (unedited model)", progress):
-            for r, m in zip(group, measure(group)):
+        for group, metrics in measure(todo_pre, "pre (unedited model)"):
+            for r, m in zip(group, metrics):
                 _write_json_atomic(case_path(out_dir / "pre", r.case_id), m)
     originals: dict = {}   # weight values from before the run's first edit
     last = max(done) if done else -1
@@ -360,7 +366,7 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
             if eval_every and (k + 1) % eval_every == 0 and k < len(chunks) - 1 and not stopped:
                 so_far = [r for c in kept_all[:k + 1] for r in c]
                 cases = [{"case_id": r.case_id, "after_batch": k, "edits": edits, "post": p}
-                         for r, p in zip(so_far, measure(so_far))]
+                         for r, p in zip(so_far, _measure_all(measure, so_far))]
             state = {f"weights.{n}": mt.model.get_parameter(n) for n in originals}
             state.update({f"editor.{n}": t for n, t in editor.state_tensors().items()})
             _write_chunk(out_dir, k, cases, meta, state, cases_under="after")
@@ -381,8 +387,8 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
             final = [(k, r) for k, c in enumerate(kept_all) for r in c]
             todo_final = [(k, r) for k, r in final if _measured_edits(case_path(out_dir, r.case_id)) != edits]
             seconds = {k: m["edit_seconds"] for k, m in finished_chunks(out_dir).items()}
-            for group in _groups(todo_final, "post (after the last batch)", progress):
-                for (k, r), m in zip(group, measure([r for _, r in group])):
+            for group, metrics in measure(todo_final, "post (after the last batch)", record=lambda x: x[1]):
+                for (k, r), m in zip(group, metrics):
                     p = json.loads(case_path(out_dir / "pre", r.case_id).read_text(encoding="utf-8")) if pre else None
                     _write_json_atomic(case_path(out_dir, r.case_id),
                                        {"case_id": r.case_id, "requested_rewrite": r.requested_rewrite,
@@ -394,13 +400,9 @@ def _sequential_run(mt, dataset, chunks, out_dir, done, editor, measure, *, meth
     return stopped
 
 
-def _groups(items: list, desc: str, progress: bool):
-    """`items` in groups of MEASURE_GROUP, with a progress bar counting items."""
-    from tqdm.auto import tqdm
-    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress or not items) as bar:
-        for s in range(0, len(items), MEASURE_GROUP):
-            yield items[s:s + MEASURE_GROUP]
-            bar.update(len(items[s:s + MEASURE_GROUP]))
+def _measure_all(measure, records: list) -> list:
+    """The metrics of every record (`measure`: evaluate_chunks's grouped measurement)."""
+    return [m for _, metrics in measure(records) for m in metrics]
 
 
 def _measured_edits(path: Path):

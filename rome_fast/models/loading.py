@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import looks_like_path
+from ..files import TEMP_PREFIX, looks_like_path
 from .families import UnsupportedArchitectureError, adapter_class_for, adapter_for
 from .random_init import RANDOM_FAMILIES, random_model
 
@@ -85,7 +85,7 @@ def _load_embedded():
     model, tok = _load_gguf(gguf, torch.float32)  # named EMBEDDED_NAME, as later loads from the cache
     try:  # the cache is an optimisation: a read-only home must not stop the load
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=cached.parent))
         try:
             config = model.config.to_dict()
             config.pop("quantization_config", None)  # the dequantised weights are plain fp32

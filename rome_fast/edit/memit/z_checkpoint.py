@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ...files import (TEMP_PREFIX, content_sha256, parse_json, read_text, save_tensors_atomic, tensors_sha256,
-                      write_json_atomic)
+from ...files import (content_sha256, parse_json, read_text, remove_stale_temporaries, save_tensors_atomic,
+                      tensors_sha256, write_json_atomic)
 from .compute_z import ZInfo
 
 IDENTITY = "identity.json"
@@ -54,8 +54,7 @@ class ZCheckpoint:
         else:
             write_json_atomic(path, ident)
         self.resumed_seconds = 0.0
-        for stale in self.folder.glob(TEMP_PREFIX + "*"):  # a write cut short (files.atomic_file's temporary name)
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(self.folder)
 
     def load(self, device) -> dict:
         """{request key: ZInfo} of every saved group; `resumed_seconds` becomes the time that
