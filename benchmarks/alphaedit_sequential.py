@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from rome_fast.eval.monitor import load_monitor, plot_monitors
@@ -40,6 +41,8 @@ def collect(dirs) -> dict:
             "dir": d.name, "cases": s["n"], "edits": edits, "batch": cfg["num_edits"], "batches": s["chunks"]["chunks"],
             "post": s["post"], "edit_seconds": s["chunks"]["edit_seconds"],
             "seconds_per_edit": s["chunks"]["seconds_per_edit"], "backend": cfg.get("backend") or "fast",
+            # a batch slowed by other jobs or a pause inflates the total; the median is the honest rate
+            "median_batch_seconds": statistics.median(b["seconds"] for b in mon["batches"]) if mon["batches"] else None,
             "generation_interval": cfg.get("generation_interval"), "monitor": mon}
         if s["pre"] and unedited is None:
             unedited = {"from": d.name, "cases": s["n"], "metrics": s["pre"]}
@@ -49,13 +52,13 @@ def collect(dirs) -> dict:
 
 
 def table(res) -> str:
-    rows = [["", "edits (batch)"] + COLS + ["edit time (s)", "final KL", "final GE (monitor)"]]
+    rows = [["", "edits (batch)"] + COLS + ["edit time (s)", "median batch (s)", "final KL", "final GE (monitor)"]]
     if res["unedited"]:
-        rows.append(["unedited", "-"] + [_cell(res["unedited"]["metrics"].get(c)) for c in COLS] + ["-", "0", "-"])
+        rows.append(["unedited", "-"] + [_cell(res["unedited"]["metrics"].get(c)) for c in COLS] + ["-", "-", "0", "-"])
     for m, r in res["runs"].items():
         last = r["monitor"]["batches"][-1] if r["monitor"]["batches"] else {}
         rows.append([m, f"{r['edits']} ({r['batch']})"] + [_cell(r["post"].get(c)) for c in COLS] +
-                    [f"{r['edit_seconds']:.0f}", f"{last.get('kl', float('nan')):.4f}",
+                    [f"{r['edit_seconds']:.0f}", _cell(r["median_batch_seconds"]), f"{last.get('kl', float('nan')):.4f}",
                      f"{last.get('ngram_entropy', float('nan')):.3f}"])
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
