@@ -7,7 +7,8 @@
     python benchmarks/alphaedit_sequential.py runs/memit runs/alphaedit runs/rome \\
         --json benchmarks/results/alphaedit_sequential_smollm2.json --png benchmarks/results/alphaedit_sequential_smollm2.png
 
-Writes one JSON (per method: metrics after the last batch, edit wall time, the monitor's curves;
+Writes one JSON (per method: metrics after the last batch, also by the batch that edited each record,
+edit wall time, the monitor's curves;
 "unedited": the "pre" metrics of whichever run measured them), one figure (the three monitors) and
 prints a Markdown table."""
 from __future__ import annotations
@@ -29,6 +30,13 @@ def _cell(v):
     return f"{v:.1f}" if isinstance(v, float) else f"{v['mean']:.1f} ± {v['ci95']:.1f}"
 
 
+def _first_last(by_batch) -> str:
+    """ES of the records of the first and of the last batch, both measured after the last batch:
+    how much of the oldest edits survived the later ones."""
+    es = [b["ES"]["mean"] for b in by_batch if "ES" in b]
+    return f"{es[0]:.1f} / {es[-1]:.1f}" if es else "-"
+
+
 def collect(dirs) -> dict:
     runs, unedited, models = {}, None, set()
     for d in map(Path, dirs):
@@ -43,7 +51,8 @@ def collect(dirs) -> dict:
             "seconds_per_edit": s["chunks"]["seconds_per_edit"], "backend": cfg.get("backend") or "fast",
             # a batch slowed by other jobs or a pause inflates the total; the median is the honest rate
             "median_batch_seconds": statistics.median(b["seconds"] for b in mon["batches"]) if mon["batches"] else None,
-            "generation_interval": cfg.get("generation_interval"), "monitor": mon}
+            "generation_interval": cfg.get("generation_interval"), "monitor": mon,
+            "post_by_batch": s.get("post_by_batch", [])}
         if s["pre"] and unedited is None:
             unedited = {"from": d.name, "cases": s["n"], "metrics": s["pre"]}
     if len(models) > 1:
@@ -52,13 +61,14 @@ def collect(dirs) -> dict:
 
 
 def table(res) -> str:
-    rows = [["", "edits (batch)"] + COLS + ["edit time (s)", "median batch (s)", "final KL", "final GE (monitor)"]]
+    rows = [["", "edits (batch)"] + COLS + ["ES first / last batch", "edit time (s)", "median batch (s)", "final KL",
+                                            "final GE (monitor)"]]
     if res["unedited"]:
-        rows.append(["unedited", "-"] + [_cell(res["unedited"]["metrics"].get(c)) for c in COLS] + ["-", "-", "0", "-"])
+        rows.append(["unedited", "-"] + [_cell(res["unedited"]["metrics"].get(c)) for c in COLS] + ["-", "-", "-", "0", "-"])
     for m, r in res["runs"].items():
         last = r["monitor"]["batches"][-1] if r["monitor"]["batches"] else {}
         rows.append([m, f"{r['edits']} ({r['batch']})"] + [_cell(r["post"].get(c)) for c in COLS] +
-                    [f"{r['edit_seconds']:.0f}", _cell(r["median_batch_seconds"]), f"{last.get('kl', float('nan')):.4f}",
+                    [_first_last(r["post_by_batch"]), f"{r['edit_seconds']:.0f}", _cell(r["median_batch_seconds"]), f"{last.get('kl', float('nan')):.4f}",
                      f"{last.get('ngram_entropy', float('nan')):.3f}"])
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]

@@ -161,6 +161,12 @@ def test_sequential_resumes_to_the_same_state(mt, tmp_path):
     mt.model.get_parameter(next(iter(orig))).data.copy_(orig[next(iter(orig))])
     assert _same_metrics(cases["case_11.json"]["pre"], R.case_metrics(mt, recs[1], skip_generation=True, accuracy=True))
     assert not list(full.glob("chunk_*/case_*.json"))
+    # the final metrics by the batch that edited the record: each batch here is one record
+    from rome_fast.eval import metrics as M
+    by_batch = R.summarize(full, print_table=False)["post_by_batch"]
+    assert [(b["batch"], b["n"]) for b in by_batch] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    own = M.counterfact_case_scores(cases["case_11.json"]["post"])
+    assert all(by_batch[1][k]["mean"] == pytest.approx(100 * own[k]) for k in ("ES", "PS", "NS"))
     # the collapse monitor: one record per batch
     mon = json.loads((full / "monitor.json").read_text())
     assert [b["batch"] for b in mon["batches"]] == [0, 1, 2, 3] and [b["edits"] for b in mon["batches"]] == [1, 2, 3, 4]

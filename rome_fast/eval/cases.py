@@ -155,6 +155,8 @@ def summarize(out_dir, print_table: bool = True) -> dict:
         cfg = json.loads(run.read_text(encoding="utf-8"))
         result["model"] = cfg.get("model")
         if "num_edits" in cfg:  # a chunked (mass-editing) run
+            if cfg.get("sequential"):  # what is left of each batch's edits after the last batch
+                result["post_by_batch"] = _post_by_batch(cases, per_case, keys)
             chunks = finished_chunks(out_dir).values()
             edits, secs = sum(c["num_edits"] for c in chunks), sum(c["edit_seconds"] for c in chunks)
             result["chunks"] = {"method": cfg.get("method"), "num_edits": cfg["num_edits"],
@@ -167,6 +169,17 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     if print_table:
         print(format_summary(result))
     return result
+
+
+def _post_by_batch(cases: list[dict], per_case, keys) -> list[dict]:
+    """The final ("post") metrics of a sequential run's records grouped by the batch that edited
+    them: [{"batch", "n", metric: {mean, ...}}], oldest batch first. A late batch scoring higher
+    than an early one means the later edits overwrote the earlier ones."""
+    groups: dict[int, list] = {}
+    for c in cases:
+        if c.get("chunk") is not None and c.get("post") is not None:
+            groups.setdefault(c["chunk"], []).append(per_case(c["post"]))
+    return [{"batch": k, "n": len(v), **M.aggregate(v, keys)} for k, v in sorted(groups.items())]
 
 
 def run_progress(out_dir) -> Optional[dict]:
@@ -239,4 +252,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"edit time {s['time']['mean']:.2f} s/case; values ×100, 95 % CI in parentheses")
     for k, v in (s.get("notes") or {}).items():
         lines.append(f"{k}: {v}")
+    by_batch = s.get("post_by_batch")
+    if by_batch:
+        cols = [c for c in ("S", "ES", "PS", "NS", "Efficacy", "Paraphrase", "Specificity") if c in by_batch[0]]
+        lines.append("post by the batch that edited the record (×100): batch, records, " + ", ".join(cols))
+        lines += [f"  {b['batch']:>4}  {b['n']:>5}  " + "  ".join(f"{c} {cell(b[c])}" for c in cols) for b in by_batch]
     return "\n".join(lines)
