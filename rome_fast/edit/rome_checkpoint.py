@@ -57,13 +57,14 @@ def apply_rome_resumable(model, tok, requests, hparams, folder, backend="fast", 
         done, seconds = _load(path, ident, model, before)
         if return_info is not None:
             return_info.update(resumed_requests=done, resumed_seconds=seconds)
-        clock = [time.perf_counter(), seconds]
+        last = time.perf_counter()
 
         def save(edited: int) -> None:  # after each request: the weights so far, with the time they took
+            nonlocal last, seconds
             now = time.perf_counter()
-            clock[:] = [now, clock[1] + now - clock[0]]
+            seconds, last = seconds + now - last, now
             save_tensors_atomic(path, {n: model.get_parameter(n) for n in names},
-                                {"identity": ident, "done": str(done + edited), "seconds": repr(clock[1])})
+                                {"identity": ident, "done": str(done + edited), "seconds": repr(seconds)})
 
         if done < len(requests):
             apply_rome_to_model(model, tok, requests[done:], hparams, backend=impl, after_each=save, **kw)

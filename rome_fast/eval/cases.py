@@ -146,9 +146,10 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     per_case = M.zsre_case_scores if zsre else M.counterfact_case_scores
     keys = M.ZSRE_KEYS if zsre else M.CF_KEYS
     result = {"dataset": "zsre" if zsre else "counterfact", "n": len(cases), "dir": str(out_dir)}
+    scored = {}  # phase -> [(case, its scores)]
     for phase in ("pre", "post"):  # a sequential run may skip "pre"
-        have = [c[phase] for c in cases if c.get(phase) is not None]
-        result[phase] = M.aggregate([per_case(x) for x in have], keys) if have else {}
+        scored[phase] = [(c, per_case(c[phase])) for c in cases if c.get(phase) is not None]
+        result[phase] = M.aggregate([x for _, x in scored[phase]], keys) if scored[phase] else {}
     result["time"] = M.mean_std_ci([c["time"] for c in cases], scale=1.0)
     run = out_dir / "run.json"
     if run.is_file():
@@ -156,7 +157,7 @@ def summarize(out_dir, print_table: bool = True) -> dict:
         result["model"] = cfg.get("model")
         if "num_edits" in cfg:  # a chunked (mass-editing) run
             if cfg.get("sequential"):  # what is left of each batch's edits after the last batch
-                result["post_by_batch"] = _post_by_batch(cases, per_case, keys)
+                result["post_by_batch"] = _post_by_batch(scored["post"], keys)
             chunks = finished_chunks(out_dir).values()
             edits, secs = sum(c["num_edits"] for c in chunks), sum(c["edit_seconds"] for c in chunks)
             result["chunks"] = {"method": cfg.get("method"), "num_edits": cfg["num_edits"],
@@ -171,14 +172,15 @@ def summarize(out_dir, print_table: bool = True) -> dict:
     return result
 
 
-def _post_by_batch(cases: list[dict], per_case, keys) -> list[dict]:
-    """The final ("post") metrics of a sequential run's records grouped by the batch that edited
-    them: [{"batch", "n", metric: {mean, ...}}], oldest batch first. A late batch scoring higher
-    than an early one means the later edits overwrote the earlier ones."""
+def _post_by_batch(scored: list[tuple[dict, dict]], keys) -> list[dict]:
+    """The final ("post") metrics of a sequential run's records, given as (case, its scores),
+    grouped by the batch that edited them: [{"batch", "n", metric: {mean, ...}}], oldest batch
+    first. A late batch scoring higher than an early one means the later edits overwrote the
+    earlier ones."""
     groups: dict[int, list] = {}
-    for c in cases:
-        if c.get("chunk") is not None and c.get("post") is not None:
-            groups.setdefault(c["chunk"], []).append(per_case(c["post"]))
+    for c, x in scored:
+        if c.get("chunk") is not None:
+            groups.setdefault(c["chunk"], []).append(x)
     return [{"batch": k, "n": len(v), **M.aggregate(v, keys)} for k, v in sorted(groups.items())]
 
 
