@@ -51,7 +51,8 @@ def collect(dirs) -> dict:
             "seconds_per_edit": s["chunks"]["seconds_per_edit"], "backend": cfg.get("backend") or "fast",
             # a batch slowed by other jobs or a pause inflates the total; the median is the honest rate
             "median_batch_seconds": statistics.median(b["seconds"] for b in mon["batches"]) if mon["batches"] else None,
-            "generation_interval": cfg.get("generation_interval"), "monitor": mon,
+            "generation_interval": cfg.get("generation_interval"), "hparams": cfg.get("hparams"),
+            "data_sha256": cfg.get("data_sha256"), "monitor": mon,
             "post_by_batch": s.get("post_by_batch", [])}
         if s["pre"] and unedited is None:
             unedited = {"from": d.name, "cases": s["n"], "metrics": s["pre"]}
