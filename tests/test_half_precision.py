@@ -8,9 +8,11 @@ Tolerances are measured on these tiny models (random norm gains and biases, 4 la
 - half logits against fp32 logits of the same weights: at most 3.8e-2 (bf16) and 4.0e-3 (fp16)
   of the largest logit over Llama/Qwen2/Mistral, seeds 1-3, eager and sdpa: asserted at ~2×;
 - engine vs reference path on the same half model (seed 3): at most 3.7e-3 (bf16) and 6.9e-4
-  (fp16) of the largest score for Llama with sdpa and GPT-2 (the two paths batch, add noise and
-  restore in another order, each step rounding to the model's precision; fp32 gives 3e-6);
-  asserted at 1e-2 and 2e-3. A Llama-family model configured with eager attention differs more
+  (fp16) of the largest score for Llama with sdpa and GPT-2 on an AVX-512 CPU, but 1.7e-2 and
+  2.6e-3 on an AVX2 one (torch's half matmuls round differently per instruction set; the two
+  paths batch, add noise and restore in another order, each step rounding to the model's
+  precision; fp32 gives 3e-6); asserted at 3e-2 and 5e-3, still an order below what restoring the
+  wrong state costs (last item). A Llama-family model configured with eager attention differs more
   (4.0e-2 in bf16, 5.5e-3 in fp16): the reference runs transformers' eager attention, the fused
   block always sdpa, and their roundings differ; so that case is not asserted here;
 - half scores against the fp32 engine's: at most 7.8e-2 (bf16) and 7.9e-3 (fp16) of the largest
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 HALF = [torch.bfloat16, torch.float16]
 LOGITS_VS_FP32 = {torch.bfloat16: 8e-2, torch.float16: 1e-2}
-ENGINE_VS_REFERENCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+ENGINE_VS_REFERENCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 ENGINE_VS_FP32 = {torch.bfloat16: 0.15, torch.float16: 0.02}
 PROMPT = FACTS[0][0]
 

@@ -24,7 +24,12 @@ from interrupts import FailOnCall
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama"]
 LAYERS = [1, 2]
-TOL = 1e-4
+TOL = 1e-4  # edited weights (and everything downstream of z), relative
+# z is an Adam iterate: Adam's first step is ≈ lr·sign(g), so a gradient component near zero turns
+# fp32 rounding (summation order of the batched vs the per-request path) into a visible step.
+# Measured: up to 1.04e-4 (tiny GPT-J, 64 requests, one request of 64, AVX2 CPU), 1e-7..3e-5 elsewhere;
+# the weights those z give stay within TOL.
+Z_TOL = 3e-4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +105,7 @@ def test_fast_matches_reference(setup, fam, n):
         assert ref[name].norm() > 0
         assert rel(fast[name], ref[name]) < TOL, name
     for a, b in zip(fast_info["z"], ref_info["z"]):
-        assert a.steps == b.steps and rel(a.z, b.z) < TOL
+        assert a.steps == b.steps and rel(a.z, b.z) < Z_TOL
     # the update has rank ≤ n and is what the returned factors say
     for name, upd in ref.items():
         assert torch.linalg.matrix_rank(upd.double(), rtol=1e-6) <= n
@@ -161,7 +166,7 @@ def test_batched_z_equals_one_by_one(setup, fam, monkeypatch):
     for a, b, c in zip(together, alone, ref):
         assert a.steps == b.steps == c.steps
         assert len(a.losses) == len(b.losses) == len(c.losses) == min(c.steps + 1, hp.v_num_grad_steps)
-        assert rel(a.z, c.z) < TOL and rel(b.z, c.z) < TOL and rel(a.h_init, c.h_init) < 1e-5
+        assert rel(a.z, c.z) < Z_TOL and rel(b.z, c.z) < Z_TOL and rel(a.h_init, c.h_init) < 1e-5
         bound = hp.clamp_norm_factor * float(a.h_init.norm())
         assert float(a.delta.norm()) <= bound * (1 + 1e-5)
         clamped += float(a.delta.norm()) > bound * (1 - 1e-5)
