@@ -166,7 +166,7 @@ def test_batched_z_equals_one_by_one(setup, fam, monkeypatch):
     for a, b, c in zip(together, alone, ref):
         assert a.steps == b.steps == c.steps
         assert len(a.losses) == len(b.losses) == len(c.losses) == min(c.steps + 1, hp.v_num_grad_steps)
-        assert rel(a.z, c.z) < Z_TOL and rel(b.z, c.z) < Z_TOL and rel(a.h_init, c.h_init) < 1e-5
+        assert rel(a.z, c.z) < TOL and rel(b.z, c.z) < TOL and rel(a.h_init, c.h_init) < 1e-5
         bound = hp.clamp_norm_factor * float(a.h_init.norm())
         assert float(a.delta.norm()) <= bound * (1 + 1e-5)
         clamped += float(a.delta.norm()) > bound * (1 - 1e-5)
